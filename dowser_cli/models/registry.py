@@ -1,0 +1,180 @@
+"""Architecture adapters: where each model family keeps its decoder layers, vision tower, projector,
+lm_head and image token, and how to feed it a noise image. One registry entry per family."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dowser_cli.errors import UserError
+
+# CLIP's normalisation, used when a model ships no image processor (e.g. --random-init).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Paths are candidates tried in order (transformers moved them between major versions)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    decoder_layers: tuple[str, ...]
+    vision_tower: tuple[str, ...] = ()
+    projector: tuple[str, ...] = ()
+    lm_head: str = "lm_head"
+    auto_class: str = "AutoModelForImageTextToText"
+    # (model, config, n_images, generator, image_mean, image_std) -> (image segment ids [T_img], model kwargs)
+    noise_images: Callable | None = field(default=None, compare=False)
+    projector_input: tuple[str, ...] = ()  # projector linears fed by the vision tower (a = 1)
+
+
+@dataclass
+class Parts:
+    """An adapter resolved against one loaded model: runtime module names."""
+
+    layers_path: str
+    num_layers: int
+    lm_head: str | None
+    vision_tower: str | None
+    projector: str | None
+    projector_input: tuple[str, ...]
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    _REGISTRY[adapter.name] = adapter
+    return adapter
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_for_config(config) -> Adapter:
+    """Pick the adapter from ``config.model_type``; any ``*ForCausalLM`` falls back to ``causal-lm``."""
+    mt = getattr(config, "model_type", None)
+    for a in _REGISTRY.values():
+        if mt in a.model_types:
+            return a
+    archs = getattr(config, "architectures", None) or []
+    if any(str(x).endswith("ForCausalLM") for x in archs) or _is_causal_lm_type(mt):
+        return _REGISTRY["causal-lm"]
+    raise UserError(
+        f"unsupported architecture {mt!r} ({', '.join(archs) or 'no architectures listed'}); "
+        f"supported: {', '.join(available())} (any *ForCausalLM uses causal-lm)"
+    )
+
+
+def _is_causal_lm_type(model_type: str | None) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _first_module(model: nn.Module, paths: tuple[str, ...]) -> str | None:
+    for p in paths:
+        try:
+            model.get_submodule(p)
+            return p
+        except AttributeError:
+            continue
+    return None
+
+
+def resolve_parts(adapter: Adapter, model: nn.Module) -> Parts:
+    layers = _first_module(model, adapter.decoder_layers)
+    if layers is None:
+        raise UserError(f"{adapter.name} adapter: no decoder layers at {' or '.join(adapter.decoder_layers)} "
+                        f"in {type(model).__name__}")
+    projector = _first_module(model, adapter.projector)
+    return Parts(
+        layers_path=layers,
+        num_layers=len(model.get_submodule(layers)),
+        lm_head=adapter.lm_head if _first_module(model, (adapter.lm_head,)) else None,
+        vision_tower=_first_module(model, adapter.vision_tower),
+        projector=projector,
+        projector_input=tuple(f"{projector}.{p}" for p in adapter.projector_input) if projector else (),
+    )
+
+
+def _noise_pixels(shape: tuple[int, ...], channel_dim: int, generator: torch.Generator, mean, std) -> torch.Tensor:
+    """Raw pixels ~ N(0.5, 0.25^2) per channel, then (x - mean_c) / std_c."""
+    x = 0.5 + 0.25 * torch.randn(shape, generator=generator)
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    return (x - torch.tensor(mean).view(view)) / torch.tensor(std).view(view)
+
+
+def _llava_noise(model, config, n, generator, mean, std):
+    vc = config.vision_config
+    side, patch = vc.image_size, vc.patch_size
+    n_tok = (side // patch) ** 2 + (1 if config.vision_feature_select_strategy == "full" else 0)
+    pixels = _noise_pixels((n, 3, side, side), 1, generator, mean, std)
+    return torch.full((n_tok,), config.image_token_id, dtype=torch.long), {"pixel_values": pixels}
+
+
+def _qwen2_vl_noise(model, config, n, generator, mean, std, side: int = 224):
+    vc = config.vision_config
+    patch, merge, tps = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+    grid = side // patch
+    # Qwen2-VL flattens each patch as (channel, temporal, ph, pw); a still image repeats over time.
+    one = _noise_pixels((n, grid * grid, 3, 1, patch, patch), 2, generator, mean, std).expand(-1, -1, -1, tps, -1, -1)
+    pixels = one.reshape(n * grid * grid, 3 * tps * patch * patch)
+    thw = torch.tensor([[1, grid, grid]] * n)
+    n_tok = grid * grid // (merge * merge)
+    ids = [config.vision_start_token_id] + [config.image_token_id] * n_tok + [config.vision_end_token_id]
+    return torch.tensor(ids, dtype=torch.long), {"pixel_values": pixels, "image_grid_thw": thw}
+
+
+register(Adapter(
+    name="llava", model_types=("llava",),
+    decoder_layers=("model.language_model.layers", "language_model.model.layers"),
+    vision_tower=("model.vision_tower", "vision_tower"),
+    projector=("model.multi_modal_projector", "multi_modal_projector"),
+    projector_input=("linear_1",), noise_images=_llava_noise,
+))
+register(Adapter(
+    name="llava-next", model_types=("llava_next", "llava_onevision"),
+    decoder_layers=("model.language_model.layers", "language_model.model.layers"),
+    vision_tower=("model.vision_tower", "vision_tower"),
+    projector=("model.multi_modal_projector", "multi_modal_projector"),
+    projector_input=("linear_1",),
+))
+register(Adapter(
+    name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
+    decoder_layers=("model.language_model.layers", "model.layers"),
+    vision_tower=("model.visual", "visual"),
+    projector=("model.visual.merger", "visual.merger"),
+    projector_input=("mlp.0",), noise_images=_qwen2_vl_noise,
+))
+register(Adapter(
+    name="idefics3", model_types=("idefics3", "smolvlm"),
+    decoder_layers=("model.text_model.layers",),
+    vision_tower=("model.vision_model",),
+    projector=("model.connector",),
+    projector_input=("modality_projection.proj",),
+))
+register(Adapter(
+    name="internvl", model_types=("internvl", "internvl_chat"),
+    decoder_layers=("model.language_model.layers", "language_model.model.layers"),
+    vision_tower=("model.vision_tower", "vision_model"),
+    projector=("model.multi_modal_projector", "mlp1"),
+    projector_input=("linear_1", "1"),
+))
+register(Adapter(
+    name="nvila", model_types=("vila", "nvila", "llava_llama"),
+    decoder_layers=("llm.model.layers",),
+    vision_tower=("vision_tower",),
+    projector=("mm_projector",),
+    auto_class="AutoModel",
+))
+register(Adapter(
+    name="causal-lm", model_types=(),
+    decoder_layers=("model.layers", "transformer.h", "model.decoder.layers"),
+    auto_class="AutoModelForCausalLM",
+))

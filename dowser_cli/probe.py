@@ -1,0 +1,578 @@
+"""`dowser probe`: data-free importance factors (DESIGN section 1).
+
+Per batch of B self-generated samples: one forward pass, then M Rademacher probes, each one backward
+pass of s = sum_b xi_b . f_b / B (f = last-position logits). Hooks keep, per scored linear, only
+a = mean |h| over real positions (one per batch) and psi = mean |ds/dz| (one per probe)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dowser_cli import __version__, artifacts, scoring
+from dowser_cli.errors import Interrupted, UserError
+from dowser_cli.models import LoadedModel, ModelSource, load_config, load_model, num_decoder_layers, resolve_source
+from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD
+from dowser_cli.progress import progress_bar, stderr_console
+from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
+
+PARTIAL_KIND = "dowser.scores.partial"
+
+
+@dataclass
+class ProbeConfig:
+    samples: int = 64          # K
+    batch_size: int = 4        # B
+    probes: int = 8            # M per batch
+    seq_len: int = 64          # text tokens per sample, BOS included
+    prefix_len: str = "1-5"    # random prefix length L, uniform in the range
+    images: str = "off"        # off | noise
+    texts: str | None = None   # file of user texts (one per line) instead of synthetic text
+    layers: str = "all"
+    targets: str = "attn,mlp"
+    include_lm_head: bool = True
+    include_projector: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    temperature: float = 0.9
+    top_p: float = 0.9
+    repetition_penalty: float = 1.05
+    checkpoint_every: int = 4  # batches between resumable partial saves
+
+    def batch_sizes(self) -> list[int]:
+        full, rest = divmod(self.samples, self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest else [])
+
+    @property
+    def total_probes(self) -> int:
+        return len(self.batch_sizes()) * self.probes
+
+    def prefix_range(self) -> tuple[int, int]:
+        parts = str(self.prefix_len).replace(" ", "").split("-")
+        try:
+            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+        except ValueError:
+            lo, hi = 0, -1
+        if not 0 <= lo <= hi:
+            raise UserError(f"--prefix-len {self.prefix_len!r}: expected N or MIN-MAX with 0 <= MIN <= MAX")
+        return lo, hi
+
+    def digest(self) -> str:
+        """What must match for --resume to continue a partial run (everything that shapes the numbers)."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("checkpoint_every",)}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: ProbeConfig) -> None:
+    for name, value in (("--samples", cfg.samples), ("--batch-size", cfg.batch_size), ("--probes", cfg.probes),
+                        ("--seq-len", cfg.seq_len)):
+        if value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+    if cfg.batch_size > cfg.samples:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than --samples {cfg.samples}")
+    lo, hi = cfg.prefix_range()
+    if cfg.texts is None and hi + 1 >= cfg.seq_len:
+        raise UserError(f"--seq-len {cfg.seq_len}: must exceed 1 + the longest prefix ({hi})")
+    if cfg.images not in ("off", "noise"):
+        raise UserError(f"--images {cfg.images!r}: expected off or noise")
+    if not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
+        raise UserError("--top-p must be in (0, 1] and --temperature > 0")
+    parse_targets(cfg.targets)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r}: expected auto, {', '.join(table)}")
+    return table[dtype]
+
+
+# ---- probe text ----------------------------------------------------------------------------------------
+
+@dataclass
+class TokenIds:
+    bos: int
+    eos: list[int]
+    pad: int
+    vocab: int          # random prefix ids are drawn from [0, vocab)
+    special: set[int]   # replaced by BOS when drawn
+
+
+def token_ids(lm: LoadedModel) -> TokenIds:
+    tc, tok = lm.text_config, lm.tokenizer
+
+    def first(*xs):
+        for x in xs:
+            if isinstance(x, (list, tuple)):
+                x = x[0] if x else None
+            if x is not None:
+                return int(x)
+        return None
+
+    eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+    eos = eos if eos is not None else first(getattr(lm.config, "eos_token_id", None), tc.eos_token_id)
+    bos = first(getattr(tok, "bos_token_id", None) if tok is not None else None,
+                getattr(lm.config, "bos_token_id", None), tc.bos_token_id, eos)
+    pad = first(getattr(tok, "pad_token_id", None) if tok is not None else None,
+                getattr(lm.config, "pad_token_id", None), tc.pad_token_id, eos, 0)
+    eos_list = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    special = {bos, pad, *eos_list}
+    for key in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                "vision_end_token_id"):
+        if getattr(lm.config, key, None) is not None:
+            special.add(int(getattr(lm.config, key)))
+    vocab = int(tc.vocab_size)
+    if tok is not None:
+        special.update(int(i) for i in tok.all_special_ids)
+        special.update(int(i) for i in getattr(tok, "added_tokens_decoder", {}))
+        vocab = min(vocab, len(tok))
+    return TokenIds(bos=bos, eos=eos_list, pad=pad, vocab=vocab, special=special)
+
+
+def image_segment(lm: LoadedModel, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Image placeholder ids [T_img] and model kwargs for ``n`` noise images (shared ids per sample)."""
+    fn = lm.adapter.noise_images
+    if fn is None:
+        raise UserError(f"--images noise is not supported for the {lm.adapter.name} architecture yet "
+                        f"(supported: llava, qwen2-vl)")
+    ip = getattr(lm.processor, "image_processor", None)
+    mean = tuple(getattr(ip, "image_mean", None) or CLIP_MEAN)
+    std = tuple(getattr(ip, "image_std", None) or CLIP_STD)
+    return fn(lm.model, lm.config, n, gen, mean, std)
+
+
+def _pack_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad sequences: ids [n, T] and a bool mask [n, T] of real positions."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+def random_prefixes(n: int, ids: TokenIds, lo: int, hi: int, gen: torch.Generator) -> list[list[int]]:
+    """[BOS] + L random ids per sample, L uniform in lo..hi, special ids replaced by BOS."""
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        draw = torch.randint(0, ids.vocab, (length,), generator=gen).tolist()
+        out.append([ids.bos] + [ids.bos if t in ids.special else t for t in draw])
+    return out
+
+
+@torch.no_grad()
+def generate_batch(lm: LoadedModel, prompts: list[list[int]], n_text_prefix: list[int], cfg: ProbeConfig,
+                   ids: TokenIds, image_kwargs: dict, seed: int, device: str) -> list[list[int]]:
+    """Continue each prompt with the model's own sampling until it holds ``seq_len`` text tokens (or
+    stops at EOS). Prompts are left-padded for batched generation; returns the real tokens only."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), ids.pad, dtype=torch.long)
+    attn = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    new = cfg.seq_len - min(n_text_prefix)
+    gcfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                            repetition_penalty=cfg.repetition_penalty, max_new_tokens=new, min_new_tokens=0,
+                            pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos)
+    torch.manual_seed(seed)  # generate() samples from the global RNG
+    out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                            generation_config=gcfg, **{k: v.to(device) for k, v in image_kwargs.items()})
+    out = out[:, width:].cpu()
+    eos = set(ids.eos)
+    seqs = []
+    for i, p in enumerate(prompts):
+        cont: list[int] = []
+        for t in out[i].tolist():
+            if len(cont) >= cfg.seq_len - n_text_prefix[i]:
+                break
+            cont.append(t)
+            if t in eos:  # what follows EOS is padding, not text
+                break
+        seqs.append(p + cont)
+    return seqs
+
+
+def read_texts(path: Path, samples: int) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"--texts {path}: no such file")
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--texts {path}: not UTF-8 text") from None
+    if len(lines) < samples:
+        raise UserError(f"--texts {path}: {len(lines)} non-empty lines but --samples is {samples}")
+    return lines[:samples]
+
+
+# ---- hooks -------------------------------------------------------------------------------------------
+
+class FactorHooks:
+    """Forward pre-hooks record a = mean|h| over real positions; forward hooks attach a gradient hook to
+    z that records psi = mean|ds/dz| when a probe's backward pass reaches it. Nothing O(W) is kept."""
+
+    def __init__(self, modules: dict[str, nn.Linear], act_one: set[str], psi_one: set[str],
+                 token_modules: set[str]):
+        self.modules, self.act_one, self.psi_one, self.token_modules = modules, act_one, psi_one, token_modules
+        self.mask: torch.Tensor | None = None        # [B, T] real positions of the current batch
+        self.act: dict[str, torch.Tensor] = {}
+        self.psi: dict[str, torch.Tensor] = {}
+        self.leaves: list[torch.Tensor] = []         # inputs made differentiable (backward targets)
+        self.active = False                          # off while the model generates probe text
+        self._handles = []
+
+    def _mask_for(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if name in self.token_modules and self.mask is not None and x.shape[:-1] == self.mask.shape:
+            return self.mask
+        return None
+
+    def _pre(self, name: str):
+        def hook(mod, args):
+            if not self.active:
+                return None
+            x = args[0]
+            if name not in self.act_one:
+                self.act[name] = scoring.masked_abs_mean(x, self._mask_for(name, x))
+            if name in self.psi_one or x.requires_grad:
+                return None
+            # Weights stay frozen: the graph exists only for activations, so each probe's backward
+            # computes ds/dz and nothing else (no weight gradients).
+            x = x.detach().requires_grad_(True)
+            self.leaves.append(x)
+            return (x, *args[1:])
+        return hook
+
+    def _post(self, name: str):
+        def hook(mod, args, z):
+            if not self.active or name in self.psi_one or not z.requires_grad:
+                return None
+
+            def grad_hook(g):
+                self.psi[name] = scoring.masked_abs_mean(g, self._mask_for(name, g))
+            z.register_hook(grad_hook)
+            return None
+        return hook
+
+    def __enter__(self):
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(mod.register_forward_hook(self._post(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def new_batch(self, mask: torch.Tensor) -> None:
+        self.mask, self.act, self.psi, self.leaves, self.active = mask, {}, {}, [], True
+
+    def end_batch(self) -> None:
+        self.mask, self.leaves, self.active = None, [], False
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Everything decided before weights are loaded (so bad input fails fast)."""
+
+    cfg: ProbeConfig
+    source: ModelSource
+    config: Any
+    layers: list[int]
+    device: str
+    dtype: torch.dtype
+    texts: list[str] | None
+    texts_sha256: str | None
+
+
+def plan(model_spec: str, cfg: ProbeConfig, out: Path, random_init: bool = False) -> Plan:
+    validate(cfg)
+    artifacts.check_writable(out)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    texts = sha = None
+    if cfg.texts:
+        texts = read_texts(Path(cfg.texts), cfg.samples)
+        sha = artifacts.sha256_file(Path(cfg.texts))
+    source = resolve_source(model_spec, random_init=random_init)
+    config = load_config(source)
+    layers = parse_layers(cfg.layers, num_decoder_layers(config))
+    return Plan(cfg, source, config, layers, device, dtype, texts, sha)
+
+
+def scored_modules(lm: LoadedModel, cfg: ProbeConfig, layers: list[int]) -> tuple[dict[str, nn.Linear], set, set, set]:
+    """name -> linear, plus the boundary-rule sets: act == 1 (projector input side), psi == 1 (lm_head),
+    and the modules whose inputs are token positions (padding is excluded there)."""
+    parts = lm.parts
+    mods = decoder_linears(lm.model, parts.layers_path, layers, parse_targets(cfg.targets))
+    token = set(mods)
+    psi_one: set[str] = set()
+    act_one: set[str] = set()
+    if cfg.include_lm_head and parts.lm_head:
+        head = lm.model.get_submodule(parts.lm_head)
+        if isinstance(head, nn.Linear):
+            mods[parts.lm_head] = head
+            token.add(parts.lm_head)
+            psi_one.add(parts.lm_head)
+    if cfg.include_projector:
+        if not parts.projector:
+            raise UserError(f"--include-projector: {lm.adapter.name} model has no vision-language projector")
+        for sub, mod in lm.model.get_submodule(parts.projector).named_modules():
+            if isinstance(mod, nn.Linear):
+                name = f"{parts.projector}.{sub}"
+                mods[name] = mod
+                if name in parts.projector_input:
+                    act_one.add(name)
+    if not mods:
+        raise UserError("nothing to score: no linear layers match --layers/--targets")
+    return mods, act_one, psi_one, token
+
+
+class FactorStore:
+    """Per-module factor matrices psi [P, out] and act [P, in], fp32 on the host."""
+
+    def __init__(self, modules: dict[str, nn.Linear], total: int):
+        self.psi = {n: torch.zeros(total, m.out_features) for n, m in modules.items()}
+        self.act = {n: torch.zeros(total, m.in_features) for n, m in modules.items()}
+
+    def tensors(self, rows: int | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.psi:
+            out[f"{n}.psi"] = self.psi[n][:rows]
+            out[f"{n}.act"] = self.act[n][:rows]
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> int:
+        rows = 0
+        for n in self.psi:
+            p, a = tensors[f"{n}.psi"], tensors[f"{n}.act"]
+            self.psi[n][: len(p)] = p
+            self.act[n][: len(a)] = a
+            rows = len(p)
+        return rows
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Independent, reproducible seed per batch, so any batch can be (re)computed on its own."""
+    return int.from_bytes(hashlib.sha256(f"dowser-probe:{seed}:{index}".encode()).digest()[:7], "little")
+
+
+def build_batch(lm: LoadedModel, cfg: ProbeConfig, ids: TokenIds, n: int, index: int, texts: list[str] | None,
+                device: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Probe inputs for batch ``index``: ids [n, T], real-position mask [n, T], image kwargs."""
+    seed = batch_seed(cfg.seed, index)
+    gen = torch.Generator().manual_seed(seed)
+    img_ids, img_kwargs = (image_segment(lm, n, gen) if cfg.images == "noise" else (torch.empty(0, dtype=torch.long), {}))
+    img = img_ids.tolist()
+    if texts is not None:
+        start = sum(cfg.batch_sizes()[:index])
+        seqs = []
+        for t in texts[start:start + n]:
+            body = lm.tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.seq_len - 1]
+            seqs.append([ids.bos] + img + body)
+    else:
+        lo, hi = cfg.prefix_range()
+        pre = random_prefixes(n, ids, lo, hi, gen)
+        prompts = [[p[0]] + img + p[1:] for p in pre]
+        seqs = generate_batch(lm, prompts, [len(p) for p in pre], cfg, ids, img_kwargs, seed, device)
+    input_ids, mask = _pack_right(seqs, ids.pad)
+    return input_ids, mask, img_kwargs
+
+
+def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, mask: torch.Tensor,
+                img_kwargs: dict, xi_gen: torch.Generator, probes: int, device: str) -> tuple[dict, list[dict]]:
+    """One forward pass and ``probes`` backward passes. Returns act {name: [in]} and per probe psi."""
+    hooks.new_batch(mask.to(device))
+    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                   **{k: v.to(device) for k, v in img_kwargs.items()}, use_cache=False)
+    last = mask.long().sum(1) - 1
+    f = out.logits[torch.arange(len(last)), last.to(device)]        # [B, V]
+    psis = []
+    need_backward = f.requires_grad
+    for _ in range(probes):
+        hooks.psi = {}
+        if need_backward:
+            xi = scoring.rademacher(tuple(f.shape), xi_gen, device)
+            s = scoring.probe_objective(f, xi)
+            torch.autograd.grad(s, hooks.leaves, retain_graph=True, allow_unused=True)
+        psis.append(hooks.psi)
+    act = hooks.act
+    hooks.end_batch()
+    return act, psis
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _peak_host_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False, resume: bool = False,
+        command: str = "") -> dict[str, Any]:
+    """Probe ``model_spec`` and write ``out`` (+ ``out``.yaml). Returns the sidecar dict."""
+    t0 = time.perf_counter()
+    p = plan(model_spec, cfg, out, random_init)
+    partial = artifacts.partial_path(out)
+    lm = load_model(p.source, p.config, p.dtype, p.device)
+    lm.model.requires_grad_(False)
+    fingerprint = artifacts.model_fingerprint(lm.model)
+    mods, act_one, psi_one, token = scored_modules(lm, cfg, p.layers)
+    ids = token_ids(lm)
+    sizes = cfg.batch_sizes()
+    store = FactorStore(mods, cfg.total_probes)
+    done = _resume_from(partial, cfg, fingerprint, store) if resume else 0
+    t_load = time.perf_counter() - t0
+    t_gen = t_probe = 0.0
+    if p.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def save_partial(batches: int) -> None:
+        meta = artifacts.base_metadata(PARTIAL_KIND, fingerprint, batches_done=batches, config_digest=cfg.digest())
+        artifacts.write_safetensors(partial, store.tensors(batches * cfg.probes), meta)
+
+    console = stderr_console()
+    try:
+        with _sigterm_as_interrupt(), FactorHooks(mods, act_one, psi_one, token) as hooks, \
+                progress_bar(console) as bar:
+            task = bar.add_task(f"probing {model_spec}", total=len(sizes), completed=done)
+            for b in range(done, len(sizes)):
+                tg = time.perf_counter()
+                input_ids, mask, img_kwargs = build_batch(lm, cfg, ids, sizes[b], b, p.texts, p.device)
+                tp = time.perf_counter()
+                xi_gen = torch.Generator().manual_seed(batch_seed(cfg.seed, b) + 1)
+                act, psis = probe_batch(lm, hooks, input_ids, mask, img_kwargs, xi_gen, cfg.probes, p.device)
+                _store_batch(store, b * cfg.probes, act, psis, mods, act_one, psi_one)
+                t_gen += tp - tg
+                t_probe += time.perf_counter() - tp
+                bar.update(task, advance=1)
+                if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(sizes):
+                    save_partial(b + 1)
+                done = b + 1
+    except KeyboardInterrupt:
+        if done:
+            save_partial(done)
+            raise Interrupted(f"interrupted after {done}/{len(sizes)} batches; partial state in {partial}; "
+                              f"rerun with --resume to continue") from None
+        raise Interrupted("interrupted before the first batch finished; nothing written") from None
+
+    timings = {"load_s": round(t_load, 3), "generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3),
+               "total_s": round(time.perf_counter() - t0, 3)}
+    meta = artifacts.base_metadata(artifacts.SCORES_KIND, fingerprint, probes=cfg.total_probes,
+                                   config_digest=cfg.digest())
+    artifacts.write_safetensors(out, store.tensors(), meta)
+    sidecar = _sidecar(p, lm, cfg, fingerprint, mods, store, timings, command, random_init)
+    artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
+    partial.unlink(missing_ok=True)
+    _print_summary(console, sidecar, out)
+    return sidecar
+
+
+def _store_batch(store: FactorStore, row: int, act: dict, psis: list[dict], mods, act_one, psi_one) -> None:
+    for name, mod in mods.items():
+        a = torch.ones(mod.in_features) if name in act_one else act.get(name)
+        if a is None:
+            a = torch.zeros(mod.in_features)  # the module saw no input (e.g. projector without images)
+        for j, psi in enumerate(psis):
+            store.act[name][row + j] = a.cpu()
+            if name in psi_one:
+                store.psi[name][row + j] = 1.0
+            elif name in psi:
+                store.psi[name][row + j] = psi[name].cpu()
+            # else: no gradient reached z (unused module): psi stays 0
+
+
+def _resume_from(partial: Path, cfg: ProbeConfig, fingerprint: str, store: FactorStore) -> int:
+    if not partial.exists():
+        raise UserError(f"--resume: no partial run at {partial}")
+    meta = artifacts.read_header(partial, PARTIAL_KIND)
+    if meta.get("model_fingerprint") != fingerprint:
+        raise UserError(f"--resume: {partial} was probed on a different model (fingerprint mismatch)")
+    if meta.get("config_digest") != cfg.digest():
+        raise UserError(f"--resume: {partial} was made with different probe settings; rerun without --resume")
+    store.load(artifacts.read_tensors(partial))
+    return int(meta["batches_done"])
+
+
+def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods: dict, store: FactorStore,
+             timings: dict, command: str, random_init: bool) -> dict[str, Any]:
+    modules = {}
+    for name, mod in mods.items():
+        psi, act = store.psi[name], store.act[name]
+        modules[name] = {
+            "type": name.rsplit(".", 1)[-1],
+            "layer": layer_of(name, lm.parts.layers_path),
+            "shape": [mod.out_features, mod.in_features],
+            "psi_mean": float(psi.mean()), "act_mean": float(act.mean()),
+            "score_mean": scoring.mean_score_scalar(mod.weight, psi, act),
+        }
+    peak = {"host_rss_mb": round(_peak_host_mb(), 1)}
+    if p.device.startswith("cuda"):
+        peak["device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {
+        "kind": artifacts.SCORES_KIND, "format_version": artifacts.FORMAT_VERSION, "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        "config": dataclasses.asdict(cfg),
+        "model": {"spec": p.source.spec, "source": p.source.kind, "location": p.source.location,
+                  "revision": p.source.revision, "random_init": random_init, "adapter": lm.adapter.name,
+                  "dtype": str(p.dtype).removeprefix("torch."), "device": p.device,
+                  "num_layers": lm.parts.num_layers, "fingerprint": fingerprint},
+        "inputs": ({"texts": {"path": str(cfg.texts), "sha256": p.texts_sha256}} if cfg.texts else {}),
+        "seed": cfg.seed, "probes": cfg.total_probes, "layers": p.layers,
+        "timings": timings, "peak_memory": peak, "modules": modules,
+    }
+
+
+def _print_summary(console, sidecar: dict, out: Path) -> None:
+    from rich.table import Table
+
+    groups: dict[str, list[dict]] = {}
+    for m in sidecar["modules"].values():
+        groups.setdefault(m["type"], []).append(m)
+    table = Table(title=f"{out}: {sidecar['probes']} probes, {len(sidecar['modules'])} modules")
+    for col in ("module", "count", "mean psi", "mean act", "mean score"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    for typ, ms in groups.items():
+        table.add_row(typ, str(len(ms)), *(f"{sum(m[k] for m in ms) / len(ms):.3e}"
+                                           for k in ("psi_mean", "act_mean", "score_mean")))
+    console.print(table)
+    console.print(f"[dim]total {sidecar['timings']['total_s']:.1f} s "
+                  f"(generate {sidecar['timings']['generate_s']:.1f} s, probe {sidecar['timings']['probe_s']:.1f} s)[/dim]")
