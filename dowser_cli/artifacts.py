@@ -73,6 +73,20 @@ def _atomic(path: Path) -> Iterator[Path]:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     with _atomic(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _canonicalise_header(tmp)
+
+
+def _canonicalise_header(path: Path) -> None:
+    """safetensors writes ``__metadata__`` in hash order, which differs between runs; rewrite the header
+    (same length, in place) with sorted keys so equal inputs give byte-identical files."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canon) > n:  # cannot happen for a compact header; keep the library's bytes if it does
+            return
+        f.seek(8)
+        f.write(canon + b" " * (n - len(canon)))
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> None:

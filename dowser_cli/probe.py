@@ -48,6 +48,8 @@ class ProbeConfig:
     temperature: float = 0.9
     top_p: float = 0.9
     repetition_penalty: float = 1.05
+    gen_batch_size: int = 64   # samples generated per generate() call (decoding is weight-bandwidth
+                               # bound, so one call for many samples costs about as much as for a few)
     checkpoint_every: int = 4  # batches between resumable partial saves
 
     def batch_sizes(self) -> list[int]:
@@ -57,6 +59,10 @@ class ProbeConfig:
     @property
     def total_probes(self) -> int:
         return len(self.batch_sizes()) * self.probes
+
+    def gen_chunk(self) -> int:
+        """Samples per generate() call: a multiple of the batch size, so no batch straddles two calls."""
+        return max(1, self.gen_batch_size // self.batch_size) * self.batch_size
 
     def prefix_range(self) -> tuple[int, int]:
         parts = str(self.prefix_len).replace(" ", "").split("-")
@@ -76,7 +82,7 @@ class ProbeConfig:
 
 def validate(cfg: ProbeConfig) -> None:
     for name, value in (("--samples", cfg.samples), ("--batch-size", cfg.batch_size), ("--probes", cfg.probes),
-                        ("--seq-len", cfg.seq_len)):
+                        ("--seq-len", cfg.seq_len), ("gen_batch_size", cfg.gen_batch_size)):
         if value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
     if cfg.batch_size > cfg.samples:
@@ -151,8 +157,8 @@ def token_ids(lm: LoadedModel) -> TokenIds:
     return TokenIds(bos=bos, eos=eos_list, pad=pad, vocab=vocab, special=special)
 
 
-def image_segment(lm: LoadedModel, n: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Image placeholder ids [T_img] and model kwargs for ``n`` noise images (shared ids per sample)."""
+def image_segment(lm: LoadedModel, gen: torch.Generator) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Image placeholder ids and model kwargs (batch dim 0 = this sample) for one noise image."""
     fn = lm.adapter.noise_images
     if fn is None:
         raise UserError(f"--images noise is not supported for the {lm.adapter.name} architecture yet "
@@ -160,7 +166,8 @@ def image_segment(lm: LoadedModel, n: int, gen: torch.Generator) -> tuple[torch.
     ip = getattr(lm.processor, "image_processor", None)
     mean = tuple(getattr(ip, "image_mean", None) or CLIP_MEAN)
     std = tuple(getattr(ip, "image_std", None) or CLIP_STD)
-    return fn(lm.model, lm.config, n, gen, mean, std)
+    seg, kwargs = fn(lm.model, lm.config, 1, gen, mean, std)
+    return seg.tolist(), kwargs
 
 
 def _pack_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,14 +181,24 @@ def _pack_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def random_prefixes(n: int, ids: TokenIds, lo: int, hi: int, gen: torch.Generator) -> list[list[int]]:
-    """[BOS] + L random ids per sample, L uniform in lo..hi, special ids replaced by BOS."""
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
-        draw = torch.randint(0, ids.vocab, (length,), generator=gen).tolist()
-        out.append([ids.bos] + [ids.bos if t in ids.special else t for t in draw])
-    return out
+def random_prefix(ids: TokenIds, lo: int, hi: int, gen: torch.Generator) -> list[int]:
+    """[BOS] + L random ids, L uniform in lo..hi, special ids replaced by BOS."""
+    length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    draw = torch.randint(0, ids.vocab, (length,), generator=gen).tolist()
+    return [ids.bos] + [ids.bos if t in ids.special else t for t in draw]
+
+
+@dataclass
+class Sample:
+    tokens: list[int]                       # real tokens: BOS, image segment, text
+    images: dict[str, torch.Tensor]         # model kwargs of this sample's image (batch dim 0), or {}
+
+
+def _collate_images(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    # Each kwarg's dim 0 is per image (LLaVA pixel_values [1, 3, H, W]; Qwen2-VL patches and grid_thw).
+    if not samples[0].images:
+        return {}
+    return {k: torch.cat([s.images[k] for s in samples]) for k in samples[0].images}
 
 
 @torch.no_grad()
@@ -202,8 +219,9 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], n_text_prefix: lis
                             repetition_penalty=cfg.repetition_penalty, max_new_tokens=new, min_new_tokens=0,
                             pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos)
     torch.manual_seed(seed)  # generate() samples from the global RNG
+    kwargs = {**image_kwargs, **sequence_kwargs(lm, input_ids, bool(image_kwargs))}
     out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                            generation_config=gcfg, **{k: v.to(device) for k, v in image_kwargs.items()})
+                            generation_config=gcfg, **{k: v.to(device) for k, v in kwargs.items()})
     out = out[:, width:].cpu()
     eos = set(ids.eos)
     seqs = []
@@ -217,6 +235,11 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], n_text_prefix: lis
                 break
         seqs.append(p + cont)
     return seqs
+
+
+def sequence_kwargs(lm: LoadedModel, input_ids: torch.Tensor, with_images: bool) -> dict[str, torch.Tensor]:
+    fn = lm.adapter.sequence_kwargs
+    return fn(lm.config, input_ids) if fn is not None and with_images else {}
 
 
 def read_texts(path: Path, samples: int) -> list[str]:
@@ -235,14 +258,24 @@ def read_texts(path: Path, samples: int) -> list[str]:
 
 class FactorHooks:
     """Forward pre-hooks record a = mean|h| over real positions; forward hooks attach a gradient hook to
-    z that records psi = mean|ds/dz| when a probe's backward pass reaches it. Nothing O(W) is kept."""
+    z that records psi = mean|ds/dz| when a probe's backward pass reaches it. Nothing O(W) is kept.
+
+    Results go into buffers allocated once (act [in], psi [M, out] per module): small tensors
+    allocated between the large transient ones of every pass would fragment the host heap."""
 
     def __init__(self, modules: dict[str, nn.Linear], act_one: set[str], psi_one: set[str],
-                 token_modules: set[str]):
+                 token_modules: set[str], act_sources: dict[str, nn.Module] | None = None, probes: int = 1,
+                 device: str | torch.device = "cpu"):
         self.modules, self.act_one, self.psi_one, self.token_modules = modules, act_one, psi_one, token_modules
+        # name -> module whose OUTPUT is this module's full input (lm_head sees only kept positions)
+        self.act_sources = act_sources or {}
         self.mask: torch.Tensor | None = None        # [B, T] real positions of the current batch
-        self.act: dict[str, torch.Tensor] = {}
-        self.psi: dict[str, torch.Tensor] = {}
+        self.act = {n: torch.zeros(m.in_features, device=device) for n, m in modules.items() if n not in act_one}
+        self.psi = {n: torch.zeros(probes, m.out_features, device=device) for n, m in modules.items()
+                    if n not in psi_one}
+        self.seen_act: set[str] = set()             # modules that saw input in this batch
+        self.seen_psi: set[str] = set()             # modules reached by the current probe's backward
+        self.probe = 0                               # row of psi the current backward pass fills
         self.leaves: list[torch.Tensor] = []         # inputs made differentiable (backward targets)
         self.active = False                          # off while the model generates probe text
         self._handles = []
@@ -252,13 +285,17 @@ class FactorHooks:
             return self.mask
         return None
 
+    def _record_act(self, name: str, x: torch.Tensor) -> None:
+        scoring.masked_abs_mean(x, self._mask_for(name, x), out=self.act[name])
+        self.seen_act.add(name)
+
     def _pre(self, name: str):
         def hook(mod, args):
             if not self.active:
                 return None
             x = args[0]
-            if name not in self.act_one:
-                self.act[name] = scoring.masked_abs_mean(x, self._mask_for(name, x))
+            if name not in self.act_one and name not in self.act_sources:
+                self._record_act(name, x)
             if name in self.psi_one or x.requires_grad:
                 return None
             # Weights stay frozen: the graph exists only for activations, so each probe's backward
@@ -274,15 +311,24 @@ class FactorHooks:
                 return None
 
             def grad_hook(g):
-                self.psi[name] = scoring.masked_abs_mean(g, self._mask_for(name, g))
+                scoring.masked_abs_mean(g, self._mask_for(name, g), out=self.psi[name][self.probe])
+                self.seen_psi.add(name)
             z.register_hook(grad_hook)
             return None
+        return hook
+
+    def _source(self, name: str):
+        def hook(mod, args, out):
+            if self.active:
+                self._record_act(name, out)
         return hook
 
     def __enter__(self):
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_pre_hook(self._pre(name)))
             self._handles.append(mod.register_forward_hook(self._post(name)))
+        for name, src in self.act_sources.items():
+            self._handles.append(src.register_forward_hook(self._source(name)))
         return self
 
     def __exit__(self, *exc):
@@ -291,10 +337,25 @@ class FactorHooks:
         self._handles.clear()
 
     def new_batch(self, mask: torch.Tensor) -> None:
-        self.mask, self.act, self.psi, self.leaves, self.active = mask, {}, {}, [], True
+        self.mask, self.leaves, self.active = mask, [], True
+        self.seen_act, self.seen_psi = set(), set()
+        for buf in self.psi.values():
+            buf.zero_()  # a module no gradient reaches keeps psi = 0
 
     def end_batch(self) -> None:
         self.mask, self.leaves, self.active = None, [], False
+
+    def batch_factors(self, name: str, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's factors of one module, boundary rules applied: psi [M, out], act [in]."""
+        mod = self.modules[name]
+        if name in self.act_one:
+            act = torch.ones(mod.in_features)
+        elif name in self.seen_act:
+            act = self.act[name]
+        else:
+            act = torch.zeros(mod.in_features)  # the module saw no input (e.g. projector without images)
+        psi = torch.ones(probes, mod.out_features) if name in self.psi_one else self.psi[name][:probes]
+        return psi, act
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -328,9 +389,9 @@ def plan(model_spec: str, cfg: ProbeConfig, out: Path, random_init: bool = False
     return Plan(cfg, source, config, layers, device, dtype, texts, sha)
 
 
-def scored_modules(lm: LoadedModel, cfg: ProbeConfig, layers: list[int]) -> tuple[dict[str, nn.Linear], set, set, set]:
+def scored_modules(lm: LoadedModel, cfg: ProbeConfig, layers: list[int]) -> "Scored":
     """name -> linear, plus the boundary-rule sets: act == 1 (projector input side), psi == 1 (lm_head),
-    and the modules whose inputs are token positions (padding is excluded there)."""
+    the modules whose inputs are token positions (padding is excluded there), and act sources."""
     parts = lm.parts
     mods = decoder_linears(lm.model, parts.layers_path, layers, parse_targets(cfg.targets))
     token = set(mods)
@@ -353,7 +414,25 @@ def scored_modules(lm: LoadedModel, cfg: ProbeConfig, layers: list[int]) -> tupl
                     act_one.add(name)
     if not mods:
         raise UserError("nothing to score: no linear layers match --layers/--targets")
-    return mods, act_one, psi_one, token
+    sources = {}
+    if parts.lm_head in psi_one and parts.final_norm:
+        # With logits_to_keep, lm_head sees only last positions; its input over all positions is the
+        # final norm's output.
+        sources[parts.lm_head] = lm.model.get_submodule(parts.final_norm)
+        token.add(parts.lm_head)
+    return Scored(mods, act_one, psi_one, token, sources)
+
+
+@dataclass
+class Scored:
+    modules: dict[str, nn.Linear]
+    act_one: set[str]
+    psi_one: set[str]
+    token: set[str]
+    act_sources: dict[str, nn.Module]
+
+    def hooks(self, probes: int, device: str | torch.device = "cpu") -> FactorHooks:
+        return FactorHooks(self.modules, self.act_one, self.psi_one, self.token, self.act_sources, probes, device)
 
 
 class FactorStore:
@@ -370,6 +449,13 @@ class FactorStore:
             out[f"{n}.act"] = self.act[n][:rows]
         return out
 
+    def put(self, row: int, hooks: FactorHooks, probes: int) -> None:
+        """Copy one batch's factors (rows row..row+probes-1) out of the hooks' buffers."""
+        for name in self.psi:
+            psi, act = hooks.batch_factors(name, probes)
+            self.psi[name][row: row + probes] = psi
+            self.act[name][row: row + probes] = act  # a is per batch: the same for its M probes
+
     def load(self, tensors: dict[str, torch.Tensor]) -> int:
         rows = 0
         for n in self.psi:
@@ -380,53 +466,88 @@ class FactorStore:
         return rows
 
 
-def batch_seed(seed: int, index: int) -> int:
-    """Independent, reproducible seed per batch, so any batch can be (re)computed on its own."""
-    return int.from_bytes(hashlib.sha256(f"dowser-probe:{seed}:{index}".encode()).digest()[:7], "little")
+def sample_seed(seed: int, index: int, what: str) -> int:
+    """Independent, reproducible seed per sample (or per generate call), so any batch can be rebuilt
+    on its own: resuming and splitting work never changes the numbers."""
+    return int.from_bytes(hashlib.sha256(f"dowser-probe:{what}:{seed}:{index}".encode()).digest()[:7], "little")
 
 
-def build_batch(lm: LoadedModel, cfg: ProbeConfig, ids: TokenIds, n: int, index: int, texts: list[str] | None,
-                device: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Probe inputs for batch ``index``: ids [n, T], real-position mask [n, T], image kwargs."""
-    seed = batch_seed(cfg.seed, index)
-    gen = torch.Generator().manual_seed(seed)
-    img_ids, img_kwargs = (image_segment(lm, n, gen) if cfg.images == "noise" else (torch.empty(0, dtype=torch.long), {}))
-    img = img_ids.tolist()
+def xi_generator(seed: int, batch: int) -> torch.Generator:
+    """The Rademacher vectors of batch ``batch`` come from their own seeded CPU generator."""
+    return torch.Generator().manual_seed(sample_seed(seed, batch, "xi"))
+
+
+def make_samples(lm: LoadedModel, cfg: ProbeConfig, ids: TokenIds, start: int, n: int, texts: list[str] | None,
+                 device: str) -> list[Sample]:
+    """Samples start..start+n-1: user texts, or random prefixes continued by the model in one call."""
+    heads = []
+    for i in range(start, start + n):
+        gen = torch.Generator().manual_seed(sample_seed(cfg.seed, i, "sample"))
+        img, kwargs = image_segment(lm, gen) if cfg.images == "noise" else ([], {})
+        heads.append((gen, img, kwargs))
     if texts is not None:
-        start = sum(cfg.batch_sizes()[:index])
-        seqs = []
-        for t in texts[start:start + n]:
-            body = lm.tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.seq_len - 1]
-            seqs.append([ids.bos] + img + body)
-    else:
-        lo, hi = cfg.prefix_range()
-        pre = random_prefixes(n, ids, lo, hi, gen)
-        prompts = [[p[0]] + img + p[1:] for p in pre]
-        seqs = generate_batch(lm, prompts, [len(p) for p in pre], cfg, ids, img_kwargs, seed, device)
-    input_ids, mask = _pack_right(seqs, ids.pad)
-    return input_ids, mask, img_kwargs
+        return [Sample([ids.bos] + img + lm.tokenizer(texts[i], add_special_tokens=False)["input_ids"][: cfg.seq_len - 1],
+                       kwargs) for i, (_, img, kwargs) in zip(range(start, start + n), heads)]
+    lo, hi = cfg.prefix_range()
+    pre = [random_prefix(ids, lo, hi, gen) for gen, _, _ in heads]
+    prompts = [[p[0]] + img + p[1:] for p, (_, img, _) in zip(pre, heads)]
+    image_kwargs = _collate_images([Sample([], k) for _, _, k in heads])
+    seqs = generate_batch(lm, prompts, [len(p) for p in pre], cfg, ids, image_kwargs,
+                          sample_seed(cfg.seed, start, "generate"), device)
+    return [Sample(sq, k) for sq, (_, _, k) in zip(seqs, heads)]
+
+
+class BatchSource:
+    """Probe batches in order, generating ``cfg.gen_chunk()`` samples per generate() call."""
+
+    def __init__(self, lm: LoadedModel, cfg: ProbeConfig, ids: TokenIds, texts: list[str] | None, device: str):
+        self.lm, self.cfg, self.ids, self.texts, self.device = lm, cfg, ids, texts, device
+        self.sizes = cfg.batch_sizes()
+        self._chunk: tuple[int, list[Sample]] | None = None
+
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Batch ``b``: ids [n, T] right-padded, real-position mask [n, T], image kwargs."""
+        start = sum(self.sizes[:b])
+        chunk = self.cfg.gen_chunk()
+        c0 = start // chunk * chunk
+        if self._chunk is None or self._chunk[0] != c0:
+            n = min(chunk, self.cfg.samples - c0)
+            self._chunk = (c0, make_samples(self.lm, self.cfg, self.ids, c0, n, self.texts, self.device))
+        samples = self._chunk[1][start - c0: start - c0 + self.sizes[b]]
+        input_ids, mask = _pack_right([s.tokens for s in samples], self.ids.pad)
+        return input_ids, mask, _collate_images(samples)
 
 
 def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, mask: torch.Tensor,
-                img_kwargs: dict, xi_gen: torch.Generator, probes: int, device: str) -> tuple[dict, list[dict]]:
-    """One forward pass and ``probes`` backward passes. Returns act {name: [in]} and per probe psi."""
+                img_kwargs: dict, xi_gen: torch.Generator, probes: int, device: str) -> None:
+    """One forward pass and ``probes`` backward passes; the factors land in ``hooks`` (batch_factors).
+    The model's weights must be frozen (requires_grad False): backward then computes ds/dz only."""
     hooks.new_batch(mask.to(device))
-    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
-                   **{k: v.to(device) for k, v in img_kwargs.items()}, use_cache=False)
+    kwargs = {**img_kwargs, **sequence_kwargs(lm, input_ids, bool(img_kwargs))}
     last = mask.long().sum(1) - 1
-    f = out.logits[torch.arange(len(last)), last.to(device)]        # [B, V]
-    psis = []
-    need_backward = f.requires_grad
-    for _ in range(probes):
-        hooks.psi = {}
-        if need_backward:
+    keep = torch.unique(last)  # sorted; only these positions go through lm_head
+    if lm.parts.final_norm and accepts_logits_to_keep(lm.model):
+        kwargs["logits_to_keep"] = keep
+        col = torch.searchsorted(keep, last)
+    else:
+        col = last
+    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                   **{k: v.to(device) for k, v in kwargs.items()}, use_cache=False)
+    f = out.logits[torch.arange(len(last)), col.to(device)]        # [B, V] last-position logits
+    if f.requires_grad and not hooks.leaves:
+        raise RuntimeError("probe_batch needs a model with frozen weights (model.requires_grad_(False))")
+    for p in range(probes):
+        hooks.probe = p
+        if f.requires_grad:
             xi = scoring.rademacher(tuple(f.shape), xi_gen, device)
-            s = scoring.probe_objective(f, xi)
-            torch.autograd.grad(s, hooks.leaves, retain_graph=True, allow_unused=True)
-        psis.append(hooks.psi)
-    act = hooks.act
+            torch.autograd.grad(scoring.probe_objective(f, xi), hooks.leaves, retain_graph=True, allow_unused=True)
     hooks.end_batch()
-    return act, psis
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 @contextmanager
@@ -455,8 +576,10 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     lm = load_model(p.source, p.config, p.dtype, p.device)
     lm.model.requires_grad_(False)
     fingerprint = artifacts.model_fingerprint(lm.model)
-    mods, act_one, psi_one, token = scored_modules(lm, cfg, p.layers)
+    scored = scored_modules(lm, cfg, p.layers)
+    mods = scored.modules
     ids = token_ids(lm)
+    source = BatchSource(lm, cfg, ids, p.texts, p.device)
     sizes = cfg.batch_sizes()
     store = FactorStore(mods, cfg.total_probes)
     done = _resume_from(partial, cfg, fingerprint, store) if resume else 0
@@ -471,16 +594,16 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
 
     console = stderr_console()
     try:
-        with _sigterm_as_interrupt(), FactorHooks(mods, act_one, psi_one, token) as hooks, \
+        with _sigterm_as_interrupt(), scored.hooks(cfg.probes, p.device) as hooks, \
                 progress_bar(console) as bar:
             task = bar.add_task(f"probing {model_spec}", total=len(sizes), completed=done)
             for b in range(done, len(sizes)):
                 tg = time.perf_counter()
-                input_ids, mask, img_kwargs = build_batch(lm, cfg, ids, sizes[b], b, p.texts, p.device)
+                input_ids, mask, img_kwargs = source.batch(b)
                 tp = time.perf_counter()
-                xi_gen = torch.Generator().manual_seed(batch_seed(cfg.seed, b) + 1)
-                act, psis = probe_batch(lm, hooks, input_ids, mask, img_kwargs, xi_gen, cfg.probes, p.device)
-                _store_batch(store, b * cfg.probes, act, psis, mods, act_one, psi_one)
+                xi_gen = xi_generator(cfg.seed, b)
+                probe_batch(lm, hooks, input_ids, mask, img_kwargs, xi_gen, cfg.probes, p.device)
+                store.put(b * cfg.probes, hooks, cfg.probes)
                 t_gen += tp - tg
                 t_probe += time.perf_counter() - tp
                 bar.update(task, advance=1)
@@ -504,20 +627,6 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     partial.unlink(missing_ok=True)
     _print_summary(console, sidecar, out)
     return sidecar
-
-
-def _store_batch(store: FactorStore, row: int, act: dict, psis: list[dict], mods, act_one, psi_one) -> None:
-    for name, mod in mods.items():
-        a = torch.ones(mod.in_features) if name in act_one else act.get(name)
-        if a is None:
-            a = torch.zeros(mod.in_features)  # the module saw no input (e.g. projector without images)
-        for j, psi in enumerate(psis):
-            store.act[name][row + j] = a.cpu()
-            if name in psi_one:
-                store.psi[name][row + j] = 1.0
-            elif name in psi:
-                store.psi[name][row + j] = psi[name].cpu()
-            # else: no gradient reached z (unused module): psi stays 0
 
 
 def _resume_from(partial: Path, cfg: ProbeConfig, fingerprint: str, store: FactorStore) -> int:

@@ -20,17 +20,20 @@ def probe_objective(last_logits: torch.Tensor, xi: torch.Tensor) -> torch.Tensor
     return (last_logits.float() * xi).sum() / last_logits.shape[0]
 
 
-def masked_abs_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_abs_mean(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of |x| over every leading dimension, counting only positions where ``mask`` is true.
 
-    x [..., F]; mask bool with shape x.shape[:-1] or None (all positions real). Returns [F] fp32.
+    x [..., F]; mask bool with shape x.shape[:-1] or None (all positions real). Returns [F] fp32,
+    written into ``out`` when given (callers that keep results preallocate them).
     """
-    x = x.detach().float().abs()
+    x = x.detach().reshape(-1, x.shape[-1]).float().abs()
     if mask is None:
-        return x.reshape(-1, x.shape[-1]).mean(0)
-    m = mask.to(x.dtype)
-    # (m^T x) keeps it one reduction: sum over real positions / number of real positions.
-    return torch.einsum("n,nf->f", m.reshape(-1), x.reshape(-1, x.shape[-1])) / m.sum().clamp_min(1)
+        weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
+    else:
+        m = mask.reshape(-1).to(device=x.device, dtype=x.dtype)
+        weights = m / m.sum().clamp_min(1)
+    # one reduction: weighted sum over positions = mean over real positions
+    return torch.mv(x.T, weights, out=out)
 
 
 def mean_score(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -40,12 +43,15 @@ def mean_score(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> to
 
 def score_moments(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) variance over probes of the per-probe score |W_ij| psi_i^(p) a_j^(p),
-    both from the factors: E[S^2] = W^2 * ((Psi^2)^T A^2) / P. Returns two [out, in] fp32 tensors."""
-    w = weight.detach().float().abs()
+    both from the factors: E[S^2] = W^2 * ((Psi^2)^T A^2) / P. Returns two [out, in] fp32 tensors.
+
+    Computed in float64: E[S^2] - E[S]^2 cancels badly in fp32 when probes agree closely."""
+    w = weight.detach().double().abs()
+    psi, act = psi.double(), act.double()
     p = psi.shape[0]
-    mean = w * (psi.float().T @ act.float()) / p
-    second = w.square() * (psi.float().square().T @ act.float().square()) / p
-    return mean, (second - mean.square()).clamp_min(0)
+    mean = w * (psi.T @ act) / p
+    second = w.square() * (psi.square().T @ act.square()) / p
+    return mean.float(), (second - mean.square()).clamp_min(0).float()
 
 
 def mean_score_scalar(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> float:

@@ -25,10 +25,13 @@ class Adapter:
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
     lm_head: str = "lm_head"
+    final_norm: tuple[str, ...] = ()  # its output is lm_head's input at every position
     auto_class: str = "AutoModelForImageTextToText"
     # (model, config, n_images, generator, image_mean, image_std) -> (image segment ids [T_img], model kwargs)
     noise_images: Callable | None = field(default=None, compare=False)
     projector_input: tuple[str, ...] = ()  # projector linears fed by the vision tower (a = 1)
+    # (config, input_ids [B, T]) -> extra model kwargs that depend on the token layout
+    sequence_kwargs: Callable | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Parts:
     layers_path: str
     num_layers: int
     lm_head: str | None
+    final_norm: str | None
     vision_tower: str | None
     projector: str | None
     projector_input: tuple[str, ...]
@@ -96,6 +100,7 @@ def resolve_parts(adapter: Adapter, model: nn.Module) -> Parts:
         layers_path=layers,
         num_layers=len(model.get_submodule(layers)),
         lm_head=adapter.lm_head if _first_module(model, (adapter.lm_head,)) else None,
+        final_norm=_first_module(model, adapter.final_norm),
         vision_tower=_first_module(model, adapter.vision_tower),
         projector=projector,
         projector_input=tuple(f"{projector}.{p}" for p in adapter.projector_input) if projector else (),
@@ -131,9 +136,15 @@ def _qwen2_vl_noise(model, config, n, generator, mean, std, side: int = 224):
     return torch.tensor(ids, dtype=torch.long), {"pixel_values": pixels, "image_grid_thw": thw}
 
 
+def _mm_token_types(config, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Qwen2-VL's M-RoPE needs each position's modality: 1 for image tokens, 0 for text."""
+    return {"mm_token_type_ids": (input_ids == config.image_token_id).int()}
+
+
 register(Adapter(
     name="llava", model_types=("llava",),
     decoder_layers=("model.language_model.layers", "language_model.model.layers"),
+    final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
     projector_input=("linear_1",), noise_images=_llava_noise,
@@ -141,6 +152,7 @@ register(Adapter(
 register(Adapter(
     name="llava-next", model_types=("llava_next", "llava_onevision"),
     decoder_layers=("model.language_model.layers", "language_model.model.layers"),
+    final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
     projector_input=("linear_1",),
@@ -148,13 +160,15 @@ register(Adapter(
 register(Adapter(
     name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
     decoder_layers=("model.language_model.layers", "model.layers"),
+    final_norm=("model.language_model.norm", "model.norm"),
     vision_tower=("model.visual", "visual"),
     projector=("model.visual.merger", "visual.merger"),
-    projector_input=("mlp.0",), noise_images=_qwen2_vl_noise,
+    projector_input=("mlp.0",), noise_images=_qwen2_vl_noise, sequence_kwargs=_mm_token_types,
 ))
 register(Adapter(
     name="idefics3", model_types=("idefics3", "smolvlm"),
     decoder_layers=("model.text_model.layers",),
+    final_norm=("model.text_model.norm",),
     vision_tower=("model.vision_model",),
     projector=("model.connector",),
     projector_input=("modality_projection.proj",),
@@ -162,6 +176,7 @@ register(Adapter(
 register(Adapter(
     name="internvl", model_types=("internvl", "internvl_chat"),
     decoder_layers=("model.language_model.layers", "language_model.model.layers"),
+    final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_model"),
     projector=("model.multi_modal_projector", "mlp1"),
     projector_input=("linear_1", "1"),
@@ -169,6 +184,7 @@ register(Adapter(
 register(Adapter(
     name="nvila", model_types=("vila", "nvila", "llava_llama"),
     decoder_layers=("llm.model.layers",),
+    final_norm=("llm.model.norm",),
     vision_tower=("vision_tower",),
     projector=("mm_projector",),
     auto_class="AutoModel",
@@ -176,5 +192,6 @@ register(Adapter(
 register(Adapter(
     name="causal-lm", model_types=(),
     decoder_layers=("model.layers", "transformer.h", "model.decoder.layers"),
+    final_norm=("model.norm", "transformer.ln_f", "model.decoder.final_layer_norm"),
     auto_class="AutoModelForCausalLM",
 ))

@@ -1,0 +1,229 @@
+"""dowser probe on tiny models: factors against brute-force references, boundary rules, determinism,
+noise images, interruption and resume."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dowser_cli import artifacts, probe, scoring
+from dowser_cli.probe import ProbeConfig
+
+from conftest import ROOT, run_cli
+
+
+def _probe(tmp_path, model, name="s", **kw):
+    out = tmp_path / f"{name}.safetensors"
+    cfg = ProbeConfig(**{"samples": 4, "batch_size": 2, "probes": 3, "seq_len": 12, **kw})
+    sidecar = probe.run(model, out, cfg)
+    return out, sidecar, artifacts.read_tensors(out)
+
+
+def _modules(sidecar):
+    return list(sidecar["modules"])
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-llava"])
+def test_mean_score_from_factors_equals_dense_accumulation(tmp_path, tiny_models, model):
+    out, sidecar, t = _probe(tmp_path, model)
+    lm = tiny_models(model)
+    assert sidecar["probes"] == 2 * 3
+    for name in _modules(sidecar):
+        w = lm.model.get_submodule(name).weight
+        psi, act = t[f"{name}.psi"], t[f"{name}.act"]
+        assert psi.shape == (6, w.shape[0]) and act.shape == (6, w.shape[1])
+        dense = scoring.DenseRunningMoments(w)
+        for p in range(psi.shape[0]):
+            dense.update(psi[p], act[p])
+        mean, var = scoring.score_moments(w, psi, act)
+        torch.testing.assert_close(mean, dense.mean, rtol=1e-5, atol=1e-12)
+        # the fp32 running (Welford) reference is itself only good to ~1e-6 of the score's scale
+        torch.testing.assert_close(var, dense.variance, rtol=1e-4, atol=1e-6 * float(mean.max()) ** 2)
+        assert mean.abs().sum() > 0
+
+
+def _texts(tmp_path):
+    # different lengths -> right padding inside each batch
+    f = tmp_path / "texts.txt"
+    f.write_text("hello world, a fairly long line of text\nhi\nshort one\nanother rather longer sentence here\n")
+    return f
+
+
+def test_psi_and_act_match_autograd_reference(tmp_path, tiny_models):
+    texts = _texts(tmp_path)
+    out, sidecar, t = _probe(tmp_path, "tiny-llama", texts=str(texts), seq_len=40)
+    lm = tiny_models("tiny-llama")
+    cfg = ProbeConfig(samples=4, batch_size=2, probes=3, seq_len=40, texts=str(texts))
+    ids = probe.token_ids(lm)
+    input_ids, mask, _ = probe.BatchSource(lm, cfg, ids, probe.read_texts(texts, 4), "cpu").batch(0)
+    assert not mask.all(), "the batch must contain padding for this test to mean anything"
+    name = "model.layers.1.mlp.up_proj"
+    mod = lm.model.get_submodule(name)
+    seen = {}
+    h1 = mod.register_forward_hook(lambda m, a, z: seen.update(h=a[0], z=z))
+    try:
+        with torch.enable_grad():
+            lm.model.requires_grad_(True)
+            logits = lm.model(input_ids=input_ids, attention_mask=mask.long()).logits
+            last = mask.sum(1) - 1
+            f = logits[torch.arange(2), last]
+            xi_gen = probe.xi_generator(cfg.seed, 0)
+            for p in range(3):
+                xi = scoring.rademacher(tuple(f.shape), xi_gen)
+                s = (xi * f).sum() / 2
+                (g,) = torch.autograd.grad(s, seen["z"], retain_graph=True)
+                # brute force: average |ds/dz| over real positions only
+                rows = [g[b, i].abs() for b in range(2) for i in range(mask.shape[1]) if mask[b, i]]
+                torch.testing.assert_close(t[f"{name}.psi"][p], torch.stack(rows).mean(0), rtol=1e-5, atol=1e-9)
+    finally:
+        h1.remove()
+        lm.model.requires_grad_(False)
+    rows = [seen["h"][b, i].abs() for b in range(2) for i in range(mask.shape[1]) if mask[b, i]]
+    for p in range(3):  # a is per batch: the same for its M probes
+        torch.testing.assert_close(t[f"{name}.act"][p], torch.stack(rows).mean(0), rtol=1e-5, atol=1e-9)
+
+
+def test_boundary_rules(tmp_path):
+    out, sidecar, t = _probe(tmp_path, "tiny-llava", include_projector=True, images="noise")
+    assert torch.equal(t["lm_head.psi"], torch.ones_like(t["lm_head.psi"]))
+    assert t["lm_head.act"].min() > 0
+    p1 = "model.multi_modal_projector.linear_1"
+    p2 = "model.multi_modal_projector.linear_2"
+    assert torch.equal(t[f"{p1}.act"], torch.ones_like(t[f"{p1}.act"]))
+    assert not torch.equal(t[f"{p2}.act"], torch.ones_like(t[f"{p2}.act"]))
+    # gradients reached the projector through the image tokens
+    assert t[f"{p1}.psi"].min() > 0 and t[f"{p2}.psi"].min() > 0
+
+
+def test_layers_and_targets_select_modules(tmp_path):
+    _, sidecar, t = _probe(tmp_path, "tiny-llama", layers="last:1", targets="mlp", include_lm_head=False)
+    assert sorted(_modules(sidecar)) == [f"model.layers.2.mlp.{m}_proj" for m in ("down", "gate", "up")]
+
+
+def test_same_seed_gives_byte_identical_scores(tmp_path):
+    a, _, _ = _probe(tmp_path, "tiny-llama", name="a", seed=7)
+    b, _, _ = _probe(tmp_path, "tiny-llama", name="b", seed=7)
+    c, _, _ = _probe(tmp_path, "tiny-llama", name="c", seed=8)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+@pytest.mark.parametrize("model,image_key", [("tiny-llava", "image_token_id"), ("tiny-qwen2-vl", "image_token_id")])
+def test_noise_images_go_through_the_vision_tower(tmp_path, tiny_models, model, image_key):
+    lm = tiny_models(model)
+    cfg = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=10, images="noise", include_projector=True)
+    ids = probe.token_ids(lm)
+    input_ids, mask, kwargs = probe.BatchSource(lm, cfg, ids, None, "cpu").batch(0)
+    n_img = (input_ids == getattr(lm.config, image_key)).sum(1)
+    assert (n_img > 0).all() and "pixel_values" in kwargs
+    px = kwargs["pixel_values"]
+    # normalised N(0.5, 0.25^2) noise: per-channel spread ~0.25 / std_c, so clearly not constant
+    assert px.std() > 0.5
+    calls = []
+    vt = lm.model.get_submodule(lm.parts.vision_tower)
+    h = vt.register_forward_hook(lambda m, a, o: calls.append(1))
+    scored = probe.scored_modules(lm, cfg, [0, 1, 2])
+    mods = scored.modules
+    lm.model.requires_grad_(False)
+    try:
+        with scored.hooks(2) as hooks:
+            probe.probe_batch(lm, hooks, input_ids, mask, kwargs, torch.Generator().manual_seed(0), 2, "cpu")
+            proj = [n for n in mods if n.startswith(lm.parts.projector)]
+            assert proj and all(hooks.batch_factors(n, 2)[0].abs().min() > 0 for n in proj)
+    finally:
+        h.remove()
+    assert calls, "the vision tower never ran"
+
+
+def test_idefics3_text_probe(tmp_path):
+    _, sidecar, t = _probe(tmp_path, "tiny-idefics3", layers="last:2")
+    assert any(n.startswith("model.text_model.layers.1.") for n in _modules(sidecar))
+
+
+def test_sidecar_describes_the_artifact(tmp_path, tiny_models):
+    out, sidecar, _ = _probe(tmp_path, "tiny-llama")
+    side = artifacts.read_yaml(out.with_suffix(".yaml"))
+    meta = artifacts.read_header(out, artifacts.SCORES_KIND)
+    fp = artifacts.model_fingerprint(tiny_models("tiny-llama").model)
+    assert side["model"]["fingerprint"] == meta["model_fingerprint"] == fp
+    assert side["config"]["samples"] == 4 and side["probes"] == 6
+    assert set(side["timings"]) >= {"generate_s", "probe_s", "total_s"}
+    assert not artifacts.partial_path(out).exists()
+
+
+# ---- CLI: bad input, one line, exit 2, nothing written ----------------------------------------------
+
+BAD = [
+    (["nosuch-model"], "unknown model 'nosuch-model'"),
+    (["./no/such/dir"], "does not exist"),
+    (["someorg/somemodel"], "cannot get its config from the hub"),
+    (["tiny-llama", "--samples", "0"], "--samples 0"),
+    (["tiny-llama", "--samples", "4", "--batch-size", "8"], "--batch-size 8: larger than --samples 4"),
+    (["tiny-llama", "--layers", "last:99"], "--layers last:99: the model has 3 decoder layers"),
+    (["tiny-llama", "--targets", "conv"], "unknown target(s) conv"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    out = tmp_path / "scores.safetensors"
+    r = run_cli("probe", *args, "--out", out, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli("probe", "tiny-llama", "--out", blocker / "scores.safetensors")
+    assert r.returncode == 2 and "--out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("probe", "tiny-llama", "--out", tmp_path)
+    assert r.returncode == 2 and "is a directory" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_config_file_and_cli_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("probe:\n  samples: 4\n  batch_size: 2\n  probes: 2\n  seq_len: 10\n")
+    out = tmp_path / "s.safetensors"
+    r = run_cli("probe", "tiny-llama", "--config", cfg, "--probes", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    side = artifacts.read_yaml(out.with_suffix(".yaml"))
+    assert side["config"]["samples"] == 4 and side["config"]["probes"] == 3 and side["probes"] == 6
+    cfg.write_text("probe:\n  sampels: 4\n")
+    r = run_cli("probe", "tiny-llama", "--config", cfg, "--out", tmp_path / "t.safetensors")
+    assert r.returncode == 2 and "unknown key(s) sampels" in r.stderr
+
+
+def test_interrupt_leaves_resumable_partial_and_resume_matches(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("probe:\n  samples: 120\n  batch_size: 2\n  probes: 2\n  seq_len: 24\n  checkpoint_every: 1\n")
+    ref = tmp_path / "ref.safetensors"
+    assert run_cli("probe", "tiny-llama", "--config", cfg, "--out", ref).returncode == 0
+
+    out = tmp_path / "run" / "s.safetensors"
+    out.parent.mkdir()
+    partial = artifacts.partial_path(out)
+    proc = subprocess.Popen([sys.executable, "-m", "dowser_cli", "probe", "tiny-llama", "--config", str(cfg),
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert partial.exists(), "no partial checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert not out.exists() and not out.with_suffix(".yaml").exists()
+    # the partial is never mistaken for scores
+    r = run_cli("probe", "tiny-llama", "--config", cfg, "--out", out, "--resume", "--seed", "5")
+    assert r.returncode == 2 and "different probe settings" in r.stderr
+    r = run_cli("probe", "tiny-llama", "--config", cfg, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    assert not partial.exists()
