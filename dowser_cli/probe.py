@@ -50,6 +50,10 @@ class ProbeConfig:
     repetition_penalty: float = 1.05
     gen_batch_size: int = 64   # samples generated per generate() call (decoding is weight-bandwidth
                                # bound, so one call for many samples costs about as much as for a few)
+    # auto | on | off: run the M backward passes of a batch as one vmapped pass. Same numbers; on a GPU
+    # it saves M-1 sweeps of kernel launches, on a CPU it was no faster overall and its extra live
+    # allocations fragmented the host heap (+17% peak), so auto means on for CUDA, off elsewhere.
+    batched_probes: str = "auto"
     checkpoint_every: int = 4  # batches between resumable partial saves
 
     def batch_sizes(self) -> list[int]:
@@ -90,6 +94,8 @@ def validate(cfg: ProbeConfig) -> None:
     lo, hi = cfg.prefix_range()
     if cfg.texts is None and hi + 1 >= cfg.seq_len:
         raise UserError(f"--seq-len {cfg.seq_len}: must exceed 1 + the longest prefix ({hi})")
+    if str(cfg.batched_probes) not in ("auto", "on", "off"):
+        raise UserError(f"batched_probes {cfg.batched_probes!r}: expected auto, on or off")
     if cfg.images not in ("off", "noise"):
         raise UserError(f"--images {cfg.images!r}: expected off or noise")
     if not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
@@ -103,6 +109,11 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     return device
+
+
+def use_batched_probes(cfg: ProbeConfig, device: str) -> bool:
+    mode = str(cfg.batched_probes)
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -256,27 +267,71 @@ def read_texts(path: Path, samples: int) -> list[str]:
 
 # ---- hooks -------------------------------------------------------------------------------------------
 
-class FactorHooks:
-    """Forward pre-hooks record a = mean|h| over real positions; forward hooks attach a gradient hook to
-    z that records psi = mean|ds/dz| when a probe's backward pass reaches it. Nothing O(W) is kept.
+class _Tap(torch.autograd.Function):
+    """Identity on z whose backward also returns, as the gradient of a dummy ``sink`` [out], the
+    position-weighted mean |ds/dz| (psi). Asking autograd for d s / d sink therefore yields psi
+    directly, for all M probes in one vmapped backward pass (is_grads_batched)."""
 
-    Results go into buffers allocated once (act [in], psi [M, out] per module): small tensors
-    allocated between the large transient ones of every pass would fragment the host heap."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, sink, weights):
+        return z.view_as(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, g):
+        (weights,) = ctx.saved_tensors
+        return g, weights @ g.reshape(-1, g.shape[-1]).abs().to(weights.dtype), None
+
+
+class _TapInto(torch.autograd.Function):
+    """As _Tap, for one probe at a time: psi is written straight into the hooks' preallocated buffer
+    row of the current probe (no small tensors born during backward that would fragment the heap)."""
+
+    @staticmethod
+    def forward(ctx, z, sink, weights, hooks, name):
+        ctx.save_for_backward(weights)
+        ctx.hooks, ctx.name = hooks, name
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (weights,) = ctx.saved_tensors
+        h = ctx.hooks
+        torch.mv(g.reshape(-1, g.shape[-1]).abs().T.to(weights.dtype), weights, out=h.psi[ctx.name][h.probe])
+        h.reached.add(ctx.name)
+        return g, None, None, None, None
+
+
+class FactorHooks:
+    """Forward pre-hooks record a = mean|h| over real positions into a buffer allocated once per
+    module (small tensors allocated between the large transient ones of every pass would fragment the
+    host heap); forward hooks route each scored z through a tap whose backward computes
+    psi = mean|ds/dz| (into a buffer per probe, or, vmapped, as the gradient of the module's sink).
+    Nothing O(W) is kept."""
 
     def __init__(self, modules: dict[str, nn.Linear], act_one: set[str], psi_one: set[str],
-                 token_modules: set[str], act_sources: dict[str, nn.Module] | None = None, probes: int = 1,
-                 device: str | torch.device = "cpu"):
+                 token_modules: set[str], act_sources: dict[str, nn.Module] | None = None,
+                 device: str | torch.device = "cpu", probes: int = 1):
         self.modules, self.act_one, self.psi_one, self.token_modules = modules, act_one, psi_one, token_modules
         # name -> module whose OUTPUT is this module's full input (lm_head sees only kept positions)
         self.act_sources = act_sources or {}
         self.mask: torch.Tensor | None = None        # [B, T] real positions of the current batch
         self.act = {n: torch.zeros(m.in_features, device=device) for n, m in modules.items() if n not in act_one}
+        self.sinks = {n: torch.zeros(m.out_features, device=device, requires_grad=True)
+                      for n, m in modules.items() if n not in psi_one}
         self.psi = {n: torch.zeros(probes, m.out_features, device=device) for n, m in modules.items()
                     if n not in psi_one}
+        self.probe = 0                               # buffer row the current (unbatched) backward fills
+        self.reached: set[str] = set()              # modules a probe's backward reached
+        self.batched = False
         self.seen_act: set[str] = set()             # modules that saw input in this batch
-        self.seen_psi: set[str] = set()             # modules reached by the current probe's backward
-        self.probe = 0                               # row of psi the current backward pass fills
-        self.leaves: list[torch.Tensor] = []         # inputs made differentiable (backward targets)
+        self.tapped: list[str] = []                  # modules whose sink is in this batch's graph
+        self._weights: dict[tuple, torch.Tensor] = {}
         self.active = False                          # off while the model generates probe text
         self._handles = []
 
@@ -285,36 +340,38 @@ class FactorHooks:
             return self.mask
         return None
 
+    def _position_weights(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """[N] fp32 weights over z's flattened positions: 1/#real on real positions, 0 on padding."""
+        mask = self._mask_for(name, z)
+        key = (mask is not None, z.shape[:-1])
+        if key not in self._weights:
+            n = z.shape[:-1].numel()
+            if mask is None:
+                self._weights[key] = torch.full((n,), 1.0 / n, device=z.device)
+            else:
+                m = mask.reshape(-1).float()
+                self._weights[key] = m / m.sum().clamp_min(1)
+        return self._weights[key]
+
     def _record_act(self, name: str, x: torch.Tensor) -> None:
         scoring.masked_abs_mean(x, self._mask_for(name, x), out=self.act[name])
         self.seen_act.add(name)
 
     def _pre(self, name: str):
         def hook(mod, args):
-            if not self.active:
-                return None
-            x = args[0]
-            if name not in self.act_one and name not in self.act_sources:
-                self._record_act(name, x)
-            if name in self.psi_one or x.requires_grad:
-                return None
-            # Weights stay frozen: the graph exists only for activations, so each probe's backward
-            # computes ds/dz and nothing else (no weight gradients).
-            x = x.detach().requires_grad_(True)
-            self.leaves.append(x)
-            return (x, *args[1:])
+            if self.active and name not in self.act_one and name not in self.act_sources:
+                self._record_act(name, args[0])
         return hook
 
     def _post(self, name: str):
         def hook(mod, args, z):
-            if not self.active or name in self.psi_one or not z.requires_grad:
+            if not self.active or name in self.psi_one:
                 return None
-
-            def grad_hook(g):
-                scoring.masked_abs_mean(g, self._mask_for(name, g), out=self.psi[name][self.probe])
-                self.seen_psi.add(name)
-            z.register_hook(grad_hook)
-            return None
+            self.tapped.append(name)
+            w = self._position_weights(name, z)
+            if self.batched:
+                return _Tap.apply(z, self.sinks[name], w)
+            return _TapInto.apply(z, self.sinks[name], w, self, name)
         return hook
 
     def _source(self, name: str):
@@ -336,16 +393,14 @@ class FactorHooks:
             h.remove()
         self._handles.clear()
 
-    def new_batch(self, mask: torch.Tensor) -> None:
-        self.mask, self.leaves, self.active = mask, [], True
-        self.seen_act, self.seen_psi = set(), set()
-        for buf in self.psi.values():
-            buf.zero_()  # a module no gradient reaches keeps psi = 0
+    def new_batch(self, mask: torch.Tensor, batched: bool) -> None:
+        self.mask, self.active, self._weights, self.batched = mask, True, {}, batched
+        self.seen_act, self.tapped, self.reached = set(), [], set()
 
     def end_batch(self) -> None:
-        self.mask, self.leaves, self.active = None, [], False
+        self.mask, self.active, self._weights = None, False, {}
 
-    def batch_factors(self, name: str, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_factors(self, name: str, psi: dict[str, torch.Tensor], probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's factors of one module, boundary rules applied: psi [M, out], act [in]."""
         mod = self.modules[name]
         if name in self.act_one:
@@ -354,8 +409,11 @@ class FactorHooks:
             act = self.act[name]
         else:
             act = torch.zeros(mod.in_features)  # the module saw no input (e.g. projector without images)
-        psi = torch.ones(probes, mod.out_features) if name in self.psi_one else self.psi[name][:probes]
-        return psi, act
+        if name in self.psi_one:
+            p = torch.ones(probes, mod.out_features)
+        else:  # no gradient reached z (module unused for this input): psi = 0
+            p = psi.get(name, torch.zeros(probes, mod.out_features))
+        return p, act
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -431,8 +489,8 @@ class Scored:
     token: set[str]
     act_sources: dict[str, nn.Module]
 
-    def hooks(self, probes: int, device: str | torch.device = "cpu") -> FactorHooks:
-        return FactorHooks(self.modules, self.act_one, self.psi_one, self.token, self.act_sources, probes, device)
+    def hooks(self, device: str | torch.device = "cpu", probes: int = 1) -> FactorHooks:
+        return FactorHooks(self.modules, self.act_one, self.psi_one, self.token, self.act_sources, device, probes)
 
 
 class FactorStore:
@@ -449,10 +507,10 @@ class FactorStore:
             out[f"{n}.act"] = self.act[n][:rows]
         return out
 
-    def put(self, row: int, hooks: FactorHooks, probes: int) -> None:
-        """Copy one batch's factors (rows row..row+probes-1) out of the hooks' buffers."""
+    def put(self, row: int, hooks: FactorHooks, batch_psi: dict[str, torch.Tensor], probes: int) -> None:
+        """Store one batch's factors as rows row..row+probes-1."""
         for name in self.psi:
-            psi, act = hooks.batch_factors(name, probes)
+            psi, act = hooks.batch_factors(name, batch_psi, probes)
             self.psi[name][row: row + probes] = psi
             self.act[name][row: row + probes] = act  # a is per batch: the same for its M probes
 
@@ -519,10 +577,12 @@ class BatchSource:
 
 
 def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, mask: torch.Tensor,
-                img_kwargs: dict, xi_gen: torch.Generator, probes: int, device: str) -> None:
-    """One forward pass and ``probes`` backward passes; the factors land in ``hooks`` (batch_factors).
-    The model's weights must be frozen (requires_grad False): backward then computes ds/dz only."""
-    hooks.new_batch(mask.to(device))
+                img_kwargs: dict, xi_gen: torch.Generator, probes: int, device: str,
+                batched: bool = True) -> dict[str, torch.Tensor]:
+    """One forward pass and the backward passes of ``probes`` Rademacher probes (one vmapped pass when
+    ``batched``, else one each). Returns psi {name: [M, out]}; act stays in ``hooks``. Weights should be
+    frozen (requires_grad False) so that the forward saves nothing for weight gradients."""
+    hooks.new_batch(mask.to(device), batched)
     kwargs = {**img_kwargs, **sequence_kwargs(lm, input_ids, bool(img_kwargs))}
     last = mask.long().sum(1) - 1
     keep = torch.unique(last)  # sorted; only these positions go through lm_head
@@ -531,17 +591,27 @@ def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, ma
         col = torch.searchsorted(keep, last)
     else:
         col = last
-    out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
-                   **{k: v.to(device) for k, v in kwargs.items()}, use_cache=False)
-    f = out.logits[torch.arange(len(last)), col.to(device)]        # [B, V] last-position logits
-    if f.requires_grad and not hooks.leaves:
-        raise RuntimeError("probe_batch needs a model with frozen weights (model.requires_grad_(False))")
-    for p in range(probes):
-        hooks.probe = p
-        if f.requires_grad:
-            xi = scoring.rademacher(tuple(f.shape), xi_gen, device)
-            torch.autograd.grad(scoring.probe_objective(f, xi), hooks.leaves, retain_graph=True, allow_unused=True)
-    hooks.end_batch()
+    try:
+        out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                       **{k: v.to(device) for k, v in kwargs.items()}, use_cache=False)
+        f = out.logits[torch.arange(len(last)), col.to(device)]        # [B, V] last-position logits
+        del out
+        names = list(dict.fromkeys(hooks.tapped))
+        if not names:
+            return {}
+        sinks = [hooks.sinks[n] for n in names]
+        # d s / d f for s = xi . f / B, all probes stacked: [M, B, V]
+        xi = torch.stack([scoring.rademacher(tuple(f.shape), xi_gen, device) for _ in range(probes)])
+        cot = (xi / f.shape[0]).to(f.dtype)
+        if batched:
+            grads = torch.autograd.grad(f, sinks, grad_outputs=cot, is_grads_batched=True, allow_unused=True)
+            return {n: g.float().cpu() for n, g in zip(names, grads) if g is not None}
+        for p in range(probes):
+            hooks.probe = p
+            torch.autograd.grad(f, sinks, grad_outputs=cot[p], retain_graph=p + 1 < probes, allow_unused=True)
+        return {n: hooks.psi[n][:probes].cpu() for n in names if n in hooks.reached}
+    finally:
+        hooks.end_batch()
 
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -594,7 +664,7 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
 
     console = stderr_console()
     try:
-        with _sigterm_as_interrupt(), scored.hooks(cfg.probes, p.device) as hooks, \
+        with _sigterm_as_interrupt(), scored.hooks(p.device, cfg.probes) as hooks, \
                 progress_bar(console) as bar:
             task = bar.add_task(f"probing {model_spec}", total=len(sizes), completed=done)
             for b in range(done, len(sizes)):
@@ -602,8 +672,9 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
                 input_ids, mask, img_kwargs = source.batch(b)
                 tp = time.perf_counter()
                 xi_gen = xi_generator(cfg.seed, b)
-                probe_batch(lm, hooks, input_ids, mask, img_kwargs, xi_gen, cfg.probes, p.device)
-                store.put(b * cfg.probes, hooks, cfg.probes)
+                psi = probe_batch(lm, hooks, input_ids, mask, img_kwargs, xi_gen, cfg.probes, p.device,
+                                  use_batched_probes(cfg, p.device))
+                store.put(b * cfg.probes, hooks, psi, cfg.probes)
                 t_gen += tp - tg
                 t_probe += time.perf_counter() - tp
                 bar.update(task, advance=1)

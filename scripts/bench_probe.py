@@ -2,7 +2,7 @@
 """Probe cost against its floor and against the authors' dense accumulation, measured in one run.
 
 Three variants, each in a fresh subprocess (so peak memory is its own), on the same batches:
-  floor  the same generate calls and forward + M backward passes, no hooks, nothing accumulated
+  floor  the same generate calls, forward and M backward passes, no hooks, nothing kept
   probe  `dowser probe` itself (dowser_cli.probe.run: hooks, factored storage, artifact written)
   dense  the same passes + a dense |W| * outer(psi, a) per probe per module into fp32 running mean
          and variance on the host (what the authors' script does)
@@ -76,15 +76,21 @@ def variant(name: str, model: str, cfg_json: str) -> dict:
                            logits_to_keep=keep.to(device), use_cache=False)
             h.remove()
             f = out.logits[torch.arange(n), torch.searchsorted(keep, last).to(device)]
-            for _ in range(cfg.probes):
-                xi = scoring.rademacher(tuple(f.shape), xi_gen, device)
-                torch.autograd.grad(scoring.probe_objective(f, xi), seen["e"], retain_graph=True)
+            xi = torch.stack([scoring.rademacher(tuple(f.shape), xi_gen, device) for _ in range(cfg.probes)])
+            cot = (xi / n).to(f.dtype)
+            # the same M backward passes as the probe (vmapped or one by one), down to the embeddings
+            if probe.use_batched_probes(cfg, device):
+                torch.autograd.grad(f, seen["e"], grad_outputs=cot, is_grads_batched=True)
+            else:
+                for p in range(cfg.probes):
+                    torch.autograd.grad(f, seen["e"], grad_outputs=cot[p], retain_graph=p + 1 < cfg.probes)
             del out, f, seen
         else:
-            with scored.hooks(cfg.probes, device) as hooks:
-                probe.probe_batch(lm, hooks, input_ids, mask, img, xi_gen, cfg.probes, device)
+            with scored.hooks(device, cfg.probes) as hooks:
+                batch_psi = probe.probe_batch(lm, hooks, input_ids, mask, img, xi_gen, cfg.probes, device,
+                                              probe.use_batched_probes(cfg, device))
                 for mname in mods:
-                    psi, act = hooks.batch_factors(mname, cfg.probes)
+                    psi, act = hooks.batch_factors(mname, batch_psi, cfg.probes)
                     for p in range(cfg.probes):
                         dense[mname].update(psi[p].cpu(), act.cpu())
     if device.startswith("cuda"):
@@ -101,6 +107,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batched", choices=["auto", "on", "off"], default="auto",
+                    help="probe backward passes vmapped (on) or one by one (off)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
@@ -109,7 +117,7 @@ def main() -> None:
         print(json.dumps(variant(args.variant, args.model, args.cfg)))
         return
     cfg = {"samples": args.samples, "batch_size": args.batch_size, "probes": args.probes, "seq_len": args.seq_len,
-           "device": args.device, "dtype": args.dtype}
+           "device": args.device, "dtype": args.dtype, "batched_probes": args.batched}
     env = {**os.environ, "DOWSER_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error"}
     res = {}
     for name in ("floor", "probe", "dense"):

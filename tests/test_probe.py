@@ -85,6 +85,13 @@ def test_psi_and_act_match_autograd_reference(tmp_path, tiny_models):
         torch.testing.assert_close(t[f"{name}.act"][p], torch.stack(rows).mean(0), rtol=1e-5, atol=1e-9)
 
 
+def test_batched_and_looped_probes_agree(tmp_path):
+    _, side, a = _probe(tmp_path, "tiny-llava", name="a", batched_probes="on", images="noise", include_projector=True)
+    _, _, b = _probe(tmp_path, "tiny-llava", name="b", batched_probes="off", images="noise", include_projector=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-9)
+
+
 def test_boundary_rules(tmp_path):
     out, sidecar, t = _probe(tmp_path, "tiny-llava", include_projector=True, images="noise")
     assert torch.equal(t["lm_head.psi"], torch.ones_like(t["lm_head.psi"]))
@@ -128,10 +135,10 @@ def test_noise_images_go_through_the_vision_tower(tmp_path, tiny_models, model, 
     mods = scored.modules
     lm.model.requires_grad_(False)
     try:
-        with scored.hooks(2) as hooks:
-            probe.probe_batch(lm, hooks, input_ids, mask, kwargs, torch.Generator().manual_seed(0), 2, "cpu")
+        with scored.hooks(probes=2) as hooks:
+            psi = probe.probe_batch(lm, hooks, input_ids, mask, kwargs, torch.Generator().manual_seed(0), 2, "cpu")
             proj = [n for n in mods if n.startswith(lm.parts.projector)]
-            assert proj and all(hooks.batch_factors(n, 2)[0].abs().min() > 0 for n in proj)
+            assert proj and all(hooks.batch_factors(n, psi, 2)[0].abs().min() > 0 for n in proj)
     finally:
         h.remove()
     assert calls, "the vision tower never ran"
