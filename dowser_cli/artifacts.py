@@ -20,6 +20,7 @@ from dowser_cli.errors import UserError
 
 FORMAT_VERSION = "1"
 SCORES_KIND = "dowser.scores"
+MASK_KIND = "dowser.mask"
 
 
 def sidecar_path(path: Path) -> Path:
@@ -36,6 +37,18 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 of the sorted (parameter name, shape, dtype) triples of ``model``."""
     rows = sorted(f"{n}|{tuple(p.shape)}|{str(p.dtype).removeprefix('torch.')}" for n, p in model.named_parameters())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A cheap check that two models hold the same VALUES (the fingerprint only covers names, shapes
+    and dtypes): sha256 over each parameter's first and last 16 values and a strided sample's sum."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        ends = torch.cat([flat[:16], flat[-16:]]).float().cpu()
+        sample = float(flat[:: 997].double().sum())
+        h.update(name.encode() + ends.numpy().tobytes() + repr(sample).encode())
+    return h.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -115,6 +128,14 @@ def read_header(path: Path, expect_kind: str | None = None) -> dict[str, str]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: format version {meta.get('format_version')} is not supported (want {FORMAT_VERSION})")
     return meta
+
+
+def tensor_names(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise UserError(f"{path}: cannot read tensors ({e})") from None
 
 
 def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ a = mean |h| over real positions (one per batch) and psi = mean |ds/dz| (one per
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import signal
@@ -22,7 +23,7 @@ from torch import nn
 from dowser_cli import __version__, artifacts, scoring
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.models import LoadedModel, ModelSource, load_config, load_model, num_decoder_layers, resolve_source
-from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD
+from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD, adapter_for_config
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
 
@@ -443,6 +444,7 @@ def plan(model_spec: str, cfg: ProbeConfig, out: Path, random_init: bool = False
         sha = artifacts.sha256_file(Path(cfg.texts))
     source = resolve_source(model_spec, random_init=random_init)
     config = load_config(source)
+    adapter_for_config(config)  # an unsupported architecture fails here, before any weights load
     layers = parse_layers(cfg.layers, num_decoder_layers(config))
     return Plan(cfg, source, config, layers, device, dtype, texts, sha)
 
@@ -631,6 +633,13 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def _peak_memory(device: str) -> dict[str, float]:
+    peak = {"host_rss_mb": round(_peak_host_mb(), 1)}
+    if device.startswith("cuda"):
+        peak["device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
 def _peak_host_mb() -> float:
     import resource
 
@@ -646,6 +655,7 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     lm = load_model(p.source, p.config, p.dtype, p.device)
     lm.model.requires_grad_(False)
     fingerprint = artifacts.model_fingerprint(lm.model)
+    digest = artifacts.weights_digest(lm.model)
     scored = scored_modules(lm, cfg, p.layers)
     mods = scored.modules
     ids = token_ids(lm)
@@ -688,12 +698,18 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
                               f"rerun with --resume to continue") from None
         raise Interrupted("interrupted before the first batch finished; nothing written") from None
 
-    timings = {"load_s": round(t_load, 3), "generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3),
-               "total_s": round(time.perf_counter() - t0, 3)}
+    timings = {"load_s": round(t_load, 3), "generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}
+    sidecar = _sidecar(p, lm, cfg, fingerprint, mods, store, timings, command, random_init)  # needs weights
+    sidecar["model"]["weights_digest"] = digest
+    # Serialising copies the factors once more; drop the model first so that the write, not the
+    # model, is what the host holds at that moment.
+    del lm, source, scored, mods, hooks
+    gc.collect()
     meta = artifacts.base_metadata(artifacts.SCORES_KIND, fingerprint, probes=cfg.total_probes,
-                                   config_digest=cfg.digest())
+                                   config_digest=cfg.digest(), weights_digest=digest)
     artifacts.write_safetensors(out, store.tensors(), meta)
-    sidecar = _sidecar(p, lm, cfg, fingerprint, mods, store, timings, command, random_init)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    sidecar["peak_memory"] = _peak_memory(p.device)
     artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
     partial.unlink(missing_ok=True)
     _print_summary(console, sidecar, out)
@@ -724,9 +740,6 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods:
             "psi_mean": float(psi.mean()), "act_mean": float(act.mean()),
             "score_mean": scoring.mean_score_scalar(mod.weight, psi, act),
         }
-    peak = {"host_rss_mb": round(_peak_host_mb(), 1)}
-    if p.device.startswith("cuda"):
-        peak["device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {
         "kind": artifacts.SCORES_KIND, "format_version": artifacts.FORMAT_VERSION, "tool_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
@@ -737,7 +750,7 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods:
                   "num_layers": lm.parts.num_layers, "fingerprint": fingerprint},
         "inputs": ({"texts": {"path": str(cfg.texts), "sha256": p.texts_sha256}} if cfg.texts else {}),
         "seed": cfg.seed, "probes": cfg.total_probes, "layers": p.layers,
-        "timings": timings, "peak_memory": peak, "modules": modules,
+        "timings": timings, "peak_memory": _peak_memory(p.device), "modules": modules,
     }
 
 

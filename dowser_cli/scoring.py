@@ -83,3 +83,117 @@ class DenseRunningMoments:
     @property
     def variance(self) -> torch.Tensor:
         return self.m2 / max(self.n, 1)
+
+
+# ---- selection -----------------------------------------------------------------------------------------
+
+def exact_k(rho: float, n: int) -> int:
+    """k = round(rho * n) entries are trainable (Python's round: half to even)."""
+    return int(round(rho * n))
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 values as int32 bit patterns; their integer order is the value order."""
+    x = x.detach().float().reshape(-1) + 0.0  # -0.0 -> +0.0
+    if x.numel() and float(x.min()) < 0:
+        raise ValueError("selection needs non-negative scores")
+    return x.view(torch.int32)
+
+
+def lowest_k_threshold(chunks, k: int) -> tuple[int, int]:
+    """Exact-k selection over a stream of score tensors without holding them together (a radix select
+    on float bit patterns: two histogram passes of 2^16 bins). ``chunks()`` yields the tensors in a
+    fixed order every call. Returns (t, r): entries with bits < t are selected, and so are the first r
+    entries equal to t, in stream order (the deterministic tie-break)."""
+    if k <= 0:
+        return 0, 0
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for x in chunks():
+        hist += torch.bincount((_bits(x) >> 16).long(), minlength=1 << 16)
+    cum = hist.cumsum(0)
+    if k > int(cum[-1]):
+        raise ValueError(f"k={k} exceeds the {int(cum[-1])} entries")
+    hi = int(torch.searchsorted(cum, torch.tensor(k)))  # first bin where cumulative count reaches k
+    below = int(cum[hi - 1]) if hi > 0 else 0
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for x in chunks():
+        b = _bits(x)
+        low += torch.bincount((b[(b >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16)
+    cum2 = low.cumsum(0) + below
+    lo = int(torch.searchsorted(cum2, torch.tensor(k)))
+    t = (hi << 16) | lo
+    before = int(cum2[lo - 1]) if lo > 0 else below
+    return t, k - before
+
+
+class LowestKSelector:
+    """Applies a (t, r) threshold from ``lowest_k_threshold`` to the same stream, chunk by chunk."""
+
+    def __init__(self, threshold: tuple[int, int]):
+        self.t, self.remaining = threshold
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b = _bits(x)
+        sel = b < self.t
+        if self.remaining > 0:
+            ties = (b == self.t).nonzero().squeeze(1)[: self.remaining]
+            sel[ties] = True
+            self.remaining -= len(ties)
+        return sel.reshape(x.shape)
+
+
+def select_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly k lowest entries of one tensor; ties go to the lower flat index."""
+    th = lowest_k_threshold(lambda: [scores], k)
+    return LowestKSelector(th)(scores)
+
+
+def select_lowest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row [out, in]: exactly k lowest entries of every row (stable sort: ties to lower index)."""
+    order = torch.sort(scores.float(), dim=1, stable=True).indices[:, :k]
+    sel = torch.zeros_like(scores, dtype=torch.bool)
+    sel.scatter_(1, order, True)
+    return sel
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 [ceil(numel/8)]: element i is bit i % 8 (LSB first) of byte i // 8."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: uint8 [ceil(numel/8)] -> bool [numel]."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def popcount(packed: torch.Tensor) -> int:
+    """Number of set bits in a packed uint8 tensor."""
+    return int(_POPCOUNT[packed.long()].sum())
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of a 1-D tensor, tied values sharing their average rank (float64)."""
+    values, order = torch.sort(x.reshape(-1).double(), stable=True)
+    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg = ends - (counts.double() + 1) / 2
+    ranks = torch.empty_like(values)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally shaped tensors (average ranks for ties)."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")

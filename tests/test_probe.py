@@ -234,3 +234,48 @@ def test_interrupt_leaves_resumable_partial_and_resume_matches(tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == ref.read_bytes()
     assert not partial.exists()
+
+
+def test_random_init_from_a_config_directory(tmp_path, tiny_models):
+    # a save_pretrained-style directory with only config.json: no weights, no tokenizer
+    cfg_dir = tmp_path / "cfg"
+    tiny_models("tiny-llava").config.save_pretrained(cfg_dir)
+    out = tmp_path / "s.safetensors"
+    r = run_cli("probe", cfg_dir, "--random-init", "--samples", "2", "--batch-size", "2", "--probes", "2",
+                "--seq-len", "10", "--images", "noise", "--out", out)
+    assert r.returncode == 0, r.stderr
+    side = artifacts.read_yaml(out.with_suffix(".yaml"))
+    assert side["model"]["random_init"] is True and side["model"]["adapter"] == "llava"
+
+
+def test_shipped_llava_7b_config_resolves_without_weights():
+    from dowser_cli.models import load_config, num_decoder_layers, resolve_source
+    from dowser_cli.models.registry import adapter_for_config
+
+    src = resolve_source("llava-1.5-7b", random_init=True)
+    cfg = load_config(src)
+    assert num_decoder_layers(cfg) == 32 and adapter_for_config(cfg).name == "llava"
+    assert cfg.text_config.hidden_size == 4096 and cfg.vision_config.image_size == 336
+    r = run_cli("probe", "llava-1.5-7b", "--random-init", "--layers", "last:40", "--out", "/tmp/x.safetensors")
+    assert r.returncode == 2 and "--layers last:40: the model has 32 decoder layers" in r.stderr
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "vit")
+    r = run_cli("probe", tmp_path / "vit", "--random-init", "--out", tmp_path / "s.safetensors")
+    assert r.returncode == 2 and "unsupported architecture 'vit'" in r.stderr and "qwen2-vl" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_every_shipped_yaml_loads():
+    from dowser_cli import config as cfgmod
+    from dowser_cli.models import aliases
+
+    assert {"llava-1.5-7b", "smollm2-135m", "smol-llava", "tiny-llama"} <= set(aliases())
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        data = cfgmod.load_yaml_file(path)
+        if "probe" in data:
+            cfg = cfgmod.resolve(ProbeConfig(), path, "probe", {})
+            probe.validate(cfg)

@@ -47,3 +47,68 @@ def test_mean_score_scalar():
     g = torch.Generator().manual_seed(1)
     w, psi, act = torch.randn(6, 4, generator=g), torch.rand(3, 6, generator=g), torch.rand(3, 4, generator=g)
     assert abs(scoring.mean_score_scalar(w, psi, act) - scoring.mean_score(w, psi, act).mean().item()) < 1e-6
+
+
+# ---- selection, packing, ranks ---------------------------------------------------------------------
+
+import pytest
+
+
+def _brute_lowest(x: torch.Tensor, k: int) -> torch.Tensor:
+    order = sorted(range(x.numel()), key=lambda i: (float(x.reshape(-1)[i]), i))  # ties -> lower index
+    sel = torch.zeros(x.numel(), dtype=torch.bool)
+    sel[order[:k]] = True
+    return sel.reshape(x.shape)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 50, 99, 100])
+def test_select_lowest_exact_k_with_ties(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(0, 5, (10, 10), generator=g).float() / 4  # heavy ties, zeros included
+    sel = scoring.select_lowest(x, k)
+    assert int(sel.sum()) == k
+    assert torch.equal(sel, _brute_lowest(x, k))
+
+
+def test_streaming_threshold_matches_brute_force_across_chunks():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.rand(7, 5, generator=g), torch.zeros(3, 4), torch.rand(11, generator=g).round(decimals=1)]
+    flat = torch.cat([c.reshape(-1) for c in chunks])
+    for k in (0, 5, 12, 20, flat.numel()):
+        sel = scoring.LowestKSelector(scoring.lowest_k_threshold(lambda: iter(chunks), k))
+        got = torch.cat([sel(c).reshape(-1) for c in chunks])
+        assert int(got.sum()) == k and torch.equal(got, _brute_lowest(flat, k))
+
+
+def test_select_lowest_rows():
+    x = torch.tensor([[3.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    sel = scoring.select_lowest_rows(x, 2)
+    assert sel.tolist() == [[False, True, False, True], [True, True, False, False]]
+
+
+def test_exact_k_rounding():
+    assert scoring.exact_k(0.1, 95) == 10 and scoring.exact_k(0.1, 94) == 9 and scoring.exact_k(1.0, 13) == 13
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 1001])
+def test_pack_unpack_round_trip(n):
+    m = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
+    packed = scoring.pack_bits(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(scoring.unpack_bits(packed, n), m)
+    assert scoring.popcount(packed) == int(m.sum())
+
+
+def test_pack_bit_order_is_lsb_first():
+    m = torch.zeros(10, dtype=torch.bool)
+    m[0] = m[3] = m[9] = True
+    assert scoring.pack_bits(m).tolist() == [0b00001001, 0b00000010]
+
+
+def test_average_ranks_and_spearman():
+    assert scoring.average_ranks(torch.tensor([10.0, 20.0, 20.0, 5.0])).tolist() == [1.0, 2.5, 2.5, 0.0]
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert scoring.spearman(a, a ** 3) == pytest.approx(1.0)
+    assert scoring.spearman(a, -a) == pytest.approx(-1.0)
+    # hand-worked: ranks (0,1,2,3) vs (1,0,3,2): d^2 sum = 4 -> 1 - 6*4/(4*15) = 0.6
+    assert scoring.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([2.0, 1, 4, 3])) == pytest.approx(0.6)

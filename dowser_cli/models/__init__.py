@@ -16,6 +16,7 @@ from dowser_cli.errors import UserError
 from dowser_cli.models import embedded
 from dowser_cli.models.registry import Adapter, Parts, adapter_for_config, resolve_parts
 
+RANDOM_INIT_SEED = 0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -117,12 +118,17 @@ def _auto_class(adapter: Adapter):
 
 def load_model(source: ModelSource, config, dtype: torch.dtype, device: str) -> LoadedModel:
     """Load weights (or random-init from the config) in ``dtype`` on ``device``, in eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
+        hf_logging.disable_progress_bar()
     adapter = adapter_for_config(config)
     tokenizer = processor = None
     if source.kind == "tiny":
         model, tokenizer = embedded.build_tiny(source.location, dtype)
         model = model.to(device)
     elif source.random_init:
+        torch.manual_seed(RANDOM_INIT_SEED)  # the same "random" weights every time: artifacts stay checkable
         with torch.device(device):
             model = _auto_class(adapter).from_config(config, dtype=dtype,
                                                      trust_remote_code=source.trust_remote_code)
@@ -137,6 +143,16 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str) -> 
         tokenizer, processor = _load_tokenizer(where, source)
     model.eval()
     return LoadedModel(source, model, model.config, adapter, resolve_parts(adapter, model), tokenizer, processor)
+
+
+def meta_model(source: ModelSource, config, dtype: torch.dtype) -> nn.Module:
+    """The model's module tree with no storage (device "meta"): names, shapes, dtypes, for cheap checks
+    before loading weights. Tiny models are small enough to build for real."""
+    if source.kind == "tiny":
+        return embedded.build_tiny(source.location, dtype)[0]
+    adapter = adapter_for_config(config)
+    with torch.device("meta"):
+        return _auto_class(adapter).from_config(config, dtype=dtype, trust_remote_code=source.trust_remote_code)
 
 
 def _load_tokenizer(where: str, source: ModelSource):

@@ -1,0 +1,45 @@
+"""Registries of interchangeable methods (mask strategies now; fine-tuning methods later), so that
+baselines are peers of dowser rather than branches of an if/elif chain."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+from dowser_cli.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind, self._items = kind, {}
+
+    def register(self, name: str, item: T) -> T:
+        self._items[name] = item
+        return item
+
+    def get(self, name: str, option: str) -> T:
+        if name not in self._items:
+            raise UserError(f"{option} {name!r}: unknown {self.kind}; available: {', '.join(self.names())}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+
+@dataclass(frozen=True)
+class MaskStrategy:
+    """``score(weight [out, in], psi [P, out] | None, act [P, in] | None, generator)`` returns
+    non-negative scores [out, in]; the ratio's k LOWEST become trainable, or, with ``invert``, the k
+    highest (freezing the least important: an ablation)."""
+
+    name: str
+    score: Callable
+    needs_factors: bool
+    invert: bool = False
+    help: str = ""
+
+
+MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
+
+from dowser_cli.methods import masks as _masks  # noqa: E402,F401  (registers the built-in strategies)
