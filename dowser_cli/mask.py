@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from dowser_cli import __version__, artifacts, scoring
+from dowser_cli import artifacts, scoring
 from dowser_cli.errors import UserError
 from dowser_cli.methods import MASK_STRATEGIES, MaskStrategy
 from dowser_cli.models import (LoadedModel, ModelSource, load_config, load_model, meta_model, num_decoder_layers,
@@ -201,7 +201,7 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
     parts = resolve_parts(adapter_for_config(config), meta)
     modules, layers = _selected_modules(scores, parts.layers_path, num_decoder_layers(config), cfg)
     del meta
-    lm = load_model(source, config, dtype, "cpu")
+    lm = load_model(source, config, dtype, "cpu", tokenizer=False)
     digest = artifacts.weights_digest(lm.model)
     check_model(scores_path, scores.meta, scores.meta["model_fingerprint"], digest, source.spec)
     selector = UnitSelector(lm, scores, strategy, cfg)
@@ -238,8 +238,7 @@ def _write(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, sourc
     from dowser_cli.probe import _peak_host_mb
 
     sidecar = {
-        "kind": artifacts.MASK_KIND, "format_version": artifacts.FORMAT_VERSION, "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        **artifacts.sidecar_header(artifacts.MASK_KIND, command),
         "config": dataclasses.asdict(cfg),
         "model": {"spec": source.spec, "random_init": source.random_init, "fingerprint": fingerprint,
                   "weights_digest": digest, "layers_path": lm.parts.layers_path, "num_layers": lm.parts.num_layers},
@@ -357,8 +356,7 @@ def combine(a_path: Path, b_path: Path, op: str, out: Path, command: str = "") -
     numel = sum(v["numel"] for v in params.values())
     trainable = sum(v["trainable"] for v in params.values())
     sidecar = {
-        "kind": artifacts.MASK_KIND, "format_version": artifacts.FORMAT_VERSION, "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        **artifacts.sidecar_header(artifacts.MASK_KIND, command),
         "config": {"op": op},
         "model": {"fingerprint": a.meta["model_fingerprint"], "weights_digest": a.meta.get("weights_digest")},
         "inputs": {"a": {"path": str(a_path), "sha256": artifacts.sha256_file(a_path)},
@@ -407,7 +405,7 @@ def _compare_scores(a: ScoresFile, b: ScoresFile, ratio: float, model_spec: str 
     if not 0 < ratio <= 1:
         raise UserError(f"--ratio {ratio}: must be in (0, 1]")
     source, config, dtype = _model_for(a, model_spec)
-    lm = load_model(source, config, dtype, "cpu")
+    lm = load_model(source, config, dtype, "cpu", tokenizer=False)
     check_model(a.path, a.meta, artifacts.model_fingerprint(lm.model), artifacts.weights_digest(lm.model), source.spec)
     common = [m for m in a.modules if m in set(b.modules)]
     per, rho_sum, diff, total = {}, 0.0, 0, 0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dowser_cli import __version__, artifacts, scoring
+from dowser_cli import artifacts, scoring
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.models import LoadedModel, ModelSource, load_config, load_model, num_decoder_layers, resolve_source
 from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD, adapter_for_config
@@ -741,8 +741,7 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods:
             "score_mean": scoring.mean_score_scalar(mod.weight, psi, act),
         }
     return {
-        "kind": artifacts.SCORES_KIND, "format_version": artifacts.FORMAT_VERSION, "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+        **artifacts.sidecar_header(artifacts.SCORES_KIND, command),
         "config": dataclasses.asdict(cfg),
         "model": {"spec": p.source.spec, "source": p.source.kind, "location": p.source.location,
                   "revision": p.source.revision, "random_init": random_init, "adapter": lm.adapter.name,

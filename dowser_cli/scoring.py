@@ -37,8 +37,11 @@ def masked_abs_mean(x: torch.Tensor, mask: torch.Tensor | None = None, out: torc
 
 
 def mean_score(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """S = |W| * (Psi^T A) / P: the mean over probes of |W_ij| psi_i a_j. Returns [out, in] fp32."""
-    return weight.detach().float().abs() * (psi.float().T @ act.float()) / psi.shape[0]
+    """S = |W| * (Psi^T A) / P: the mean over probes of |W_ij| psi_i a_j. Returns [out, in] fp32.
+
+    Psi, A >= 0, so |W| * (Psi^T A) = |W * (Psi^T A)|: computed in place, one [out, in] buffer."""
+    s = psi.float().T @ act.float()
+    return s.mul_(weight.detach()).abs_().div_(psi.shape[0])
 
 
 def score_moments(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +96,14 @@ def exact_k(rho: float, n: int) -> int:
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    """Non-negative float32 values as int32 bit patterns; their integer order is the value order."""
-    x = x.detach().float().reshape(-1) + 0.0  # -0.0 -> +0.0
+    """Non-negative float32 values as int32 bit patterns; their integer order is the value order
+    (the sign bit is cleared, so -0.0 sorts as 0.0). One int32 copy."""
+    x = x.detach().reshape(-1)
+    if x.dtype != torch.float32:
+        x = x.float()
     if x.numel() and float(x.min()) < 0:
         raise ValueError("selection needs non-negative scores")
-    return x.view(torch.int32)
+    return x.view(torch.int32) & 0x7FFFFFFF
 
 
 def lowest_k_threshold(chunks, k: int) -> tuple[int, int]:
@@ -109,7 +115,7 @@ def lowest_k_threshold(chunks, k: int) -> tuple[int, int]:
         return 0, 0
     hist = torch.zeros(1 << 16, dtype=torch.int64)
     for x in chunks():
-        hist += torch.bincount((_bits(x) >> 16).long(), minlength=1 << 16)
+        hist += torch.bincount(_bits(x) >> 16, minlength=1 << 16)
     cum = hist.cumsum(0)
     if k > int(cum[-1]):
         raise ValueError(f"k={k} exceeds the {int(cum[-1])} entries")
@@ -118,7 +124,7 @@ def lowest_k_threshold(chunks, k: int) -> tuple[int, int]:
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for x in chunks():
         b = _bits(x)
-        low += torch.bincount((b[(b >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16)
+        low += torch.bincount(b[(b >> 16) == hi] & 0xFFFF, minlength=1 << 16)
     cum2 = low.cumsum(0) + below
     lo = int(torch.searchsorted(cum2, torch.tensor(k)))
     t = (hi << 16) | lo

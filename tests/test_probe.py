@@ -165,7 +165,7 @@ def test_sidecar_describes_the_artifact(tmp_path, tiny_models):
 BAD = [
     (["nosuch-model"], "unknown model 'nosuch-model'"),
     (["./no/such/dir"], "does not exist"),
-    (["someorg/somemodel"], "cannot get its config from the hub"),
+    (["someorg/somemodel"], "cannot reach the hub"),
     (["tiny-llama", "--samples", "0"], "--samples 0"),
     (["tiny-llama", "--samples", "4", "--batch-size", "8"], "--batch-size 8: larger than --samples 4"),
     (["tiny-llama", "--layers", "last:99"], "--layers last:99: the model has 3 decoder layers"),

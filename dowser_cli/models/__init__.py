@@ -95,8 +95,12 @@ def load_config(source: ModelSource):
     if source.kind == "tiny":
         return embedded.build_tiny(source.location)[0].config
     where = str(source.config_dir) if source.random_init else _location(source)
+    local_only = source.kind == "hub" and not source.random_init and not _hub_reachable()
+    if local_only and not _hub_cached(source):
+        raise UserError(f"model {source.spec}: cannot reach the hub ({_hub_endpoint()}) and it is not in the local "
+                        f"cache; download it where there is network, or pass a local directory")
     try:
-        return AutoConfig.from_pretrained(where, revision=source.revision,
+        return AutoConfig.from_pretrained(where, revision=source.revision, local_files_only=local_only,
                                           trust_remote_code=source.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -104,6 +108,33 @@ def load_config(source: ModelSource):
             raise UserError(f"model {source.spec}: cannot get its config from the hub (no network or no such "
                             f"repo?): {first}") from None
         raise UserError(f"model {source.spec}: cannot read config from {where}: {first}") from None
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of the hub client's retries with back-off (half a minute and a
+    screenful of warnings on a machine without network)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(_hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(source: ModelSource) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
+    return isinstance(found, str)
 
 
 def num_decoder_layers(config) -> int:
@@ -116,16 +147,18 @@ def _auto_class(adapter: Adapter):
     return getattr(transformers, adapter.auto_class)
 
 
-def load_model(source: ModelSource, config, dtype: torch.dtype, device: str) -> LoadedModel:
-    """Load weights (or random-init from the config) in ``dtype`` on ``device``, in eval mode."""
+def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tokenizer: bool = True) -> LoadedModel:
+    """Load weights (or random-init from the config) in ``dtype`` on ``device``, in eval mode; the
+    tokenizer/processor too unless ``tokenizer`` is False (stages that only read weights)."""
     from transformers.utils import logging as hf_logging
 
     if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
         hf_logging.disable_progress_bar()
     adapter = adapter_for_config(config)
-    tokenizer = processor = None
+    want_tokenizer, tokenizer, processor = tokenizer, None, None
     if source.kind == "tiny":
-        model, tokenizer = embedded.build_tiny(source.location, dtype)
+        model, tok = embedded.build_tiny(source.location, dtype)
+        tokenizer = tok if want_tokenizer else None
         model = model.to(device)
     elif source.random_init:
         torch.manual_seed(RANDOM_INIT_SEED)  # the same "random" weights every time: artifacts stay checkable
@@ -134,13 +167,16 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str) -> 
                                                      trust_remote_code=source.trust_remote_code)
     else:
         where = _location(source)
+        local_only = source.kind == "hub" and not _hub_reachable()
         try:
             model = _auto_class(adapter).from_pretrained(where, dtype=dtype, revision=source.revision,
+                                                         local_files_only=local_only,
                                                          trust_remote_code=source.trust_remote_code,
                                                          device_map=device if device != "cpu" else None)
         except (OSError, ValueError) as e:
             raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
-        tokenizer, processor = _load_tokenizer(where, source)
+        if want_tokenizer:
+            tokenizer, processor = _load_tokenizer(where, source, local_only)
     model.eval()
     return LoadedModel(source, model, model.config, adapter, resolve_parts(adapter, model), tokenizer, processor)
 
@@ -155,10 +191,10 @@ def meta_model(source: ModelSource, config, dtype: torch.dtype) -> nn.Module:
         return _auto_class(adapter).from_config(config, dtype=dtype, trust_remote_code=source.trust_remote_code)
 
 
-def _load_tokenizer(where: str, source: ModelSource):
+def _load_tokenizer(where: str, source: ModelSource, local_only: bool = False):
     from transformers import AutoProcessor, AutoTokenizer
 
-    kw = dict(revision=source.revision, trust_remote_code=source.trust_remote_code)
+    kw = dict(revision=source.revision, trust_remote_code=source.trust_remote_code, local_files_only=local_only)
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(where, **kw)

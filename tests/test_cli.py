@@ -1,0 +1,35 @@
+"""One CLI chain over all stages that exist, in a temporary directory, as a user runs them."""
+import json
+
+from dowser_cli import artifacts
+
+from conftest import run_cli
+
+
+def test_probe_mask_inspect_compare_combine_chain(tmp_path):
+    def ok(*args):
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 0, f"{args}: {r.stderr}"
+        return r
+
+    ok("probe", "tiny-llava", "--samples", "4", "--batch-size", "2", "--probes", "2", "--seq-len", "12",
+       "--out", "s0.safetensors")
+    ok("probe", "tiny-llava", "--samples", "4", "--batch-size", "2", "--probes", "2", "--seq-len", "12",
+       "--seed", "1", "--out", "s1.safetensors")
+    assert ok("mask", "s0.safetensors", "--ratio", "0.1", "--out", "m0.safetensors").stdout.strip() == "m0.safetensors"
+    ok("mask", "s1.safetensors", "--ratio", "0.1", "--out", "m1.safetensors")
+    info = json.loads(ok("inspect", "m0.safetensors", "--json").stdout)
+    assert info["kind"] == "dowser.mask" and abs(info["totals"]["fraction"] - 0.1) < 1e-3
+    scores_cmp = json.loads(ok("compare", "s0.safetensors", "s1.safetensors", "--json").stdout)
+    masks_cmp = json.loads(ok("compare", "m0.safetensors", "m1.safetensors", "--json").stdout)
+    # the same matrix masks, reached two ways (the scores also cover lm_head, which masks leave out)
+    assert len(masks_cmp["modules"]) == 3 * 7
+    for name, m in masks_cmp["modules"].items():
+        assert abs(scores_cmp["modules"][name.removesuffix(".weight")]["hamming"] - m["hamming"]) < 1e-12
+    ok("combine", "m0.safetensors", "m1.safetensors", "--op", "union", "--out", "u.safetensors")
+    side = artifacts.read_yaml(tmp_path / "u.yaml")
+    assert side["inputs"]["a"]["sha256"] == artifacts.sha256_file(tmp_path / "m0.safetensors")
+    assert 0.1 <= side["totals"]["fraction"] <= 0.2
+    # every stage's --help ends with an example
+    for cmd in ("probe", "mask", "compare", "combine", "inspect"):
+        assert "Example: dowser" in ok(cmd, "--help").stdout
