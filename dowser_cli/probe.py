@@ -646,73 +646,91 @@ def _peak_host_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class Session:
+    """A loaded model ready to probe, with the factor store (resumed or empty)."""
+
+    plan: Plan
+    lm: LoadedModel
+    scored: Scored
+    batches: BatchSource
+    store: FactorStore
+    fingerprint: str
+    weights_digest: str
+    done: int  # batches already in the store
+
+
+def open_session(p: Plan, cfg: ProbeConfig, partial: Path, resume: bool) -> Session:
+    lm = load_model(p.source, p.config, p.dtype, p.device)
+    lm.model.requires_grad_(False)  # the graph then exists for activations only
+    fingerprint = artifacts.model_fingerprint(lm.model)
+    scored = scored_modules(lm, cfg, p.layers)
+    store = FactorStore(scored.modules, cfg.total_probes)
+    done = _resume_from(partial, cfg, fingerprint, store) if resume else 0
+    return Session(p, lm, scored, BatchSource(lm, cfg, token_ids(lm), p.texts, p.device), store, fingerprint,
+                   artifacts.weights_digest(lm.model), done)
+
+
+def probe_all(s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[str, float]:
+    """Run the remaining batches into the store; on Ctrl-C/SIGTERM save a resumable partial and raise
+    Interrupted. Returns generate/probe seconds."""
+    sizes, device = cfg.batch_sizes(), s.plan.device
+    t_gen = t_probe = 0.0
+
+    def save_partial(batches: int) -> None:
+        meta = artifacts.base_metadata(PARTIAL_KIND, s.fingerprint, batches_done=batches, config_digest=cfg.digest())
+        artifacts.write_safetensors(partial, s.store.tensors(batches * cfg.probes), meta)
+
+    try:
+        with _sigterm_as_interrupt(), s.scored.hooks(device, cfg.probes) as hooks, \
+                progress_bar(stderr_console()) as bar:
+            task = bar.add_task(f"probing {label}", total=len(sizes), completed=s.done)
+            for b in range(s.done, len(sizes)):
+                tg = time.perf_counter()
+                input_ids, mask, img_kwargs = s.batches.batch(b)
+                tp = time.perf_counter()
+                psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes,
+                                  device, use_batched_probes(cfg, device))
+                s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
+                t_gen, t_probe = t_gen + tp - tg, t_probe + time.perf_counter() - tp
+                bar.update(task, advance=1)
+                s.done = b + 1
+                if cfg.checkpoint_every and s.done % cfg.checkpoint_every == 0 and s.done < len(sizes):
+                    save_partial(s.done)
+    except KeyboardInterrupt:
+        if s.done:
+            save_partial(s.done)
+            raise Interrupted(f"interrupted after {s.done}/{len(sizes)} batches; partial state in {partial}; "
+                              f"rerun with --resume to continue") from None
+        raise Interrupted("interrupted before the first batch finished; nothing written") from None
+    return {"generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}
+
+
 def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     """Probe ``model_spec`` and write ``out`` (+ ``out``.yaml). Returns the sidecar dict."""
     t0 = time.perf_counter()
     p = plan(model_spec, cfg, out, random_init)
     partial = artifacts.partial_path(out)
-    lm = load_model(p.source, p.config, p.dtype, p.device)
-    lm.model.requires_grad_(False)
-    fingerprint = artifacts.model_fingerprint(lm.model)
-    digest = artifacts.weights_digest(lm.model)
-    scored = scored_modules(lm, cfg, p.layers)
-    mods = scored.modules
-    ids = token_ids(lm)
-    source = BatchSource(lm, cfg, ids, p.texts, p.device)
-    sizes = cfg.batch_sizes()
-    store = FactorStore(mods, cfg.total_probes)
-    done = _resume_from(partial, cfg, fingerprint, store) if resume else 0
-    t_load = time.perf_counter() - t0
-    t_gen = t_probe = 0.0
+    s = open_session(p, cfg, partial, resume)
+    timings = {"load_s": round(time.perf_counter() - t0, 3)}
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-
-    def save_partial(batches: int) -> None:
-        meta = artifacts.base_metadata(PARTIAL_KIND, fingerprint, batches_done=batches, config_digest=cfg.digest())
-        artifacts.write_safetensors(partial, store.tensors(batches * cfg.probes), meta)
-
-    console = stderr_console()
-    try:
-        with _sigterm_as_interrupt(), scored.hooks(p.device, cfg.probes) as hooks, \
-                progress_bar(console) as bar:
-            task = bar.add_task(f"probing {model_spec}", total=len(sizes), completed=done)
-            for b in range(done, len(sizes)):
-                tg = time.perf_counter()
-                input_ids, mask, img_kwargs = source.batch(b)
-                tp = time.perf_counter()
-                xi_gen = xi_generator(cfg.seed, b)
-                psi = probe_batch(lm, hooks, input_ids, mask, img_kwargs, xi_gen, cfg.probes, p.device,
-                                  use_batched_probes(cfg, p.device))
-                store.put(b * cfg.probes, hooks, psi, cfg.probes)
-                t_gen += tp - tg
-                t_probe += time.perf_counter() - tp
-                bar.update(task, advance=1)
-                if cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0 and b + 1 < len(sizes):
-                    save_partial(b + 1)
-                done = b + 1
-    except KeyboardInterrupt:
-        if done:
-            save_partial(done)
-            raise Interrupted(f"interrupted after {done}/{len(sizes)} batches; partial state in {partial}; "
-                              f"rerun with --resume to continue") from None
-        raise Interrupted("interrupted before the first batch finished; nothing written") from None
-
-    timings = {"load_s": round(t_load, 3), "generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}
-    sidecar = _sidecar(p, lm, cfg, fingerprint, mods, store, timings, command, random_init)  # needs weights
-    sidecar["model"]["weights_digest"] = digest
+    timings.update(probe_all(s, cfg, partial, model_spec))
+    sidecar = _sidecar(p, s.lm, cfg, s.fingerprint, s.scored.modules, s.store, timings, command, random_init)
+    sidecar["model"]["weights_digest"] = s.weights_digest
+    store, meta = s.store, artifacts.base_metadata(artifacts.SCORES_KIND, s.fingerprint, probes=cfg.total_probes,
+                                                   config_digest=cfg.digest(), weights_digest=s.weights_digest)
     # Serialising copies the factors once more; drop the model first so that the write, not the
     # model, is what the host holds at that moment.
-    del lm, source, scored, mods, hooks
+    del s
     gc.collect()
-    meta = artifacts.base_metadata(artifacts.SCORES_KIND, fingerprint, probes=cfg.total_probes,
-                                   config_digest=cfg.digest(), weights_digest=digest)
     artifacts.write_safetensors(out, store.tensors(), meta)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     sidecar["peak_memory"] = _peak_memory(p.device)
     artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
     partial.unlink(missing_ok=True)
-    _print_summary(console, sidecar, out)
+    _print_summary(stderr_console(), sidecar, out)
     return sidecar
 
 
