@@ -24,6 +24,7 @@ from dowser_cli.models import (LoadedModel, ModelSource, load_config, load_model
                                resolve_source)
 from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.progress import progress_bar, stderr_console
+from dowser_cli.resources import peak_memory
 from dowser_cli.selection import TARGETS, layer_of, parse_layers, parse_targets
 
 GRANULARITIES = ("matrix", "row", "layer", "global")
@@ -194,11 +195,11 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
     artifacts.check_writable(out)
     scores = open_scores(scores_path)
     source, config, dtype = _model_for(scores, model_spec)
-    adapter_for_config(config)
+    adapter = adapter_for_config(config)
     # fingerprint and module layout from a weightless (meta) copy: mismatches fail before weights load
     meta = meta_model(source, config, dtype)
     check_model(scores_path, scores.meta, artifacts.model_fingerprint(meta), None, source.spec)
-    parts = resolve_parts(adapter_for_config(config), meta)
+    parts = resolve_parts(adapter, meta)
     modules, layers = _selected_modules(scores, parts.layers_path, num_decoder_layers(config), cfg)
     del meta
     lm = load_model(source, config, dtype, "cpu", tokenizer=False)
@@ -235,8 +236,6 @@ def _write(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, sourc
                                    ratio=cfg.ratio, granularity=cfg.granularity, scores_sha256=scores_sha)
     numel = sum(v["numel"] for v in params.values())
     trainable = sum(v["trainable"] for v in params.values())
-    from dowser_cli.probe import _peak_host_mb
-
     sidecar = {
         **artifacts.sidecar_header(artifacts.MASK_KIND, command),
         "config": dataclasses.asdict(cfg),
@@ -245,7 +244,7 @@ def _write(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, sourc
         "inputs": {"scores": {"path": str(scores.path), "sha256": scores_sha}},
         "layers": layers,
         "totals": {"numel": numel, "trainable": trainable, "fraction": round(trainable / max(numel, 1), 6)},
-        "timings": timings, "peak_memory": {"host_rss_mb": round(_peak_host_mb(), 1)},
+        "timings": timings, "peak_memory": peak_memory("cpu"),
         "params": params,
     }
     artifacts.write_safetensors(out, packed, meta)

@@ -10,7 +10,6 @@ import gc
 import hashlib
 import json
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.models import LoadedModel, ModelSource, load_config, load_model, num_decoder_layers, resolve_source
 from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD, adapter_for_config
 from dowser_cli.progress import progress_bar, stderr_console
+from dowser_cli.resources import peak_memory
 from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
 
 PARTIAL_KIND = "dowser.scores.partial"
@@ -633,19 +633,6 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def _peak_memory(device: str) -> dict[str, float]:
-    peak = {"host_rss_mb": round(_peak_host_mb(), 1)}
-    if device.startswith("cuda"):
-        peak["device_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return peak
-
-
-def _peak_host_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclass
 class Session:
     """A loaded model ready to probe, with the factor store (resumed or empty)."""
@@ -727,7 +714,7 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     gc.collect()
     artifacts.write_safetensors(out, store.tensors(), meta)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
-    sidecar["peak_memory"] = _peak_memory(p.device)
+    sidecar["peak_memory"] = peak_memory(p.device)
     artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
     partial.unlink(missing_ok=True)
     _print_summary(stderr_console(), sidecar, out)
@@ -767,7 +754,7 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods:
                   "num_layers": lm.parts.num_layers, "fingerprint": fingerprint},
         "inputs": ({"texts": {"path": str(cfg.texts), "sha256": p.texts_sha256}} if cfg.texts else {}),
         "seed": cfg.seed, "probes": cfg.total_probes, "layers": p.layers,
-        "timings": timings, "peak_memory": _peak_memory(p.device), "modules": modules,
+        "timings": timings, "peak_memory": peak_memory(p.device), "modules": modules,
     }
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from dowser_cli import artifacts, mask, probe, scoring
+from dowser_cli import artifacts, mask, probe
 from dowser_cli.mask import MaskConfig
 from dowser_cli.probe import ProbeConfig
 

@@ -209,7 +209,9 @@ def test_config_file_and_cli_override(tmp_path):
 
 def test_interrupt_leaves_resumable_partial_and_resume_matches(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("probe:\n  samples: 120\n  batch_size: 2\n  probes: 2\n  seq_len: 24\n  checkpoint_every: 1\n")
+    # one generate() call per batch keeps every batch slow enough to be interrupted mid-run
+    cfg.write_text("probe:\n  samples: 240\n  batch_size: 2\n  gen_batch_size: 2\n  probes: 2\n  seq_len: 24\n"
+                   "  checkpoint_every: 1\n")
     ref = tmp_path / "ref.safetensors"
     assert run_cli("probe", "tiny-llama", "--config", cfg, "--out", ref).returncode == 0
 

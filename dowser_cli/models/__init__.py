@@ -57,11 +57,11 @@ def resolve_source(spec: str, random_init: bool = False, revision: str | None = 
     if spec in table:
         entry = table[spec]
         cfg_dir = CONFIG_DIR / "models" / entry["config"] if entry.get("config") else None
-        for kind in ("embedded", "tiny", "hub"):
-            if kind in entry:
-                src = ModelSource(spec, kind, entry[kind], bool(entry.get("trust_remote_code")), revision,
-                                  random_init, cfg_dir)
-                break
+        kind = next((k for k in ("embedded", "tiny", "hub") if k in entry), None)
+        if kind is None:
+            raise UserError(f"configs/models.yaml: alias {spec!r} needs one of hub, embedded or tiny")
+        src = ModelSource(spec, kind, entry[kind], bool(entry.get("trust_remote_code")), revision, random_init,
+                          cfg_dir)
         if random_init and kind == "hub" and cfg_dir is None:
             raise UserError(f"--random-init: no shipped config for {spec!r} (configs/models/); "
                             f"those with one: {', '.join(k for k, v in table.items() if v.get('config'))}")
