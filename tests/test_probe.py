@@ -207,34 +207,51 @@ def test_config_file_and_cli_override(tmp_path):
     assert r.returncode == 2 and "unknown key(s) sampels" in r.stderr
 
 
-def test_interrupt_leaves_resumable_partial_and_resume_matches(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    # one generate() call per batch keeps every batch slow enough to be interrupted mid-run
-    cfg.write_text("probe:\n  samples: 240\n  batch_size: 2\n  gen_batch_size: 2\n  probes: 2\n  seq_len: 24\n"
-                   "  checkpoint_every: 1\n")
-    ref = tmp_path / "ref.safetensors"
-    assert run_cli("probe", "tiny-llama", "--config", cfg, "--out", ref).returncode == 0
+INTERRUPT_CFG = ("probe:\n  samples: 240\n  batch_size: 2\n  gen_batch_size: 2\n  probes: 2\n  seq_len: 24\n"
+                 "  checkpoint_every: 1\n")  # one generate() call per batch: slow enough to interrupt
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    (d / "c.yaml").write_text(INTERRUPT_CFG)
+    assert run_cli("probe", "tiny-llama", "--config", d / "c.yaml", "--out", d / "ref.safetensors").returncode == 0
+    return d / "ref.safetensors"
+
+
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt; restore the default so this test behaves as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_interrupt_leaves_resumable_partial_and_resume_matches(tmp_path, uninterrupted, sig):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(INTERRUPT_CFG)
     out = tmp_path / "run" / "s.safetensors"
     out.parent.mkdir()
     partial = artifacts.partial_path(out)
     proc = subprocess.Popen([sys.executable, "-m", "dowser_cli", "probe", "tiny-llama", "--config", str(cfg),
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not partial.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert partial.exists(), "no partial checkpoint appeared"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert not out.exists() and not out.with_suffix(".yaml").exists()
-    # the partial is never mistaken for scores
+    # the partial is never mistaken for scores, nor resumed with other settings
+    r = run_cli("mask", partial, "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 2 and "dowser.scores.partial artifact, expected dowser.scores" in r.stderr
     r = run_cli("probe", "tiny-llama", "--config", cfg, "--out", out, "--resume", "--seed", "5")
     assert r.returncode == 2 and "different probe settings" in r.stderr
     r = run_cli("probe", "tiny-llama", "--config", cfg, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
-    assert out.read_bytes() == ref.read_bytes()
+    assert out.read_bytes() == uninterrupted.read_bytes()
     assert not partial.exists()
 
 
