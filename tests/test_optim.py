@@ -1,0 +1,69 @@
+"""The masked AdamW: frozen entries bit-identical, trainable entries exactly AdamW, small state."""
+import torch
+
+from dowser_cli.optim import MaskedAdamW
+
+
+def _grads(shape, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(steps)]
+
+
+def test_frozen_entries_stay_bit_identical_with_weight_decay():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(37, 11))
+    base = p.detach().clone()
+    mask = torch.rand(37, 11) < 0.1
+    opt = MaskedAdamW([p], masks={p: mask}, lr=1e-2, weight_decay=0.1)
+    for g in _grads(p.shape, 5):
+        p.grad = g
+        opt.step()
+    assert torch.equal(p.detach()[~mask], base[~mask])          # bit-identical, not merely close
+    assert (p.detach()[mask] != base[mask]).all()
+
+
+def test_trainable_entries_follow_torch_adamw_exactly():
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(20, 9))
+    mask = torch.rand(20, 9) < 0.3
+    ref = torch.nn.Parameter(p.detach()[mask].clone())        # the trainable entries as their own tensor
+    opt = MaskedAdamW([p], masks={p: mask}, lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
+    ref_opt = torch.optim.AdamW([ref], lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
+    for g in _grads(p.shape, 6, seed=3):
+        p.grad, ref.grad = g, g[mask].clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(p.detach()[mask], ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_unmasked_parameters_train_densely_like_adamw():
+    torch.manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(8))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt = MaskedAdamW([p], lr=1e-2, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.01)
+    for g in _grads(p.shape, 4):
+        p.grad, ref.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_state_is_only_for_trainable_entries():
+    p = torch.nn.Parameter(torch.randn(100, 50))
+    mask = torch.zeros(100, 50, dtype=torch.bool)
+    mask.view(-1)[:500] = True                                 # rho = 0.1
+    opt = MaskedAdamW([p], masks={p: mask})
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state_numel() == 2 * 500                         # dense AdamW would hold 2 * 5000
+
+
+def test_bf16_parameters_keep_frozen_bits():
+    p = torch.nn.Parameter(torch.randn(16, 16).to(torch.bfloat16))
+    base = p.detach().clone()
+    mask = torch.eye(16, dtype=torch.bool)
+    opt = MaskedAdamW([p], masks={p: mask}, lr=1e-1, weight_decay=0.5)
+    p.grad = torch.randn(16, 16).to(torch.bfloat16)
+    opt.step()
+    assert torch.equal(p.detach()[~mask], base[~mask]) and not torch.equal(p.detach()[mask], base[mask])
