@@ -215,10 +215,8 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
             for module, trainable in selector.select(unit):
                 name = f"{module}.weight"
                 packed[name] = scoring.pack_bits(trainable)
-                count = int(trainable.sum())
-                params[name] = {"shape": list(trainable.shape), "dtype": str(dtype).removeprefix("torch."),
-                                "numel": trainable.numel(), "trainable": count,
-                                "fraction": round(count / trainable.numel(), 6)}
+                params[name] = _param_entry(list(trainable.shape), str(dtype).removeprefix("torch."),
+                                            int(trainable.sum()))
                 bar.update(task, advance=1)
     timings = {"total_s": round(time.perf_counter() - t0, 3)}
     sidecar = _write(out, packed, params, cfg, scores, source, lm, digest, layers, timings, command)
@@ -226,16 +224,34 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
     return sidecar
 
 
+def _param_entry(shape: list[int], dtype: str, trainable: int) -> dict[str, Any]:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return {"shape": shape, "dtype": dtype, "numel": numel, "trainable": trainable,
+            "fraction": round(trainable / numel, 6)}
+
+
+def write_mask(out: Path, packed: dict[str, torch.Tensor], params: dict[str, dict], fingerprint: str,
+               digest: str, meta_extra: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The one writer of mask artifacts: packed bits + the parameter table in the metadata, and the
+    YAML sidecar (``sidecar`` fields, then totals and per-parameter counts)."""
+    shapes = {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in params.items()}
+    meta = artifacts.base_metadata(artifacts.MASK_KIND, fingerprint, weights_digest=digest,
+                                   params=json.dumps(shapes, sort_keys=True), **meta_extra)
+    numel = sum(v["numel"] for v in params.values())
+    trainable = sum(v["trainable"] for v in params.values())
+    sidecar = {**sidecar, "totals": {"numel": numel, "trainable": trainable,
+                                     "fraction": round(trainable / max(numel, 1), 6)}, "params": params}
+    artifacts.write_safetensors(out, packed, meta)
+    artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
+    return sidecar
+
+
 def _write(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, source: ModelSource, lm: LoadedModel,
            digest: str, layers: list[int], timings: dict, command: str) -> dict[str, Any]:
     scores_sha = artifacts.sha256_file(scores.path)
     fingerprint = scores.meta["model_fingerprint"]
-    shapes = {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in params.items()}
-    meta = artifacts.base_metadata(artifacts.MASK_KIND, fingerprint, weights_digest=digest,
-                                   params=json.dumps(shapes, sort_keys=True), strategy=cfg.strategy,
-                                   ratio=cfg.ratio, granularity=cfg.granularity, scores_sha256=scores_sha)
-    numel = sum(v["numel"] for v in params.values())
-    trainable = sum(v["trainable"] for v in params.values())
     sidecar = {
         **artifacts.sidecar_header(artifacts.MASK_KIND, command),
         "config": dataclasses.asdict(cfg),
@@ -243,13 +259,11 @@ def _write(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, sourc
                   "weights_digest": digest, "layers_path": lm.parts.layers_path, "num_layers": lm.parts.num_layers},
         "inputs": {"scores": {"path": str(scores.path), "sha256": scores_sha}},
         "layers": layers,
-        "totals": {"numel": numel, "trainable": trainable, "fraction": round(trainable / max(numel, 1), 6)},
         "timings": timings, "peak_memory": peak_memory("cpu"),
-        "params": params,
     }
-    artifacts.write_safetensors(out, packed, meta)
-    artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
-    return sidecar
+    return write_mask(out, packed, params, fingerprint, digest,
+                      dict(strategy=cfg.strategy, ratio=cfg.ratio, granularity=cfg.granularity,
+                           scores_sha256=scores_sha), sidecar)
 
 
 def _print_summary(console, sidecar: dict, out: Path) -> None:
@@ -345,27 +359,17 @@ def combine(a_path: Path, b_path: Path, op: str, out: Path, command: str = "") -
         pa = a.packed(name) if name in a.params else zero
         pb = b.packed(name) if name in b.params else zero
         packed[name] = OPS[op](pa, pb)
-        count = scoring.popcount(packed[name])
-        params[name] = {**src.params[name], "numel": n, "trainable": count, "fraction": round(count / n, 6)}
-    meta = artifacts.base_metadata(artifacts.MASK_KIND, a.meta["model_fingerprint"],
-                                   weights_digest=a.meta.get("weights_digest", ""),
-                                   params=json.dumps({k: {"shape": v["shape"], "dtype": v["dtype"]}
-                                                      for k, v in params.items()}, sort_keys=True),
-                                   strategy=f"{op}", ratio="", granularity="")
-    numel = sum(v["numel"] for v in params.values())
-    trainable = sum(v["trainable"] for v in params.values())
+        params[name] = _param_entry(src.params[name]["shape"], src.params[name]["dtype"],
+                                    scoring.popcount(packed[name]))
     sidecar = {
         **artifacts.sidecar_header(artifacts.MASK_KIND, command),
         "config": {"op": op},
         "model": {"fingerprint": a.meta["model_fingerprint"], "weights_digest": a.meta.get("weights_digest")},
         "inputs": {"a": {"path": str(a_path), "sha256": artifacts.sha256_file(a_path)},
                    "b": {"path": str(b_path), "sha256": artifacts.sha256_file(b_path)}},
-        "totals": {"numel": numel, "trainable": trainable, "fraction": round(trainable / max(numel, 1), 6)},
-        "params": params,
     }
-    artifacts.write_safetensors(out, packed, meta)
-    artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
-    return sidecar
+    return write_mask(out, packed, params, a.meta["model_fingerprint"], a.meta.get("weights_digest", ""),
+                      dict(strategy=op, ratio="", granularity=""), sidecar)
 
 
 def compare(a_path: Path, b_path: Path, ratio: float = 0.1, model_spec: str | None = None) -> dict[str, Any]:

@@ -286,7 +286,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (weights,) = ctx.saved_tensors
-        return g, weights @ g.reshape(-1, g.shape[-1]).abs().to(weights.dtype), None
+        return g, scoring.weighted_abs_mean(g, weights), None
 
 
 class _TapInto(torch.autograd.Function):
@@ -303,7 +303,7 @@ class _TapInto(torch.autograd.Function):
     def backward(ctx, g):
         (weights,) = ctx.saved_tensors
         h = ctx.hooks
-        torch.mv(g.reshape(-1, g.shape[-1]).abs().T.to(weights.dtype), weights, out=h.psi[ctx.name][h.probe])
+        scoring.weighted_abs_mean(g, weights, out=h.psi[ctx.name][h.probe])
         h.reached.add(ctx.name)
         return g, None, None, None, None
 
@@ -346,16 +346,11 @@ class FactorHooks:
         mask = self._mask_for(name, z)
         key = (mask is not None, z.shape[:-1])
         if key not in self._weights:
-            n = z.shape[:-1].numel()
-            if mask is None:
-                self._weights[key] = torch.full((n,), 1.0 / n, device=z.device)
-            else:
-                m = mask.reshape(-1).float()
-                self._weights[key] = m / m.sum().clamp_min(1)
+            self._weights[key] = scoring.position_weights(mask, z.shape[:-1].numel(), z.device)
         return self._weights[key]
 
     def _record_act(self, name: str, x: torch.Tensor) -> None:
-        scoring.masked_abs_mean(x, self._mask_for(name, x), out=self.act[name])
+        scoring.weighted_abs_mean(x.detach(), self._position_weights(name, x), out=self.act[name])
         self.seen_act.add(name)
 
     def _pre(self, name: str):
@@ -516,14 +511,11 @@ class FactorStore:
             self.psi[name][row: row + probes] = psi
             self.act[name][row: row + probes] = act  # a is per batch: the same for its M probes
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> int:
-        rows = 0
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for n in self.psi:
             p, a = tensors[f"{n}.psi"], tensors[f"{n}.act"]
             self.psi[n][: len(p)] = p
             self.act[n][: len(a)] = a
-            rows = len(p)
-        return rows
 
 
 def sample_seed(seed: int, index: int, what: str) -> int:
@@ -704,8 +696,8 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     timings.update(probe_all(s, cfg, partial, model_spec))
-    sidecar = _sidecar(p, s.lm, cfg, s.fingerprint, s.scored.modules, s.store, timings, command, random_init)
-    sidecar["model"]["weights_digest"] = s.weights_digest
+    sidecar = _sidecar(p, s.lm, cfg, s.fingerprint, s.weights_digest, s.scored.modules, s.store, timings, command,
+                       random_init)
     store, meta = s.store, artifacts.base_metadata(artifacts.SCORES_KIND, s.fingerprint, probes=cfg.total_probes,
                                                    config_digest=cfg.digest(), weights_digest=s.weights_digest)
     # Serialising copies the factors once more; drop the model first so that the write, not the
@@ -733,7 +725,7 @@ def _resume_from(partial: Path, cfg: ProbeConfig, fingerprint: str, store: Facto
     return int(meta["batches_done"])
 
 
-def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods: dict, store: FactorStore,
+def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, weights_digest: str, mods: dict, store: FactorStore,
              timings: dict, command: str, random_init: bool) -> dict[str, Any]:
     modules = {}
     for name, mod in mods.items():
@@ -751,10 +743,10 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, mods:
         "model": {"spec": p.source.spec, "source": p.source.kind, "location": p.source.location,
                   "revision": p.source.revision, "random_init": random_init, "adapter": lm.adapter.name,
                   "dtype": str(p.dtype).removeprefix("torch."), "device": p.device,
-                  "num_layers": lm.parts.num_layers, "fingerprint": fingerprint},
+                  "num_layers": lm.parts.num_layers, "fingerprint": fingerprint, "weights_digest": weights_digest},
         "inputs": ({"texts": {"path": str(cfg.texts), "sha256": p.texts_sha256}} if cfg.texts else {}),
         "seed": cfg.seed, "probes": cfg.total_probes, "layers": p.layers,
-        "timings": timings, "peak_memory": peak_memory(p.device), "modules": modules,
+        "timings": timings, "modules": modules,  # peak_memory is added once the artifact is written
     }
 
 

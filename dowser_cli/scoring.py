@@ -20,20 +20,28 @@ def probe_objective(last_logits: torch.Tensor, xi: torch.Tensor) -> torch.Tensor
     return (last_logits.float() * xi).sum() / last_logits.shape[0]
 
 
+def position_weights(mask: torch.Tensor | None, n: int, device=None) -> torch.Tensor:
+    """[n] fp32 weights over flattened positions: 1/#real on real positions (``mask`` true), 0 on
+    padding; uniform 1/n when ``mask`` is None."""
+    if mask is None:
+        return torch.full((n,), 1.0 / n, device=device)
+    m = mask.reshape(-1).to(device=device, dtype=torch.float32)
+    return m / m.sum().clamp_min(1)
+
+
+def weighted_abs_mean(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_n weights_n |x_n| over the flattened leading dims of x [..., F]; [F] fp32, into ``out`` if
+    given (callers that keep results preallocate them). No detach here: it also runs inside vmapped
+    backward passes, where detach has no batching rule; callers pass tensors outside autograd."""
+    x = x.reshape(-1, x.shape[-1]).abs()
+    return torch.mv(x.T.to(weights.dtype), weights, out=out)
+
+
 def masked_abs_mean(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of |x| over every leading dimension, counting only positions where ``mask`` is true.
 
-    x [..., F]; mask bool with shape x.shape[:-1] or None (all positions real). Returns [F] fp32,
-    written into ``out`` when given (callers that keep results preallocate them).
-    """
-    x = x.detach().reshape(-1, x.shape[-1]).float().abs()
-    if mask is None:
-        weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
-    else:
-        m = mask.reshape(-1).to(device=x.device, dtype=x.dtype)
-        weights = m / m.sum().clamp_min(1)
-    # one reduction: weighted sum over positions = mean over real positions
-    return torch.mv(x.T, weights, out=out)
+    x [..., F]; mask bool with shape x.shape[:-1] or None (all positions real). Returns [F] fp32."""
+    return weighted_abs_mean(x.detach(), position_weights(mask, x.shape[:-1].numel(), x.device), out)
 
 
 def mean_score(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
