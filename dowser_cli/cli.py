@@ -95,6 +95,80 @@ def mask(
     typer.echo(str(out))
 
 
+@app.command(epilog="Example: dowser finetune smol-llava --mask mask.safetensors --data train.json --out runs/digits "
+                     "--epochs 1 --train-projector")
+def finetune(
+    model: str = typer.Argument(..., help="Base model: alias, local save_pretrained dir, or hub id."),
+    data: Path = typer.Option(..., "--data", help="Training data: LLaVA conversation JSON (list) or JSONL."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (delta.safetensors, run.yaml)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Mask from `dowser mask`, or a scores file (then "
+                                        "--ratio builds the mask). Without it: dense fine-tuning (Full-FT)."),
+    ratio: Optional[float] = typer.Option(None, help="rho when --mask is a scores file [0.1]."),
+    image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [2e-5]."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs [5]."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimiser steps; overrides --epochs [0 = from epochs]."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch [4]."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step [1]."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (never touches frozen entries) [0]."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Warm-up fraction of the steps [0.03]."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the trainable entries' gradient norm; 0 = off [1]."),
+    tune_layers: Optional[str] = typer.Option(None, help="Decoder layers to tune: last:N | all | ranges [the mask's; "
+                                              "else last:20, all if fewer]."),
+    train_projector: Optional[bool] = typer.Option(None, "--train-projector/--freeze-projector",
+                                                   help="Train the vision-language projector densely [frozen]."),
+    train_vision_tower: Optional[bool] = typer.Option(None, "--train-vision-tower/--freeze-vision-tower",
+                                                      help="Train the vision tower densely [frozen]."),
+    train_embeddings: Optional[bool] = typer.Option(None, "--train-embeddings/--freeze-embeddings",
+                                                    help="Train the input embeddings densely [frozen]."),
+    train_lm_head: Optional[bool] = typer.Option(None, "--train-lm-head/--freeze-lm-head",
+                                                 help="Train lm_head densely [frozen]."),
+    freeze_norms: Optional[bool] = typer.Option(None, "--freeze-norms/--train-norms",
+                                                help="Freeze the tuned layers' norms [they train densely]."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Recompute activations in backward [off]."),
+    max_len: Optional[int] = typer.Option(None, help="Longest record in tokens; longer ones are bad records [2048]."),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad",
+                                            help="Skip bad records (counted in run.yaml) instead of failing [off]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout [0]."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimiser steps [0 = only on Ctrl-C]."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (configs/recipes/; CLI wins)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Build the base model from its shipped config."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT bit for bit."),
+):
+    """Fine-tune the selected decoder layers; inside masked matrices only the mask's trainable entries
+    change and every frozen entry stays bit-identical to the base model (weight decay included).
+    Writes OUT/delta.safetensors (trainable values only) and OUT/run.yaml."""
+    from dowser_cli import config as cfgmod
+    from dowser_cli import finetune as ft
+
+    cfg = cfgmod.resolve(ft.FinetuneConfig(), config, "finetune", dict(
+        ratio=ratio, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
+        train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
+        train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,
+        max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, dtype=dtype, device=device))
+    ft.run(model, data, out, cfg, mask_path=mask, image_folder=image_folder, random_init=random_init,
+           resume=resume, command=_command_line())
+    typer.echo(str(out))
+
+
+@app.command(epilog="Example: dowser export runs/digits --out exported/digits")
+def export(
+    run: Path = typer.Argument(..., help="Run directory from `dowser finetune`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must not exist or be empty)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype of the export [the run's]."),
+):
+    """Write the fine-tuned model (base + delta) as a normal save_pretrained checkpoint with its
+    tokenizer/processor, loadable by plain transformers."""
+    from dowser_cli import export as export_mod
+
+    export_mod.export(run, out, dtype)
+    typer.echo(str(out))
+
+
 @app.command(epilog="Example: dowser compare seed0.safetensors seed1.safetensors --json")
 def compare(
     a: Path = typer.Argument(..., help="First mask or scores artifact."),
@@ -139,11 +213,11 @@ def combine(
 
 @app.command(epilog="Example: dowser inspect mask.safetensors --json")
 def inspect(
-    artifact: Path = typer.Argument(..., help="A scores or mask artifact."),
+    artifact: Path = typer.Argument(..., help="A scores or mask artifact, or a run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ):
-    """What an artifact is, what it came from, and a per-layer table (mean score or trainable fraction
-    per layer and module type)."""
+    """What an artifact is, what it came from, and a per-layer table (mean score, trainable fraction,
+    or for a run directory what the fine-tuning changed per layer and module type)."""
     import json
 
     from rich.console import Console

@@ -22,6 +22,10 @@ def _type(name: str) -> str:
 
 
 def describe(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        from dowser_cli.export import describe_run
+
+        return describe_run(path)
     meta = artifacts.read_header(path)
     kind = meta["dowser_kind"]
     side_path = artifacts.sidecar_path(path)
@@ -63,6 +67,9 @@ def render(info: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table
 
+    if info["kind"] == "dowser.run":
+        return _render_run(info)
+
     head = Table.grid(padding=(0, 2))
     for key in ("path", "kind", "model", "model_fingerprint", "probes", "strategy", "ratio", "granularity",
                 "command", "created"):
@@ -81,4 +88,23 @@ def render(info: dict[str, Any]):
     fmt = "{:.3e}" if info["kind"] == artifacts.SCORES_KIND else "{:.4f}"
     for layer, row in info["layers"].items():
         table.add_row(layer, *(fmt.format(row[t]) if t in row else "" for t in types))
+    return Group(head, table)
+
+
+def _render_run(info: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+
+    head = Table.grid(padding=(0, 2))
+    for key in ("path", "method", "model", "steps", "tuned_layers"):
+        head.add_row(key, str(info.get(key)))
+    t = info.get("trainable") or {}
+    if t:
+        head.add_row("trainable", f"{t['trainable_entries']:,} entries of {t['numel']:,} in {t['params']} tensors")
+    table = Table(title="what changed, per layer and module (rel change = ||W - W0|| / ||W0||)")
+    for col in ("layer", "module", "entries", "trained", "changed", "rel change"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for r in info["rows"]:
+        table.add_row(r["layer"], r["module"], f"{r['numel']:,}", f"{r['trained']:,}", f"{r['changed']:,}",
+                      f"{r['rel_change']:.2e}")
     return Group(head, table)

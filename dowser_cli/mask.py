@@ -205,23 +205,40 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
     lm = load_model(source, config, dtype, "cpu", tokenizer=False)
     digest = artifacts.weights_digest(lm.model)
     check_model(scores_path, scores.meta, scores.meta["model_fingerprint"], digest, source.spec)
-    selector = UnitSelector(lm, scores, strategy, cfg)
-
-    packed, params = {}, {}
     console = stderr_console()
-    with progress_bar(console) as bar:
-        task = bar.add_task(f"mask {cfg.strategy} rho={cfg.ratio}", total=len(modules))
-        for unit in module_units(modules, parts.layers_path, cfg.granularity):
-            for module, trainable in selector.select(unit):
-                name = f"{module}.weight"
-                packed[name] = scoring.pack_bits(trainable)
-                params[name] = _param_entry(list(trainable.shape), str(dtype).removeprefix("torch."),
-                                            int(trainable.sum()))
-                bar.update(task, advance=1)
+    packed, params = build_masks(lm, scores, strategy, cfg, modules, console)
     timings = {"total_s": round(time.perf_counter() - t0, 3)}
     sidecar = _write(out, packed, params, cfg, scores, source, lm, digest, layers, timings, command)
     _print_summary(console, sidecar, out)
     return sidecar
+
+
+def build_masks(lm: LoadedModel, scores: ScoresFile, strategy: MaskStrategy, cfg: MaskConfig, modules: list[str],
+                console) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Packed trainable masks {"<module>.weight": uint8 [ceil(numel/8)]} and their parameter table."""
+    selector = UnitSelector(lm, scores, strategy, cfg)
+    packed, params = {}, {}
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"mask {cfg.strategy} rho={cfg.ratio}", total=len(modules))
+        for unit in module_units(modules, lm.parts.layers_path, cfg.granularity):
+            for module, trainable in selector.select(unit):
+                name = f"{module}.weight"
+                weight = lm.model.get_submodule(module).weight
+                packed[name] = scoring.pack_bits(trainable)
+                params[name] = _param_entry(list(trainable.shape), str(weight.dtype).removeprefix("torch."),
+                                            int(trainable.sum()))
+                bar.update(task, advance=1)
+    return packed, params
+
+
+def select_modules(scores: ScoresFile, lm: LoadedModel, cfg: MaskConfig) -> tuple[list[str], list[int]]:
+    return _selected_modules(scores, lm.parts.layers_path, lm.parts.num_layers, cfg)
+
+
+def write_for(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, lm: LoadedModel, digest: str,
+              layers: list[int], command: str) -> dict[str, Any]:
+    """Write a mask built in another stage (e.g. `dowser finetune --mask scores.safetensors`)."""
+    return _write(out, packed, params, cfg, scores, lm.source, lm, digest, layers, {}, command)
 
 
 def _param_entry(shape: list[int], dtype: str, trainable: int) -> dict[str, Any]:

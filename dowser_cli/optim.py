@@ -1,10 +1,19 @@
 """A masked AdamW: optimiser state only for the trainable entries, and frozen entries never written.
 
-Groundwork for `dowser finetune` (DESIGN section 1, Fine-tune). A plain gradient mask is not enough:
-AdamW's decoupled weight decay (and any momentum left from earlier steps) still moves entries whose
-gradient is zero. Here a masked parameter is only ever read and written at its trainable indices, so
-frozen entries stay bit-identical whatever the settings, and the moments have k entries, not numel."""
+DESIGN section 1 (Fine-tune). A plain gradient mask is not enough: AdamW's decoupled weight decay (and
+any momentum left from earlier steps) still moves entries whose gradient is zero. Here a masked
+parameter is only ever read and written at its trainable indices, so frozen entries stay bit-identical
+whatever the settings, and every piece of per-entry state has k entries, not numel:
+- the moments (fp32),
+- an fp32 master copy of the trainable values when the model is held in bf16/fp16 (updates of
+  lr 2e-5 are below bf16's resolution; without a master copy most of them would round away),
+- the trainable indices (int32 where they fit),
+- with ``compact_grads``, the gradient itself: a hook gathers each masked matrix's gradient to its k
+  entries the moment backward has produced it and frees the dense one, so at most one dense gradient
+  of a masked matrix is alive at a time."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,20 +33,80 @@ def adamw_update_(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
 class MaskedAdamW(torch.optim.Optimizer):
     """AdamW where a parameter may carry a boolean mask (same shape, True = trainable).
 
-    ``masks``: {parameter: bool tensor}; parameters without a mask train densely (e.g. norms)."""
+    ``masks``: {parameter: bool tensor}; parameters without a mask train densely (e.g. norms).
+    State per parameter: ``exp_avg``, ``exp_avg_sq`` [k] (or the parameter's shape when dense), and
+    ``master`` [k] fp32 when the parameter is not fp32."""
 
     def __init__(self, params, masks: dict[torch.nn.Parameter, torch.Tensor] | None = None, lr: float = 2e-5,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 compact_grads: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.index: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.compact: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._hooks = []
         for p, mask in (masks or {}).items():
             if tuple(mask.shape) != tuple(p.shape):
                 raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(p.shape)}")
-            self.index[p] = mask.reshape(-1).nonzero().squeeze(1).to(p.device)
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
+            if compact_grads:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
+        for p in self._params():
+            self._init_state(p)
 
-    def state_numel(self) -> int:
-        """Entries of optimiser state held (both moments)."""
-        return sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in self.state.values() if "exp_avg" in s)
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _init_state(self, p: torch.nn.Parameter) -> None:
+        idx = self.index.get(p)
+        n = idx.numel() if idx is not None else None
+        shape = (n,) if n is not None else p.shape
+        state = self.state[p]
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if p.dtype != torch.float32:
+            flat = p.detach().reshape(-1)
+            state["master"] = (flat[idx.long()] if idx is not None else flat).float().reshape(shape).clone()
+
+    @torch.no_grad()
+    def _gather_grad(self, p: torch.nn.Parameter) -> None:
+        g = p.grad.reshape(-1)[self.index[p].long()].float()
+        if p in self.compact:
+            self.compact[p].add_(g)
+        else:
+            self.compact[p] = g
+        p.grad = None
+
+    def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The gradient of the trainable entries, fp32: [k] for masked, p's shape for dense."""
+        idx = self.index.get(p)
+        if p in self.compact:
+            return self.compact[p]
+        if p.grad is None:
+            return None
+        return p.grad.reshape(-1)[idx.long()].float() if idx is not None else p.grad.float()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=True)
+        self.compact.clear()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale the trainable entries' gradients so their global L2 norm is at most ``max_norm``
+        (frozen entries' gradients are not part of the update and do not count). Returns the norm."""
+        grads = [g for p in self._params() if (g := self.grad_of(p)) is not None]
+        if not grads:
+            return 0.0
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        if max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for p in self._params():
+                if p in self.compact:
+                    self.compact[p].mul_(scale)
+                elif p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -45,28 +114,60 @@ class MaskedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                g = self.grad_of(p)
+                if g is None:
                     continue
                 idx = self.index.get(p)
                 if idx is not None and idx.numel() == 0:
                     continue  # nothing trainable in this matrix
-                flat = p.view(-1) if idx is not None else None
-                w = flat[idx].float() if idx is not None else p.float()
-                g = p.grad.view(-1)[idx].float() if idx is not None else p.grad.float()
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(w)
-                    state["exp_avg_sq"] = torch.zeros_like(w)
+                if "master" in state:
+                    w = state["master"]
+                elif idx is not None:
+                    w = p.view(-1)[idx.long()]
+                else:
+                    w = p.data
                 state["step"] += 1
                 adamw_update_(w, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
                               group["eps"], group["weight_decay"])
                 if idx is not None:
-                    flat.index_copy_(0, idx, w.to(p.dtype))
+                    p.view(-1).index_copy_(0, idx.long(), w.to(p.dtype))
                 elif w.data_ptr() != p.data_ptr():
                     p.copy_(w)
         return loss
 
+    def state_bytes(self) -> int:
+        """Bytes of per-entry optimiser state: moments, master copies, trainable indices."""
+        total = sum(t.numel() * t.element_size() for s in self.state.values() for k, t in s.items()
+                    if isinstance(t, torch.Tensor))
+        return total + sum(i.numel() * i.element_size() for i in self.index.values())
+
+    def state_numel(self) -> int:
+        """Entries of optimiser state held (both moments)."""
+        return sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in self.state.values() if "exp_avg" in s)
+
     def trainable_fraction(self, p: torch.nn.Parameter) -> float:
         idx = self.index.get(p)
         return 1.0 if idx is None else idx.numel() / p.numel()
+
+    def named_state(self, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+        """State as flat tensors keyed ``<what>/<param name>`` (for a safetensors checkpoint)."""
+        out = {}
+        for p, name in names.items():
+            for k, t in self.state[p].items():
+                if isinstance(t, torch.Tensor):
+                    out[f"{k}/{name}"] = t
+        return out
+
+    def load_named_state(self, names: dict[torch.nn.Parameter, str], tensors: dict[str, torch.Tensor],
+                         step: int) -> None:
+        for p, name in names.items():
+            state = self.state[p]
+            for k in [k for k, t in state.items() if isinstance(t, torch.Tensor)]:
+                state[k].copy_(tensors[f"{k}/{name}"])
+            state["step"] = step
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

@@ -1,4 +1,5 @@
 """The masked AdamW: frozen entries bit-identical, trainable entries exactly AdamW, small state."""
+import pytest
 import torch
 
 from dowser_cli.optim import MaskedAdamW
@@ -67,3 +68,46 @@ def test_bf16_parameters_keep_frozen_bits():
     p.grad = torch.randn(16, 16).to(torch.bfloat16)
     opt.step()
     assert torch.equal(p.detach()[~mask], base[~mask]) and not torch.equal(p.detach()[mask], base[mask])
+
+
+def test_compact_gradients_equal_dense_gradients_and_free_the_dense_one():
+    torch.manual_seed(3)
+    lin_a, lin_b = torch.nn.Linear(12, 10), torch.nn.Linear(12, 10)
+    lin_b.load_state_dict(lin_a.state_dict())
+    mask = torch.rand(10, 12) < 0.2
+    opt_a = MaskedAdamW([lin_a.weight], masks={lin_a.weight: mask}, lr=1e-2, weight_decay=0.1, compact_grads=True)
+    opt_b = MaskedAdamW([lin_b.weight], masks={lin_b.weight: mask}, lr=1e-2, weight_decay=0.1)
+    x = torch.randn(5, 12)
+    for _ in range(3):
+        for _ in range(2):                                   # accumulation into the compact buffer
+            lin_a(x).pow(2).sum().backward()
+            lin_b(x).pow(2).sum().backward()
+        assert lin_a.weight.grad is None and opt_a.compact[lin_a.weight].shape == (int(mask.sum()),)
+        opt_a.step(), opt_b.step()
+        opt_a.zero_grad(), opt_b.zero_grad()
+    assert torch.equal(lin_a.weight, lin_b.weight)
+
+
+def test_bf16_master_copy_keeps_updates_below_bf16_resolution():
+    """lr 1e-5 on weights ~1: each step is below bf16's spacing (2^-7); the fp32 master accumulates them."""
+    p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    ref = torch.nn.Parameter(torch.ones(64))
+    opt = MaskedAdamW([p], lr=1e-5)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-5, weight_decay=0.0)
+    for _ in range(2000):
+        p.grad, ref.grad = torch.ones_like(p), torch.ones_like(ref)
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(opt.state[p]["master"], ref.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(p.detach(), ref.detach().to(torch.bfloat16))     # the model holds the rounded master
+    assert float(p.detach()[0]) < 1.0
+
+
+def test_clipping_counts_only_trainable_entries():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    opt = MaskedAdamW([p], masks={p: mask})
+    p.grad = torch.full((4, 4), 100.0)
+    p.grad[0, 0] = 3.0
+    assert opt.clip_grad_norm_(1.0) == pytest.approx(3.0)

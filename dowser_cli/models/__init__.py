@@ -159,6 +159,7 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
     if source.kind == "tiny":
         model, tok = embedded.build_tiny(source.location, dtype)
         tokenizer = tok if want_tokenizer else None
+        processor = embedded.tiny_processor(source.location, tok) if want_tokenizer else None
         model = model.to(device)
     elif source.random_init:
         torch.manual_seed(RANDOM_INIT_SEED)  # the same "random" weights every time: artifacts stay checkable

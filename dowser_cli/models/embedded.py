@@ -185,3 +185,16 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32):
         raise UserError(f"unknown tiny model {name!r}")
     model.config._name_or_path = f"dowser/{name}"
     return model.to(dtype).eval(), tok
+
+
+def tiny_processor(name: str, tok):
+    """The image processor a tiny model would ship with (tiny-llava: 28 px CLIP, 4 image tokens);
+    None for the others (text-only, or image paths the tests do not exercise)."""
+    if name != "tiny-llava":
+        return None
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    return LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
+                                                             crop_size={"height": 28, "width": 28}),
+                          tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1)

@@ -1,0 +1,253 @@
+"""Training data: LLaVA conversation records (JSON list or JSONL) turned into token ids, labels that
+cover only the assistant's tokens, and image batches through the model's own processor.
+
+A record: ``{"image": "rel/path.jpg" (optional), "conversations": [{"from": "human", "value":
+"<image>\\nWhat is shown?"}, {"from": "gpt", "value": "A cat."}, ...]}``."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dowser_cli.errors import UserError
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE = -100  # label of tokens without loss (prompt, system text, image, padding)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Models without a chat template (base checkpoints) get LLaVA-1.5's plain conversation format.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: {{ m['content'] }}"
+    "{{ eos_token }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass
+class Record:
+    index: int                      # position in the data file (what error messages name)
+    messages: list[dict[str, str]]  # role/content with the "<image>" placeholder kept in the text
+    image: Path | None
+
+
+@dataclass
+class Example:
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    image: Path | None
+
+    @property
+    def n_labels(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class Dataset:
+    path: Path
+    examples: list[Example]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"index", "reason"} of --skip-bad records
+    total: int = 0
+
+
+# ---- reading records ---------------------------------------------------------------------------------
+
+def read_records(path: Path) -> list[Any]:
+    """A JSON list, or JSONL (one record per line); anything else is one clear error."""
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--data {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--data {path}: not JSON or JSONL (line {n}: {e.msg})") from None
+    return records
+
+
+def parse_record(raw: Any, index: int, image_folder: Path) -> Record:
+    """Check one raw record; raises ValueError with the reason (the caller adds file and index)."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no 'conversations' list")
+    messages = []
+    for t in turns:
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise ValueError("a turn without a string 'value'")
+        role = ROLES.get(str(t.get("from", "")).lower())
+        if role is None:
+            raise ValueError(f"turn from {t.get('from')!r} (expected human or gpt)")
+        messages.append({"role": role, "content": t["value"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant (gpt) turn")
+    image = raw.get("image")
+    if isinstance(image, list):  # multi-image records: the LLaVA format allows a list; we take one
+        if len(image) != 1:
+            raise ValueError("records with several images are not supported")
+        image = image[0]
+    n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if image is None:
+        if n_placeholders:
+            raise ValueError(f"{IMAGE_PLACEHOLDER} in the text but no 'image'")
+        return Record(index, messages, None)
+    path = Path(image) if Path(image).is_absolute() else image_folder / image
+    if not path.is_file():
+        raise ValueError(f"image {path} does not exist")
+    if n_placeholders == 0:  # LLaVA's convention: the image goes before the first human turn
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first] = {**messages[first], "content": f"{IMAGE_PLACEHOLDER}\n{messages[first]['content']}"}
+    elif n_placeholders > 1:
+        raise ValueError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders for one image")
+    return Record(index, messages, path)
+
+
+def load_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ---- chat rendering and tokenisation -------------------------------------------------------------------
+
+class Encoder:
+    """Renders a conversation with the model's chat template and tokenises it so that labels cover
+    exactly the assistant turns (answer text and the template's end-of-turn tokens)."""
+
+    def __init__(self, tokenizer, processor, max_len: int):
+        self.tokenizer, self.processor, self.max_len = tokenizer, processor, max_len
+        owner = processor if getattr(processor, "chat_template", None) else tokenizer
+        self._template = None if getattr(owner, "chat_template", None) else FALLBACK_TEMPLATE
+        self._render_with = owner
+        self.image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+        self.list_content = self._wants_list_content()
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        if self.list_content:
+            messages = [{"role": m["role"], "content": _content_list(m["content"])} for m in messages]
+        kw = {"chat_template": self._template} if self._template else {}
+        return self._render_with.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=generation_prompt, **kw)
+
+    def _wants_list_content(self) -> bool:
+        """Templates differ: some take a string per message, multimodal ones a list of typed parts.
+        Render a sentinel the string way; if it comes out intact, strings it is."""
+        self.list_content = False
+        try:
+            out = self._render([{"role": "user", "content": "dowser-sentinel"}], False)
+        except Exception:
+            return True
+        return "dowser-sentinel" not in out or "'type'" in out
+
+    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The rendered text cut into (text, is_assistant) pieces."""
+        full = self._render(messages, False)
+        pieces, pos = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._render(messages[:i], True))
+            end = len(self._render(messages[: i + 1], False))
+            if not (pos <= start <= end <= len(full)):
+                raise ValueError("the chat template does not render conversations prefix by prefix")
+            pieces += [(full[pos:start], False), (full[start:end], True)]
+            pos = end
+        if pos < len(full):
+            pieces.append((full[pos:], False))
+        return [(t, a) for t, a in pieces if t]
+
+    def encode(self, record: Record, image=None) -> Example:
+        ids: list[int] = []
+        labels: list[int] = []
+        for n, (text, is_assistant) in enumerate(self.segments(record.messages)):
+            if self.image_token != IMAGE_PLACEHOLDER:
+                text = text.replace(IMAGE_PLACEHOLDER, self.image_token)
+            first = n == 0
+            if image is not None and self.image_token in text:
+                if self.processor is None:
+                    raise ValueError("the model has no image processor (text-only model)")
+                seg = self.processor(text=[text], images=[image], add_special_tokens=first,
+                                     return_tensors="pt")["input_ids"][0].tolist()
+            else:
+                seg = self.tokenizer(text, add_special_tokens=first)["input_ids"]
+            if first and len(seg) > 1 and seg[0] == seg[1] == self.tokenizer.bos_token_id:
+                seg = seg[1:]  # the template already wrote BOS
+            ids += seg
+            labels += seg if is_assistant else [IGNORE] * len(seg)
+        if len(ids) > self.max_len:
+            raise ValueError(f"{len(ids)} tokens, over --max-len {self.max_len}")
+        if not any(x != IGNORE for x in labels):
+            raise ValueError("no assistant tokens after rendering")
+        return Example(record.index, ids, labels, record.image)
+
+
+def _content_list(text: str) -> list[dict]:
+    parts: list[dict] = []
+    for n, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if n:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_bad: bool,
+                 on_record: Callable[[], None] | None = None) -> Dataset:
+    """Parse, check and tokenise every record (images are opened once here, to count their tokens and
+    to find unreadable files before training starts)."""
+    raw = read_records(path)
+    if not isinstance(raw, list):
+        raise UserError(f"--data {path}: expected a list of records (JSON list or JSONL)")
+    folder = image_folder if image_folder is not None else path.parent
+    ds = Dataset(path, [], total=len(raw))
+    for i, r in enumerate(raw):
+        try:
+            rec = parse_record(r, i, folder)
+            image = load_image(rec.image) if rec.image is not None else None
+            ds.examples.append(encoder.encode(rec, image))
+        except (ValueError, OSError) as e:
+            if not skip_bad:
+                raise UserError(f"--data {path}: record {i}: {e} (--skip-bad skips such records)") from None
+            ds.skipped.append({"index": i, "reason": str(e)})
+        if on_record:
+            on_record()
+    if not ds.examples:
+        why = f"all {len(raw)} records were bad" if raw else "no records"
+        raise UserError(f"--data {path}: empty dataset ({why})")
+    return ds
+
+
+# ---- batches ----------------------------------------------------------------------------------------------
+
+def collate(examples: list[Example], pad_id: int, processor) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels [B, T]; pixel values of the examples that have
+    an image, in order, through the processor's image processor."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        mask[b, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    images = [load_image(e.image) for e in examples if e.image is not None]
+    if images:
+        pixels = processor.image_processor(images, return_tensors="pt")
+        batch.update({k: v for k, v in pixels.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")})
+    return batch

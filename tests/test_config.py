@@ -1,0 +1,40 @@
+"""Every shipped YAML loads and validates for each stage section it has; CLI options override files."""
+from pathlib import Path
+
+import pytest
+
+from dowser_cli import config as cfgmod
+from dowser_cli import finetune, mask, probe
+from dowser_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {
+    "probe": (probe.ProbeConfig, probe.validate),
+    "mask": (mask.MaskConfig, mask.validate),
+    "finetune": (finetune.FinetuneConfig, finetune.validate),
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads(path):
+    from dowser_cli.models import aliases
+
+    data = cfgmod.load_yaml_file(path)
+    if path.name == "models.yaml":
+        assert {"llava-1.5-7b", "smollm2-135m", "smol-llava", "tiny-llama"} <= set(aliases())
+        return
+    found = [s for s in SECTIONS if s in data]
+    assert found or "tasks" in data or "include" in data, f"{path}: no known section"
+    for section in found:
+        cls, check = SECTIONS[section]
+        check(cfgmod.resolve(cls(), path, section, {}))
+
+
+def test_cli_overrides_file_and_unknown_keys_are_refused(tmp_path):
+    recipe = ROOT / "configs" / "recipes" / "paper.yaml"
+    cfg = cfgmod.resolve(finetune.FinetuneConfig(), recipe, "finetune", {"lr": 1e-3, "epochs": None})
+    assert cfg.lr == 1e-3 and cfg.epochs == 5 and cfg.grad_accum == 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune:\n  lr: 1e-4\n  learning_rate: 3\n")
+    with pytest.raises(UserError, match="unknown key.*learning_rate"):
+        cfgmod.resolve(finetune.FinetuneConfig(), bad, "finetune", {})

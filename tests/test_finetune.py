@@ -1,0 +1,212 @@
+"""dowser finetune / export on tiny models: frozen entries bit-identical, state ~ rho, resume, export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dowser_cli import artifacts, finetune, mask, probe
+from dowser_cli.export import load_run, open_run
+from dowser_cli.finetune import FinetuneConfig
+from dowser_cli.mask import MaskConfig
+from dowser_cli.probe import ProbeConfig
+
+from conftest import ROOT, run_cli
+
+
+def _conv(q, a):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Scores and masks (rho 0.1, 0.5) of tiny-llava, an image dataset and a text-only JSONL."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("ft")
+    probe.run("tiny-llava", d / "scores.safetensors", ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
+    for rho in (0.1, 0.5):
+        mask.run(d / "scores.safetensors", d / f"mask{rho}.safetensors", MaskConfig(ratio=rho))
+    (d / "img").mkdir()
+    recs = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(d / "img" / f"{i}.png")
+        recs.append({"image": f"{i}.png", "conversations": _conv("<image>\nWhat digit is shown?", str(i % 10))})
+    (d / "train.json").write_text(json.dumps(recs))
+    text = [{"conversations": _conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(10)]
+    (d / "text.jsonl").write_text("\n".join(json.dumps(r) for r in text))
+    return d
+
+
+def _base(name):
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source(name)
+    return load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model
+
+
+def _train(work, out, rho=0.1, **kw):
+    cfg = FinetuneConfig(**{"lr": 1e-3, "max_steps": 4, "batch_size": 4, "weight_decay": 0.1, "warmup_ratio": 0.0,
+                            **kw})
+    return finetune.run("tiny-llava", work / "train.json", out, cfg, mask_path=work / f"mask{rho}.safetensors",
+                        image_folder=work / "img")
+
+
+def test_frozen_entries_stay_bit_identical_and_tuned_matrices_change_only_inside_the_mask(work, tmp_path):
+    side = _train(work, tmp_path / "run")
+    base = dict(_base("tiny-llava").named_parameters())
+    tuned = dict(load_run(open_run(tmp_path / "run")).model.named_parameters())
+    mf = mask.open_mask(tmp_path / "run" / "mask.safetensors")
+    assert set(mf.params) and side["trainable"]["masked_params"] == len(mf.params)
+    for name, p0 in base.items():
+        p1 = tuned[name].detach()
+        if name in mf.params:
+            m = mf.dense(name)
+            assert torch.equal(p1[~m], p0.detach()[~m]), name        # weight decay 0.1 did not touch them
+            assert (p1[m] != p0.detach()[m]).float().mean() > 0.9, name
+        elif "layernorm" in name and ".layers." in name:
+            assert not torch.equal(p1, p0.detach()), name            # norms of tuned layers train densely
+        else:
+            assert torch.equal(p1, p0.detach()), name                # vision tower, projector, embeddings...
+    losses = [x["loss"] for x in side["loss_curve"]]
+    assert len(losses) == 4 and side["steps"] == 4
+
+
+def test_optimiser_state_scales_with_rho(work, tmp_path):
+    sizes = {}
+    for rho in (0.1, 0.5):
+        side = _train(work, tmp_path / f"r{rho}", rho=rho, max_steps=1)
+        c = side["trainable"]
+        mf = mask.open_mask(work / f"mask{rho}.safetensors")
+        k = sum(int(mf.dense(n).sum()) for n in mf.params)
+        dense = c["trainable_entries"] - k                              # norms
+        # two fp32 moments per trainable entry + one int32 index per masked entry, nothing for frozen ones
+        assert side["optimizer"]["state_bytes"] == 2 * 4 * (k + dense) + 4 * k
+        sizes[rho] = k
+    assert sizes[0.5] / sizes[0.1] == pytest.approx(5, rel=0.01)
+
+
+def test_gradient_accumulation_equals_one_big_batch(work, tmp_path):
+    _train(work, tmp_path / "big", max_steps=2, batch_size=4, grad_accum=1)
+    _train(work, tmp_path / "acc", max_steps=2, batch_size=2, grad_accum=2)
+    a = artifacts.read_tensors(tmp_path / "big" / "delta.safetensors")
+    b = artifacts.read_tensors(tmp_path / "acc" / "delta.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_export_loads_in_plain_transformers_with_the_fine_tuned_logits(work, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    _train(work, tmp_path / "run", max_steps=2)
+    r = run_cli("export", tmp_path / "run", "--out", tmp_path / "exp")
+    assert r.returncode == 0, r.stderr
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path / "exp").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path / "exp")
+    ours = load_run(open_run(tmp_path / "run")).model
+    ids = torch.tensor([[256, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=0)
+        assert not torch.equal(plain(input_ids=ids).logits, _base("tiny-llava")(input_ids=ids).logits)
+    assert proc.image_token == "<image>"
+    r = run_cli("export", tmp_path / "run", "--out", tmp_path / "exp")
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_text_only_jsonl_full_ft_on_tiny_llama_from_the_cli(work, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("finetune", "tiny-llama", "--data", work / "text.jsonl", "--out", out, "--max-steps", "3",
+                "--lr", "1e-3", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    side = artifacts.read_yaml(out / "run.yaml")
+    assert side["method"] == "full-ft" and side["steps"] == 3 and side["data"]["used"] == 10
+    assert not (out / "mask.safetensors").exists() and not (out / "checkpoint").exists()
+    delta = artifacts.read_tensors(out / "delta.safetensors")
+    # Full-FT of all 3 layers (fewer than 20): dense tensors, 9 per layer (7 linears + 2 norms)
+    assert len(delta) == 27 and all(v.dim() in (1, 2) for v in delta.values())
+    r = run_cli("inspect", out, "--json")
+    rows = json.loads(r.stdout)["rows"]
+    assert {row["layer"] for row in rows} == {"0", "1", "2"} and all(row["changed"] > 0 for row in rows)
+
+
+def test_mask_built_from_scores_in_process(work, tmp_path):
+    cfg = FinetuneConfig(lr=1e-3, max_steps=1, ratio=0.1)
+    finetune.run("tiny-llava", work / "train.json", tmp_path / "run", cfg, mask_path=work / "scores.safetensors",
+                 image_folder=work / "img")
+    a, b = mask.open_mask(tmp_path / "run" / "mask.safetensors"), mask.open_mask(work / "mask0.1.safetensors")
+    assert all(torch.equal(a.packed(n), b.packed(n)) for n in b.params)     # same as `dowser mask` gives
+
+
+def _sigint_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
+    args = ["finetune", "tiny-llava", "--mask", work / "mask0.1.safetensors", "--data", work / "train.json",
+            "--image-folder", work / "img", "--max-steps", "200", "--lr", "1e-3", "--weight-decay", "0.1",
+            "--batch-size", "2", "--save-every", "5"]
+    full = run_cli(*args, "--out", tmp_path / "full", timeout=900)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "dowser_cli", *map(str, args), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
+                            env={**os.environ, "DOWSER_QUIET": "1"})
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "state.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and not (out / "delta.safetensors").exists()
+    step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
+    assert 0 < step < 200
+    r = run_cli(*args, "--out", out, "--resume", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert (out / "delta.safetensors").read_bytes() == (tmp_path / "full" / "delta.safetensors").read_bytes()
+    loss_full = artifacts.read_yaml(tmp_path / "full" / "run.yaml")["loss_curve"]
+    assert artifacts.read_yaml(out / "run.yaml")["loss_curve"] == loss_full
+
+
+@pytest.mark.parametrize("case", ["other-model-mask", "not-json", "missing-image", "empty", "layers-out-of-range",
+                                  "resume-nothing", "existing-run"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, tmp_path, case):
+    out = tmp_path / "run"
+    data, extra = work / "train.json", []
+    m = work / "mask0.1.safetensors"
+    if case == "other-model-mask":
+        probe.run("tiny-llama", tmp_path / "s.safetensors", ProbeConfig(samples=2, batch_size=2, probes=1, seq_len=8))
+        mask.run(tmp_path / "s.safetensors", tmp_path / "m.safetensors", MaskConfig())
+        m, want = tmp_path / "m.safetensors", "different model"
+    elif case == "not-json":
+        data = tmp_path / "d.json"
+        data.write_text("[{'image': broken")
+        want = "not valid JSON"
+    elif case == "missing-image":
+        data = tmp_path / "d.json"
+        data.write_text(json.dumps([{"image": "nope.png", "conversations": _conv("<image>\nx", "y")}]))
+        want = "record 0: image"
+    elif case == "empty":
+        data = tmp_path / "d.json"
+        data.write_text("[]")
+        want = "empty dataset"
+    elif case == "layers-out-of-range":
+        m, extra, want = None, ["--tune-layers", "last:7"], "has 3 decoder layers"
+    elif case == "resume-nothing":
+        extra, want = ["--resume"], "no checkpoint"
+    else:
+        out.mkdir()
+        (out / "run.yaml").write_text("kind: dowser.run\n")
+        want = "already holds a run"
+    args = ["finetune", "tiny-llava", "--data", data, "--image-folder", work / "img", "--out", out, "--max-steps", "1",
+            *extra, *(["--mask", m] if m else [])]
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    if case != "existing-run":
+        assert not out.exists()
