@@ -33,6 +33,7 @@ test-fast: install
 
 bench: install
 	$(PY) scripts/bench_probe.py
+	$(PY) scripts/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -530,7 +530,8 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                 state.train_s += dt
                 state.tokens += tokens
                 state.losses.append({"step": state.step + 1, "loss": round(loss, 6),
-                                     "lr": float(f"{cfg.lr * lr_at(state.step):.6g}")})
+                                     "lr": float(f"{cfg.lr * lr_at(state.step):.6g}"), "tokens": tokens,
+                                     "seconds": round(dt, 4)})
                 state.step += 1
                 bar.update(task, advance=1, info=f"loss {loss:.4f}  {tokens / dt:,.0f} tok/s")
                 if stop.requested and state.step < sched.total_steps:

@@ -6,7 +6,7 @@ from dowser_cli import artifacts
 from conftest import run_cli
 
 
-def test_probe_mask_inspect_compare_combine_chain(tmp_path):
+def test_probe_mask_finetune_export_inspect_compare_combine_chain(tmp_path):
     def ok(*args):
         r = run_cli(*args, cwd=tmp_path)
         assert r.returncode == 0, f"{args}: {r.stderr}"
@@ -30,6 +30,17 @@ def test_probe_mask_inspect_compare_combine_chain(tmp_path):
     side = artifacts.read_yaml(tmp_path / "u.yaml")
     assert side["inputs"]["a"]["sha256"] == artifacts.sha256_file(tmp_path / "m0.safetensors")
     assert 0.1 <= side["totals"]["fraction"] <= 0.2
+    # fine-tune with the mask, export, and check each artifact names the one before it
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(
+        {"conversations": [{"from": "human", "value": f"Say {i}"}, {"from": "gpt", "value": str(i)}]}) for i in range(6)))
+    ok("finetune", "tiny-llava", "--mask", "m0.safetensors", "--data", "train.jsonl", "--out", "run", "--max-steps", "2")
+    run_side = artifacts.read_yaml(tmp_path / "run" / "run.yaml")
+    assert run_side["inputs"]["mask"]["sha256"] == artifacts.sha256_file(tmp_path / "m0.safetensors")
+    assert artifacts.read_yaml(tmp_path / "m0.yaml")["inputs"]["scores"]["sha256"] == \
+        artifacts.sha256_file(tmp_path / "s0.safetensors")
+    ok("export", "run", "--out", "exported")
+    assert (tmp_path / "exported" / "config.json").is_file()
+    assert json.loads(ok("inspect", "run", "--json").stdout)["method"] == "dowser-mask"
     # every stage's --help ends with an example
-    for cmd in ("probe", "mask", "compare", "combine", "inspect"):
+    for cmd in ("probe", "mask", "compare", "combine", "inspect", "finetune", "export"):
         assert "Example: dowser" in ok(cmd, "--help").stdout
