@@ -33,9 +33,12 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the sorted (parameter name, shape, dtype) triples of ``model``."""
-    rows = sorted(f"{n}|{tuple(p.shape)}|{str(p.dtype).removeprefix('torch.')}" for n, p in model.named_parameters())
+def model_fingerprint(model: torch.nn.Module, as_dtype: torch.dtype | None = None) -> str:
+    """sha256 of the sorted (parameter name, shape, dtype) triples of ``model`` (with ``as_dtype``: as if
+    it had been loaded in that dtype)."""
+    def dt(p):
+        return str(as_dtype or p.dtype).removeprefix("torch.")
+    rows = sorted(f"{n}|{tuple(p.shape)}|{dt(p)}" for n, p in model.named_parameters())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 

@@ -169,6 +169,61 @@ def export(
     typer.echo(str(out))
 
 
+@app.command("eval-forgetting", epilog="Example: dowser eval-forgetting --base smol-llava runs/dowser runs/full-ft "
+                                        "--tasks configs/tasks/demo.yaml --out report/")
+def eval_forgetting(
+    runs: list[Path] = typer.Argument(None, help="Run directories (from `dowser finetune`) or exported checkpoints."),
+    base: str = typer.Option(..., "--base", help="The base model the runs were fine-tuned from (alias, dir, hub id)."),
+    tasks: Path = typer.Option(..., "--tasks", help="Task suite YAML (configs/tasks/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory (report.yaml, report.md, report.png, cache/)."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per generate/forward batch [8]."),
+    drift: Optional[bool] = typer.Option(None, "--drift/--no-drift",
+                                         help="Add a data-free drift column (KL to the base on probe text) [off]."),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
+    random_init: bool = typer.Option(False, "--random-init", help="The base is built from its shipped config."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report's rows as JSON on stdout."),
+):
+    """Evaluate the base model and each run on the suite's downstream task(s) (D) and upstream tasks (U):
+    report.md has one row per model with D, every upstream task, U, H = 2UD/(U+D) and the change of U
+    against the base; report.png plots U against D. Results are cached per model and task."""
+    import json
+
+    from dowser_cli import evaluate
+
+    cfg = evaluate.EvalConfig(**{k: v for k, v in dict(batch_size=batch_size, drift=drift, dtype=dtype,
+                                                       device=device).items() if v is not None})
+    report = evaluate.run(base, list(runs or []), tasks, out, cfg, random_init=random_init, command=_command_line())
+    if as_json:
+        typer.echo(json.dumps(report["rows"], indent=2))
+    else:
+        typer.echo((out / "report.md").read_text())
+        c = report["cache"]
+        print(f"{out / 'report.md'}, {out / 'report.png'}; {c['evaluated']} evaluated, {c['hits']} from the cache",
+              file=sys.stderr)
+
+
+@app.command("make-data", epilog="Example: dowser make-data digits --out data/digits")
+def make_data(
+    name: str = typer.Argument(..., help="Built-in dataset: digits (scikit-learn's handwritten digits)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
+    train: Optional[int] = typer.Option(None, help="Keep the first N training records [all 1,497]."),
+    test: Optional[int] = typer.Option(None, help="Keep the first N test records [all 300]."),
+):
+    """Write a built-in dataset that needs no download: images/, train.json (LLaVA conversations) and
+    test.jsonl (held-out questions with answers, never in train.json)."""
+    from dowser_cli import datasets
+    from dowser_cli.errors import UserError
+
+    if name not in datasets.BUILTIN:
+        raise UserError(f"unknown dataset {name!r}; available: {', '.join(datasets.BUILTIN)}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: exists and is not empty")
+    files = datasets.BUILTIN[name](out, train, test)
+    for k, v in files.items():
+        typer.echo(f"{k}\t{v}")
+
+
 @app.command(epilog="Example: dowser compare seed0.safetensors seed1.safetensors --json")
 def compare(
     a: Path = typer.Argument(..., help="First mask or scores artifact."),

@@ -195,6 +195,26 @@ class Encoder:
         return Example(record.index, ids, labels, record.image)
 
 
+def prompt_ids(encoder: "Encoder", text: str, image=None) -> list[int]:
+    """Token ids of one user turn plus the template's generation prompt (what evaluation feeds
+    ``generate``); an image goes through the processor, placed where ``<image>`` is (or first)."""
+    if image is not None and IMAGE_PLACEHOLDER not in text:
+        text = f"{IMAGE_PLACEHOLDER}\n{text}"
+    rendered = encoder._render([{"role": "user", "content": text}], True)
+    if encoder.image_token != IMAGE_PLACEHOLDER:
+        rendered = rendered.replace(IMAGE_PLACEHOLDER, encoder.image_token)
+    if image is not None:
+        if encoder.processor is None:
+            raise ValueError("the model has no image processor (text-only model)")
+        ids = encoder.processor(text=[rendered], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    else:
+        ids = encoder.tokenizer(rendered)["input_ids"]
+    bos = encoder.tokenizer.bos_token_id
+    if len(ids) > 1 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
 def _content_list(text: str) -> list[dict]:
     parts: list[dict] = []
     for n, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):

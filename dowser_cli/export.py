@@ -59,11 +59,15 @@ def apply_delta(lm: LoadedModel, run: RunDir) -> None:
     """Write the run's trained values into the (base) model in place."""
     from dowser_cli.mask import open_mask
 
-    if artifacts.model_fingerprint(lm.model) != run.meta["model_fingerprint"]:
-        raise UserError(f"{run.path}: was fine-tuned from a different model than the one loaded "
-                        f"({lm.source.spec}); fingerprint mismatch")
-    if artifacts.weights_digest(lm.model) != run.meta.get("weights_digest"):
-        raise UserError(f"{run.path}: was fine-tuned from different weights than {lm.source.spec}")
+    run_dtype = getattr(torch, run.sidecar["model"].get("dtype", "float32"))
+    if artifacts.model_fingerprint(lm.model, run_dtype) != run.meta["model_fingerprint"]:
+        raise UserError(f"{run.path}: was fine-tuned from a different base model than {lm.source.spec} "
+                        f"(fingerprint mismatch)")
+    # the digest reads values, which depend on the dtype loaded; compare it where they are comparable
+    same_dtype = all(p.dtype == run_dtype for p in lm.model.parameters())
+    if same_dtype and artifacts.weights_digest(lm.model) != run.meta.get("weights_digest"):
+        raise UserError(f"{run.path}: was fine-tuned from different weights than {lm.source.spec} "
+                        f"(same architecture, weights digest differs)")
     mf = open_mask(run.mask) if run.mask else None
     values = artifacts.read_tensors(run.delta)
     with torch.no_grad():

@@ -1,0 +1,474 @@
+"""`dowser eval-forgetting`: what fine-tuning gained (downstream D) and what it cost (upstream U), with
+the paper's H = 2UD/(U+D) (DESIGN section 1), for the base model and every run, in one report.
+
+setup (suite, base model, runs checked against it) -> evaluate each (model, task) not in the cache ->
+report.yaml, report.md, report.png. Results are cached per (model identity, task, settings) under
+OUT/cache, so adding one run to a report evaluates only that run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dowser_cli import artifacts, metrics
+from dowser_cli.data import Encoder, prompt_ids
+from dowser_cli.errors import UserError
+from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
+from dowser_cli.probe import resolve_device, resolve_dtype
+from dowser_cli.progress import progress_bar, stderr_console
+from dowser_cli.tasks import EvalRecord, Task, load_suite, read_records, render_prompt
+
+PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy", "cider", "choice_likelihood",
+                   "answer_likelihood"}
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_len: int = 2048
+    dtype: str = "auto"
+    device: str = "auto"
+    drift: bool = False        # add a drift entry (mean KL to the base model) if the suite has none
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps({"max_len": self.max_len, "dtype": self.dtype}).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Subject:
+    """One model in the report: the base, a run directory, or an exported checkpoint directory."""
+
+    label: str
+    kind: str                  # base | run | export
+    path: Path | None
+    identity: str             # what the cache key uses: the weights, not the path
+    method: str
+    load: Callable[[], LoadedModel]
+
+
+# ---- setup ------------------------------------------------------------------------------------------------
+
+def _base_subject(spec: str, random_init: bool, dtype: torch.dtype, device: str) -> tuple[Subject, LoadedModel]:
+    source = resolve_source(spec, random_init=random_init)
+    lm = load_model(source, load_config(source), dtype, device)
+    identity = f"base:{artifacts.model_fingerprint(lm.model)}:{artifacts.weights_digest(lm.model)}"
+    return Subject(f"base ({spec})", "base", None, identity, "zero-shot", lambda: lm), lm
+
+
+def _run_subjects(paths: list[Path], base: LoadedModel, base_identity: str, dtype: torch.dtype,
+                  device: str) -> list[Subject]:
+    from dowser_cli.export import load_run, open_run
+
+    out, labels = [], set()
+    base_fp = {}
+    for p in paths:
+        label = p.name if p.name not in labels else str(p)
+        labels.add(label)
+        if (p / "run.yaml").exists() or (p / "checkpoint").exists():
+            run = open_run(p)
+            run_dtype = getattr(torch, run.sidecar["model"].get("dtype", "float32"))
+            if run_dtype not in base_fp:
+                base_fp[run_dtype] = artifacts.model_fingerprint(base.model, run_dtype)
+            if run.meta["model_fingerprint"] != base_fp[run_dtype]:
+                raise UserError(f"{p}: was fine-tuned from a different base model ({run.model_spec}) than "
+                                f"--base {base.source.spec} (fingerprint mismatch)")
+            if run_dtype == dtype and run.meta.get("weights_digest") != artifacts.weights_digest(base.model):
+                raise UserError(f"{p}: was fine-tuned from different weights than --base {base.source.spec}")
+            ident = f"run:{base_identity}:{artifacts.sha256_file(run.delta)}"
+            out.append(Subject(label, "run", p, ident, run.sidecar.get("method", "?"),
+                               lambda run=run: load_run(run, dtype, device, base=base.source.spec)))
+        elif (p / "config.json").is_file():
+            exp = p / "dowser_export.yaml"
+            ident = f"export:{artifacts.read_yaml(exp).get('delta_sha256')}" if exp.exists() else \
+                "export:" + hashlib.sha256(b"".join(artifacts.sha256_file(f).encode()
+                                                    for f in sorted(p.glob("*.safetensors")))).hexdigest()
+            src = resolve_source(str(p))
+            out.append(Subject(label, "export", p, ident, "export",
+                               lambda src=src: load_model(src, load_config(src), dtype, device)))
+        else:
+            raise UserError(f"{p}: neither a run directory (run.yaml) nor a save_pretrained checkpoint (config.json)")
+    return out
+
+
+def _drift_task(tasks: list[Task]) -> list[Task]:
+    if any(t.kind == "drift" for t in tasks):
+        return tasks
+    return tasks + [Task(name="drift", role="upstream", kind="drift", metric="kl", prompt="", max_new_tokens=0)]
+
+
+# ---- evaluation of one (model, task) --------------------------------------------------------------------
+
+def _batches(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
+
+
+def _pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _image_kwargs(lm: LoadedModel, images: list, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    images = [im for im in images if im is not None]
+    if not images:
+        return {}
+    px = lm.processor.image_processor(images, return_tensors="pt")
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in px.items()
+            if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    tok = lm.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+@torch.no_grad()
+def generate_answers(lm: LoadedModel, task: Task, recs: list[EvalRecord], batch_size: int, max_len: int,
+                     device: str, dtype: torch.dtype, advance: Callable[[int], None]) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    enc = Encoder(lm.tokenizer, lm.processor, max_len)
+    answers = []
+    for chunk in _batches(recs, batch_size):
+        images = [r.load_image() for r in chunk]
+        seqs = [prompt_ids(enc, render_prompt(task, r), im) for r, im in zip(chunk, images)]
+        ids, mask = _pad_left(seqs, _pad_id(lm))
+        kw = _image_kwargs(lm, images, device, dtype)
+        if lm.adapter.sequence_kwargs is not None and kw:
+            kw.update(lm.adapter.sequence_kwargs(lm.config, ids))
+        out = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                max_new_tokens=task.max_new_tokens, pad_token_id=_pad_id(lm),
+                                eos_token_id=lm.tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+                                **{k: v.to(device) for k, v in kw.items()})
+        answers += [lm.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, ids.shape[1]:].cpu()]
+        advance(len(chunk))
+    return answers
+
+
+@torch.no_grad()
+def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candidates: list[list[str]],
+                    batch_size: int, max_len: int, device: str, dtype: torch.dtype,
+                    advance: Callable[[int], None]) -> list[list[float]]:
+    """Mean log-probability per token of each candidate answer after the record's prompt [rec][cand]."""
+    enc = Encoder(lm.tokenizer, lm.processor, max_len)
+    flat = [(i, j) for i, cs in enumerate(candidates) for j in range(len(cs))]
+    out = [[0.0] * len(cs) for cs in candidates]
+    prompts: dict[int, tuple[list[int], Any]] = {}
+    for chunk in _batches(flat, batch_size):
+        seqs, starts, images = [], [], []
+        for i, j in chunk:
+            if i not in prompts:
+                im = recs[i].load_image()
+                prompts[i] = (prompt_ids(enc, render_prompt(task, recs[i]), im), im)
+            p, im = prompts[i]
+            a = lm.tokenizer(candidates[i][j], add_special_tokens=False)["input_ids"]
+            seqs.append(p + a)
+            starts.append(len(p))
+            images.append(im)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), _pad_id(lm), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s)
+            mask[b, :len(s)] = 1
+        kw = _image_kwargs(lm, images, device, dtype)
+        if lm.adapter.sequence_kwargs is not None and kw:
+            kw.update(lm.adapter.sequence_kwargs(lm.config, ids))
+        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].to(device)[..., None])[..., 0].cpu()
+        for b, ((i, j), s, st) in enumerate(zip(chunk, seqs, starts)):
+            n = len(s) - st
+            out[i][j] = float(logp[b, st - 1:len(s) - 1].sum()) / max(n, 1)
+        advance(len({i for i, _ in chunk}))
+    return out
+
+
+class DriftText:
+    """Synthetic probe text from the base model (as `dowser probe` makes it), generated once per report."""
+
+    def __init__(self):
+        self._cache: dict[str, list[list[int]]] = {}
+
+    def get(self, base: LoadedModel, task: Task, device: str) -> list[list[int]]:
+        key = f"{task.samples}:{task.seq_len}:{task.seed}"
+        if key not in self._cache:
+            from dowser_cli import probe
+
+            cfg = probe.ProbeConfig(samples=task.samples, seq_len=task.seq_len, seed=task.seed)
+            ids = probe.token_ids(base)
+            samples = []
+            for start in range(0, task.samples, cfg.gen_chunk()):
+                n = min(cfg.gen_chunk(), task.samples - start)
+                samples += probe.make_samples(base, cfg, ids, start, n, None, device)
+            self._cache[key] = [s.tokens for s in samples]
+        return self._cache[key]
+
+
+@torch.no_grad()
+def drift_kl(base: LoadedModel, lm: LoadedModel, seqs: list[list[int]], batch_size: int, device: str,
+             advance: Callable[[int], None]) -> float:
+    """Mean over real positions of KL(p_base || p_model) of the next-token distributions."""
+    total, count = 0.0, 0
+    for chunk in _batches(seqs, batch_size):
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), _pad_id(base), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(chunk):
+            ids[b, :len(s)] = torch.tensor(s)
+            mask[b, :len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        lp = torch.log_softmax(base.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        lq = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        total += float(kl[mask.bool()].sum())
+        count += int(mask.sum())
+        advance(len(chunk))
+    return total / max(count, 1)
+
+
+def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRecord], cfg: EvalConfig,
+               device: str, dtype: torch.dtype, drift_text: DriftText, advance) -> dict[str, Any]:
+    """{"score", "n", "predictions"?} of one model on one task (score in the metric's own unit)."""
+    if task.kind == "drift":
+        if lm is base:
+            advance(task.samples)
+            return {"score": 0.0, "n": task.samples}
+        seqs = drift_text.get(base, task, device)
+        return {"score": drift_kl(base, lm, seqs, cfg.batch_size, device, advance), "n": len(seqs)}
+    if task.kind == "likelihood":
+        cands = [r.options if task.metric == "choice_likelihood" else r.answers[:1] for r in recs]
+        lps = answer_logprobs(lm, task, recs, cands, cfg.batch_size, cfg.max_len, device, dtype, advance)
+        if task.metric == "choice_likelihood":
+            per = [float(max(range(len(lp)), key=lp.__getitem__) == r.answer_index) for lp, r in zip(lps, recs)]
+        else:
+            per = [math.exp(lp[0]) for lp in lps]
+        return {"score": sum(per) / len(per), "n": len(per)}
+    preds = generate_answers(lm, task, recs, cfg.batch_size, cfg.max_len, device, dtype, advance)
+    if task.metric == "cider":
+        score, _ = metrics.cider_d({r.id: p for r, p in zip(recs, preds)}, {r.id: r.answers for r in recs})
+    else:
+        fn = {"vqa_accuracy": lambda p, r: metrics.vqa_accuracy(p, r.answers),
+              "exact_match": lambda p, r: metrics.exact_match(p, r.answers),
+              "contains": lambda p, r: metrics.contains_match(p, r.answers),
+              "choice_accuracy": lambda p, r: metrics.choice_accuracy(p, r.options, r.answer_index)}[task.metric]
+        score = sum(fn(p, r) for p, r in zip(preds, recs)) / len(recs)
+    return {"score": score, "n": len(recs),
+            "predictions": [{"id": r.id, "prediction": p, "answers": r.answers[:3]} for r, p in zip(recs, preds)]}
+
+
+# ---- cache ------------------------------------------------------------------------------------------------
+
+def cache_key(subject: Subject, task: Task, cfg: EvalConfig) -> str:
+    return hashlib.sha256(f"{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}".encode()).hexdigest()[:24]
+
+
+def _cache_get(cache: Path, key: str) -> dict | None:
+    f = cache / f"{key}.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _cache_put(cache: Path, key: str, result: dict) -> None:
+    from dowser_cli.artifacts import _atomic
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with _atomic(cache / f"{key}.json") as tmp:
+        tmp.write_text(json.dumps(result))
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+def run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: EvalConfig, random_init: bool = False,
+        command: str = "") -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tasks = load_suite(suite)
+    if cfg.drift:
+        tasks = _drift_task(tasks)
+    _check_out(out)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    _check_runs_cheaply(base_spec, random_init, run_paths, dtype)
+    records = {t.name: read_records(t) for t in tasks if t.kind != "drift"}
+    base_subject, base = _base_subject(base_spec, random_init, dtype, device)
+    subjects = [base_subject] + _run_subjects(run_paths, base, base_subject.identity, dtype, device)
+    cache = out / "cache"
+    results: dict[str, dict[str, dict]] = {}
+    hits = misses = 0
+    drift_text = DriftText()
+    console = stderr_console()
+    with progress_bar(console) as bar:
+        for s in subjects:
+            results[s.label] = {}
+            todo = []
+            for t in tasks:
+                got = _cache_get(cache, cache_key(s, t, cfg))
+                if got is not None:
+                    results[s.label][t.name] = got
+                    hits += 1
+                else:
+                    todo.append(t)
+            if not todo:
+                continue
+            lm = s.load()
+            for t in todo:
+                n = t.samples if t.kind == "drift" else len(records[t.name])
+                task_bar = bar.add_task(f"{s.label}: {t.name}", total=n)
+                try:
+                    res = score_task(lm, base, t, records.get(t.name, []), cfg, device, dtype, drift_text,
+                                     lambda k, tb=task_bar: bar.advance(tb, k))
+                except ValueError as e:  # e.g. an image task on a text-only model
+                    raise UserError(f"task {t.name} on {s.label}: {e}") from None
+                _cache_put(cache, cache_key(s, t, cfg), res)
+                results[s.label][t.name] = res
+                misses += 1
+            if lm is not base:
+                del lm
+    report = build_report(subjects, tasks, results, base_spec, suite, cfg, command)
+    report["cache"] = {"hits": hits, "evaluated": misses}
+    report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
+    write_report(out, report, tasks)
+    return report
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: directory {parent} does not exist")
+
+
+def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dtype: torch.dtype) -> None:
+    """Fingerprints on a weightless copy of the base: a run of another model fails before anything loads."""
+    from dowser_cli.export import open_run
+
+    source = resolve_source(base_spec, random_init=random_init)
+    config = load_config(source)
+    fps: dict[torch.dtype, str] = {}
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"{p}: no such run directory")
+        if not (p / "run.yaml").exists() and not (p / "checkpoint").exists():
+            continue
+        run = open_run(p)
+        rd = getattr(torch, run.sidecar["model"].get("dtype", "float32"))
+        if rd not in fps:
+            fps[rd] = artifacts.model_fingerprint(meta_model(source, config, rd))
+        if run.meta["model_fingerprint"] != fps[rd]:
+            raise UserError(f"{p}: was fine-tuned from a different base model ({run.model_spec}) than --base "
+                            f"{base_spec} (fingerprint mismatch)")
+
+
+def _display(task: Task, score: float) -> float:
+    return round(100 * score, 2) if task.metric in PERCENT_METRICS else round(score, 5)
+
+
+def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base_spec: str, suite: Path,
+                 cfg: EvalConfig, command: str) -> dict[str, Any]:
+    down = [t for t in tasks if t.role == "downstream"]
+    up = [t for t in tasks if t.in_u]
+    drift = [t for t in tasks if t.kind == "drift"]
+    rows = []
+    for s in subjects:
+        r = results[s.label]
+        scores = {t.name: _display(t, r[t.name]["score"]) for t in tasks}
+        d = sum(scores[t.name] for t in down) / len(down)
+        u = sum(scores[t.name] for t in up) / len(up)
+        rows.append({"model": s.label, "kind": s.kind, "method": s.method, "path": str(s.path) if s.path else None,
+                     "D": round(d, 2), "U": round(u, 2), "H": round(metrics.h_score(u, d), 2), "scores": scores,
+                     **({"drift": scores[drift[0].name]} if drift else {})})
+    base_u = rows[0]["U"]
+    for row in rows:
+        row["dU"] = round(row["U"] - base_u, 2)
+    report = {
+        **artifacts.sidecar_header("dowser.report", command),
+        "base": base_spec, "suite": str(suite),
+        "tasks": [{"name": t.name, "role": t.role, "kind": t.kind, "metric": t.metric,
+                   "data": str(t.data) if t.data else None, "data_sha256": t.data_sha256,
+                   "unit": "%" if t.metric in PERCENT_METRICS else "nats" if t.kind == "drift" else ""} for t in tasks],
+        "config": asdict(cfg),
+        "rows": rows,
+    }
+    if drift and len(rows) > 2:
+        report["drift_vs_dU"] = _drift_tracking(rows[1:])
+    return report
+
+
+def _drift_tracking(rows: list[dict]) -> dict[str, float]:
+    """How well the data-free drift ranks the runs' upstream loss: Spearman of drift against -dU."""
+    from dowser_cli.scoring import spearman
+
+    x = torch.tensor([r["drift"] for r in rows], dtype=torch.float64)
+    y = torch.tensor([-r["dU"] for r in rows], dtype=torch.float64)
+    return {"runs": len(rows), "spearman": round(float(spearman(x, y)), 4)}
+
+
+def render_markdown(report: dict, tasks: list[Task]) -> str:
+    down = [t.name for t in tasks if t.role == "downstream"]
+    up = [t.name for t in tasks if t.in_u]
+    drift = [t.name for t in tasks if t.kind == "drift"]
+    head = ["model", "method", *[f"D: {n}" for n in down], "D", *[f"U: {n}" for n in up], "U", "H", "ΔU",
+            *(["drift (KL)"] if drift else [])]
+    lines = [f"# Forgetting report: base {report['base']}", "",
+             f"Suite `{report['suite']}`; scores in % (CIDEr x100); U = mean of the upstream tasks, "
+             f"H = 2UD/(U+D); ΔU against the base model." + (" Drift: mean KL(base || model) of next-token "
+                                                              "distributions on synthetic probe text." if drift else ""),
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        cells = [r["model"], r["method"], *[f"{r['scores'][n]:.2f}" for n in down], f"{r['D']:.2f}",
+                 *[f"{r['scores'][n]:.2f}" for n in up], f"{r['U']:.2f}", f"{r['H']:.2f}", f"{r['dU']:+.2f}",
+                 *([f"{r['drift']:.4f}"] if drift else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "drift_vs_dU" in report:
+        d = report["drift_vs_dU"]
+        lines += ["", f"Drift against upstream loss over {d['runs']} runs: Spearman {d['spearman']:+.2f} "
+                      f"(+1: drift ranks the runs exactly as their loss of U)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for r in report["rows"]:
+        base = r["kind"] == "base"
+        ax.scatter(r["D"], r["U"], s=80 if base else 50, marker="*" if base else "o", zorder=3)
+        ax.annotate(f"{r['model']} (H {r['H']:.1f})", (r["D"], r["U"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel("downstream D (learnt)")
+    ax.set_ylabel("upstream U (kept)")
+    ax.set_title(f"Forgetting: {report['base']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    from dowser_cli.artifacts import _atomic
+
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict, tasks: list[Task]) -> None:
+    out.mkdir(exist_ok=True)
+    artifacts.write_yaml(out / "report.yaml", report)
+    from dowser_cli.artifacts import _atomic
+
+    with _atomic(out / "report.md") as tmp:
+        tmp.write_text(render_markdown(report, tasks))
+    write_chart(out / "report.png", report)
