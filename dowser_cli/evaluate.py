@@ -22,7 +22,7 @@ from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
 from dowser_cli.probe import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
-from dowser_cli.tasks import EvalRecord, Task, load_suite, read_records, render_prompt
+from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
 
 PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy", "cider", "choice_likelihood",
                    "answer_likelihood"}
@@ -158,11 +158,11 @@ def generate_answers(lm: LoadedModel, task: Task, recs: list[EvalRecord], batch_
 @torch.no_grad()
 def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candidates: list[list[str]],
                     batch_size: int, max_len: int, device: str, dtype: torch.dtype,
-                    advance: Callable[[int], None]) -> list[list[float]]:
-    """Mean log-probability per token of each candidate answer after the record's prompt [rec][cand]."""
+                    advance: Callable[[int], None]) -> list[list[tuple[float, int]]]:
+    """(summed log-probability, tokens) of each candidate answer after the record's prompt [rec][cand]."""
     enc = Encoder(lm.tokenizer, lm.processor, max_len)
     flat = [(i, j) for i, cs in enumerate(candidates) for j in range(len(cs))]
-    out = [[0.0] * len(cs) for cs in candidates]
+    out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(cs) for cs in candidates]
     prompts: dict[int, tuple[list[int], Any]] = {}
     for chunk in _batches(flat, batch_size):
         seqs, starts, images = [], [], []
@@ -188,7 +188,7 @@ def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candida
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].to(device)[..., None])[..., 0].cpu()
         for b, ((i, j), s, st) in enumerate(zip(chunk, seqs, starts)):
             n = len(s) - st
-            out[i][j] = float(logp[b, st - 1:len(s) - 1].sum()) / max(n, 1)
+            out[i][j] = (float(logp[b, st - 1:len(s) - 1].sum()), n)
         advance(len({i for i, _ in chunk}))
     return out
 
@@ -246,12 +246,15 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
         seqs = drift_text.get(base, task, device)
         return {"score": drift_kl(base, lm, seqs, cfg.batch_size, device, advance), "n": len(seqs)}
     if task.kind == "likelihood":
-        cands = [r.options if task.metric == "choice_likelihood" else r.answers[:1] for r in recs]
+        cands = [[task.answer_template.format(answer=a) for a in (r.options if task.metric == "choice_likelihood"
+                                                                 else r.answers[:1])] for r in recs]
         lps = answer_logprobs(lm, task, recs, cands, cfg.batch_size, cfg.max_len, device, dtype, advance)
         if task.metric == "choice_likelihood":
-            per = [float(max(range(len(lp)), key=lp.__getitem__) == r.answer_index) for lp, r in zip(lps, recs)]
-        else:
-            per = [math.exp(lp[0]) for lp in lps]
+            # the option the model finds most probable as a whole (summed log-probability; the
+            # template's shared words cancel out)
+            per = [float(max(range(len(lp)), key=lambda j, lp=lp: lp[j][0]) == r.answer_index) for lp, r in zip(lps, recs)]
+        else:  # geometric-mean probability per token of the reference answer
+            per = [math.exp(lp[0][0] / max(lp[0][1], 1)) for lp in lps]
         return {"score": sum(per) / len(per), "n": len(per)}
     preds = generate_answers(lm, task, recs, cfg.batch_size, cfg.max_len, device, dtype, advance)
     if task.metric == "cider":
@@ -296,6 +299,7 @@ def run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eval
         command: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
     tasks = load_suite(suite)
+    check_complete(tasks, suite)
     if cfg.drift:
         tasks = _drift_task(tasks)
     _check_out(out)
@@ -374,7 +378,7 @@ def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dt
 
 
 def _display(task: Task, score: float) -> float:
-    return round(100 * score, 2) if task.metric in PERCENT_METRICS else round(score, 5)
+    return round(100 * score, 2) if task.metric in PERCENT_METRICS else float(f"{score:.4g}")
 
 
 def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base_spec: str, suite: Path,
@@ -431,7 +435,7 @@ def render_markdown(report: dict, tasks: list[Task]) -> str:
     for r in report["rows"]:
         cells = [r["model"], r["method"], *[f"{r['scores'][n]:.2f}" for n in down], f"{r['D']:.2f}",
                  *[f"{r['scores'][n]:.2f}" for n in up], f"{r['U']:.2f}", f"{r['H']:.2f}", f"{r['dU']:+.2f}",
-                 *([f"{r['drift']:.4f}"] if drift else [])]
+                 *([f"{r['drift']:.4g}"] if drift else [])]
         lines.append("| " + " | ".join(cells) + " |")
     if "drift_vs_dU" in report:
         d = report["drift_vs_dU"]

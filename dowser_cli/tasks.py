@@ -3,7 +3,8 @@
 A suite: ``tasks:`` (a list) and optional ``include:`` (other suite files, relative to this one).
 A task: ``name``, ``role`` (downstream | upstream), ``kind``, ``data`` (path relative to the suite file,
 or ``builtin:digits/test.jsonl``), optional ``metric`` (the kind's default otherwise), ``prompt`` (a
-template with {question}, {options}, {hint}), ``max_new_tokens``, ``limit``, ``image_folder``, and for
+template with {question}, {options}, {hint}), ``max_new_tokens``, ``limit``, ``image_folder``, ``answer_template`` (likelihood kinds: the
+assistant text scored, e.g. "The answer is {answer}."), and for
 ``kind: drift`` the synthetic-text settings ``samples``, ``seq_len``, ``seed``."""
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ KINDS = {k.name: k for k in (
 )}
 ROLES = ("downstream", "upstream")
 TASK_KEYS = {"name", "role", "kind", "data", "metric", "prompt", "max_new_tokens", "limit", "image_folder",
-             "samples", "seq_len", "seed"}
+             "samples", "seq_len", "seed", "answer_template"}
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Task:
     samples: int = 32
     seq_len: int = 64
     seed: int = 0
+    answer_template: str = "{answer}"   # likelihood tasks: the assistant text scored for each answer
     data_sha256: str | None = field(default=None, compare=False)
 
     def digest(self) -> str:
@@ -98,9 +100,13 @@ def load_suite(path: Path, _seen: tuple[Path, ...] = (), check_files: bool = Tru
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise UserError(f"--tasks {path}: task name(s) used twice: {', '.join(dup)}")
-        if not any(t.role == "downstream" for t in tasks) or not any(t.in_u for t in tasks):
-            raise UserError(f"--tasks {path}: needs at least one downstream and one upstream (non-drift) task")
     return tasks
+
+
+def check_complete(tasks: list[Task], path: Path) -> None:
+    """A suite to report on (not a fragment meant for include:) needs both roles."""
+    if not any(t.role == "downstream" for t in tasks) or not any(t.in_u for t in tasks):
+        raise UserError(f"--tasks {path}: needs at least one downstream and one upstream (non-drift) task")
 
 
 def _task(raw: Any, i: int, suite: Path, check_files: bool = True) -> Task:
@@ -140,7 +146,8 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True) -> Task:
     t = Task(name=str(raw["name"]), role=role, kind=kind.name, metric=metric, prompt=raw.get("prompt", kind.prompt),
              max_new_tokens=int(raw.get("max_new_tokens", kind.max_new_tokens)), data=data, image_folder=folder,
              limit=raw.get("limit"), samples=int(raw.get("samples", 32)), seq_len=int(raw.get("seq_len", 64)),
-             seed=int(raw.get("seed", 0)), data_sha256=sha)
+             seed=int(raw.get("seed", 0)), answer_template=str(raw.get("answer_template", "{answer}")),
+             data_sha256=sha)
     return t
 
 

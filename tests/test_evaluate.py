@@ -1,0 +1,119 @@
+"""dowser eval-forgetting on tiny models: report structure, cache hits, drift, and bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from dowser_cli import artifacts, evaluate, finetune, tasks
+from dowser_cli.evaluate import EvalConfig
+from dowser_cli.finetune import FinetuneConfig
+
+from conftest import ROOT, run_cli
+
+SUITE = """
+tasks:
+  - {name: digits, role: downstream, kind: vqa, metric: exact_match, data: "builtin:digits/test.jsonl", limit: 6,
+     max_new_tokens: 3}
+  - {name: facts, role: upstream, kind: exact, metric: contains, data: FACTS, limit: 5, max_new_tokens: 4}
+  - {name: facts-choice, role: upstream, kind: likelihood, metric: choice_likelihood, data: FACTS, limit: 5,
+     answer_template: "The answer is {answer}."}
+  - {name: drift, role: upstream, kind: drift, samples: 4, seq_len: 12}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny suite and two tiny-llava runs (Full-FT and a longer one) on the digits training split."""
+    from dowser_cli.datasets import write_digits
+
+    d = tmp_path_factory.mktemp("ev")
+    (d / "suite.yaml").write_text(SUITE.replace("FACTS", str(ROOT / "configs" / "tasks" / "data" / "facts.jsonl")))
+    files = write_digits(d / "digits", n_train=16, n_test=4)
+    for name, steps in (("run-a", 1), ("run-b", 3)):
+        finetune.run("tiny-llava", files["train"], d / name, FinetuneConfig(lr=1e-3, max_steps=steps, batch_size=4,
+                                                                                    warmup_ratio=0.0))
+    return d
+
+
+def test_report_for_two_runs_then_cache_hits(setup, tmp_path):
+    out = tmp_path / "report"
+    rep = evaluate.run("tiny-llava", [setup / "run-a"], setup / "suite.yaml", out, EvalConfig(batch_size=4))
+    assert rep["cache"] == {"hits": 0, "evaluated": 8}
+    rep = evaluate.run("tiny-llava", [setup / "run-a", setup / "run-b"], setup / "suite.yaml", out,
+                       EvalConfig(batch_size=4))
+    assert rep["cache"] == {"hits": 8, "evaluated": 4}             # only the new run was evaluated
+    rows = rep["rows"]
+    assert [r["model"] for r in rows] == ["base (tiny-llava)", "run-a", "run-b"]
+    for r in rows:
+        assert set(r["scores"]) == {"digits", "facts", "facts-choice", "drift"}
+        assert r["D"] == r["scores"]["digits"]
+        assert r["U"] == pytest.approx((r["scores"]["facts"] + r["scores"]["facts-choice"]) / 2, abs=0.01)
+        want_h = 0 if r["U"] + r["D"] == 0 else 2 * r["U"] * r["D"] / (r["U"] + r["D"])
+        assert r["H"] == pytest.approx(want_h, abs=0.01)
+        assert r["dU"] == pytest.approx(r["U"] - rows[0]["U"], abs=0.01)
+    assert rows[0]["drift"] == 0 and rows[1]["drift"] > 0 and rows[2]["drift"] > rows[1]["drift"]
+    assert "drift_vs_dU" in rep
+    md = (out / "report.md").read_text()
+    assert "| run-b | full-ft |" in md and "D: digits" in md and "U: facts-choice" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert artifacts.read_yaml(out / "report.yaml")["rows"] == rows
+
+
+def test_drift_is_the_kl_of_next_token_distributions(setup):
+    """Against a brute-force KL on one sequence: sum_v p log(p / q), mean over positions."""
+    from dowser_cli.export import load_run, open_run
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source("tiny-llava")
+    base = load_model(src, load_config(src), torch.float32, "cpu")
+    tuned = load_run(open_run(setup / "run-b"))
+    seq = [256, 40, 50, 60, 70, 80]
+    got = evaluate.drift_kl(base, tuned, [seq], 1, "cpu", lambda k: None)
+    with torch.no_grad():
+        p = torch.softmax(base.model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+        q = torch.softmax(tuned.model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+    want = float((p * (p / q).log()).sum(-1).mean())
+    assert got == pytest.approx(want, rel=1e-4) and got > 0
+
+
+def test_json_on_stdout(setup, tmp_path):
+    r = run_cli("eval-forgetting", "--base", "tiny-llava", setup / "run-a", "--tasks", setup / "suite.yaml",
+                "--out", tmp_path / "rep", "--json", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["model"] for x in rows] == ["base (tiny-llava)", "run-a"] and all("H" in x for x in rows)
+
+
+@pytest.mark.parametrize("case", ["missing-file", "unknown-metric", "other-base", "unknown-kind"])
+def test_bad_input_one_line_exit_2(setup, tmp_path, case):
+    suite = tmp_path / "s.yaml"
+    text = (setup / "suite.yaml").read_text()
+    run = setup / "run-a"
+    if case == "missing-file":
+        text = text.replace("builtin:digits/test.jsonl", "nowhere/test.jsonl")
+        want = "does not exist"
+    elif case == "unknown-metric":
+        text = text.replace("metric: contains", "metric: bleu")
+        want = "unknown metric 'bleu'"
+    elif case == "unknown-kind":
+        text = text.replace("kind: exact", "kind: essay")
+        want = "unknown kind 'essay'"
+    else:
+        shutil.copytree(run, tmp_path / "run")
+        run, want = tmp_path / "run", "different base model"
+        text = text  # the suite is fine; the run's base is tiny-llava, the report's tiny-llama
+    suite.write_text(text)
+    base = "tiny-llama" if case == "other-base" else "tiny-llava"
+    r = run_cli("eval-forgetting", "--base", base, run, "--tasks", suite, "--out", tmp_path / "rep")
+    assert r.returncode == 2 and want in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "rep").exists()
+
+
+def test_shipped_suites_are_well_formed():
+    for path in (ROOT / "configs" / "tasks").glob("*.yaml"):
+        ts = tasks.load_suite(path, check_files=False)
+        assert ts and all(t.kind in tasks.KINDS for t in ts), path
+    demo = tasks.load_suite(ROOT / "configs" / "tasks" / "demo.yaml")
+    assert {t.role for t in demo} == {"downstream", "upstream"} and any(t.kind == "drift" for t in demo)
