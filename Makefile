@@ -12,7 +12,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_CUDA),$(TORCH_CPU))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast bench demo clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-fast: install
 bench: install
 	$(PY) scripts/bench_probe.py
 	$(PY) scripts/bench_finetune.py
+
+# The whole method on the embedded default, end to end (about 15 minutes on 2 CPU cores).
+DEMO_OUT ?= demo-out
+demo: install
+	DOWSER=$(VENV)/bin/dowser bash scripts/demo.sh $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -106,6 +106,7 @@ def finetune(
     ratio: Optional[float] = typer.Option(None, help="rho when --mask is a scores file [0.1]."),
     image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [2e-5]."),
+    projector_lr: Optional[float] = typer.Option(None, help="Peak lr of a trained projector [0 = --lr]."),
     epochs: Optional[float] = typer.Option(None, help="Epochs [5]."),
     max_steps: Optional[int] = typer.Option(None, help="Optimiser steps; overrides --epochs [0 = from epochs]."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch [4]."),
@@ -145,7 +146,7 @@ def finetune(
     from dowser_cli import finetune as ft
 
     cfg = cfgmod.resolve(ft.FinetuneConfig(), config, "finetune", dict(
-        ratio=ratio, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        ratio=ratio, lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
         train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
         train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,

@@ -351,9 +351,6 @@ def run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eval
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: directory {parent} does not exist")
 
 
 def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dtype: torch.dtype) -> None:
@@ -469,7 +466,7 @@ def write_chart(path: Path, report: dict) -> None:
 
 
 def write_report(out: Path, report: dict, tasks: list[Task]) -> None:
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     artifacts.write_yaml(out / "report.yaml", report)
     from dowser_cli.artifacts import _atomic
 

@@ -44,6 +44,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 @dataclass
 class FinetuneConfig:
     lr: float = 2e-5
+    projector_lr: float = 0.0     # > 0: its own peak lr for a trained projector (e.g. a fresh one); 0 = lr
     epochs: float = 5.0
     max_steps: int = 0            # > 0 overrides epochs
     batch_size: int = 4
@@ -81,6 +82,7 @@ class FinetuneConfig:
 def validate(cfg: FinetuneConfig) -> None:
     checks = [
         (cfg.lr > 0, f"--lr {cfg.lr}: must be > 0"),
+        (cfg.projector_lr >= 0, f"--projector-lr {cfg.projector_lr}: must be >= 0"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "--epochs must be > 0 (or give --max-steps)"),
         (cfg.max_steps >= 0, f"--max-steps {cfg.max_steps}: must be >= 0"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
@@ -247,9 +249,6 @@ def _ranges_spec(layers: list[int]) -> str:
 def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: directory {parent} does not exist")
     if resume:
         if not (out / "checkpoint" / "state.yaml").is_file():
             raise UserError(f"--resume: no checkpoint in {out} (nothing to resume)")
@@ -322,6 +321,17 @@ def step_examples(step: int, n: int, sched: Schedule, cfg: FinetuneConfig) -> li
     return [chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
 
 
+def param_groups(tr: Trainable, lm: LoadedModel, cfg: FinetuneConfig) -> list[dict]:
+    """One group at --lr; a trained projector gets --projector-lr when given (a freshly initialised
+    projector, as in smol-llava, holds nothing to protect and learns faster at a higher rate)."""
+    proj = lm.parts.projector
+    in_proj = {n for n in tr.params if proj and cfg.projector_lr > 0 and n.startswith(proj + ".")}
+    groups = [{"params": [p for n, p in tr.params.items() if n not in in_proj], "peak_lr": cfg.lr}]
+    if in_proj:
+        groups.append({"params": [tr.params[n] for n in in_proj], "peak_lr": cfg.projector_lr})
+    return [g for g in groups if g["params"]]
+
+
 def make_lr_lambda(sched: Schedule, cfg: FinetuneConfig):
     """lr multiplier per step from transformers' schedule functions (the ones HF Trainer uses)."""
     from transformers import get_scheduler
@@ -388,7 +398,7 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
     if cfg.max_grad_norm > 0:
         opt.clip_grad_norm_(cfg.max_grad_norm)
     for group in opt.param_groups:
-        group["lr"] = cfg.lr * lr_at(step)
+        group["lr"] = group["peak_lr"] * lr_at(step)
     opt.step()
     opt.zero_grad()
     return total, n_tokens
@@ -476,12 +486,21 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
     p = plan(model_spec, cfg, out, mask_path, random_init, resume)
     lm = load_model(p.source, p.config, p.dtype, p.device)
     console = stderr_console()
+    if lm.tokenizer is None:
+        if not p.source.random_init:
+            raise UserError(f"model {p.source.spec}: no tokenizer found")
+        # a config-only model (benchmarks at real shape) has no tokenizer: bytes as token ids keep
+        # every id inside the vocabulary; the numbers mean nothing, the costs are the real ones
+        from dowser_cli.models.embedded import byte_tokenizer
+
+        lm.tokenizer = byte_tokenizer()
+        console.print("[yellow]--random-init: no tokenizer with the config; using a byte-level one[/yellow]")
     ds = _read_data(lm, data_path, image_folder, cfg, console)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
     base_digest = artifacts.weights_digest(lm.model)
     tr = select_trainable(lm, cfg, p.layers, load_masks(p, lm, command))
-    opt = MaskedAdamW(list(tr.params.values()), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
+    opt = MaskedAdamW(param_groups(tr, lm, cfg), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                       compact_grads=True)
     state = load_checkpoint(out, tr, opt, cfg, fingerprint) if resume else TrainState()
@@ -593,7 +612,7 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
     sidecar = {
         **artifacts.sidecar_header("dowser.run", command),
         "config": dataclasses.asdict(p.cfg),
-        "method": "dowser-mask" if p.mask is not None else "full-ft",
+        "method": f"{p.mask.meta.get('strategy', 'dowser')}-mask" if p.mask is not None else "full-ft",
         "model": {"spec": p.source.spec, "random_init": p.source.random_init, "adapter": lm.adapter.name,
                   "dtype": str(p.dtype).removeprefix("torch."), "device": p.device, "fingerprint": fingerprint,
                   "weights_digest": base_digest, "layers_path": lm.parts.layers_path,

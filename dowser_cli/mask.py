@@ -120,7 +120,9 @@ class UnitSelector:
         self.lm, self.scores, self.strategy, self.cfg = lm, scores, strategy, cfg
 
     def module_scores(self, module: str) -> torch.Tensor:
-        weight = self.lm.model.get_submodule(module).weight
+        # selection runs on the host whatever device holds the model (one module at a time), so a
+        # mask is the same bits whether it was built beside a GPU run or by `dowser mask` on a CPU
+        weight = self.lm.model.get_submodule(module).weight.detach().cpu()
         psi = act = None
         if self.strategy.needs_factors:
             psi, act = self.scores.factors(module)

@@ -51,6 +51,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
             if compact_grads:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
+        for group in self.param_groups:
+            group.setdefault("peak_lr", group["lr"])
         for p in self._params():
             self._init_state(p)
 

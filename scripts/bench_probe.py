@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+RANDOM_INIT = bool(os.environ.get("BENCH_RANDOM_INIT"))  # set by --random-init for the variant subprocesses
+
 
 def _peak_mb(device: str) -> float:
     if device.startswith("cuda"):
@@ -37,7 +39,7 @@ def _setup(model: str, cfg):
     from dowser_cli import probe
 
     device = probe.resolve_device(cfg.device)
-    src = resolve_source(model)
+    src = resolve_source(model, random_init=RANDOM_INIT)
     lm = load_model(src, load_config(src), probe.resolve_dtype(cfg.dtype, device), device)
     lm.model.requires_grad_(False)
     return lm, device
@@ -48,8 +50,9 @@ def variant(name: str, model: str, cfg_json: str) -> dict:
 
     cfg = probe.ProbeConfig(**json.loads(cfg_json))
     if name == "probe":
+        keep = os.environ.get("BENCH_KEEP_SCORES")
         with tempfile.TemporaryDirectory() as d:
-            side = probe.run(model, Path(d) / "s.safetensors", cfg)
+            side = probe.run(model, Path(keep) if keep else Path(d) / "s.safetensors", cfg, random_init=RANDOM_INIT)
         t = side["timings"]
         device = side["model"]["device"]
         return {"seconds": t["total_s"] - t["load_s"], "peak_mb": _peak_mb(device)}
@@ -110,6 +113,9 @@ def main() -> None:
     ap.add_argument("--batched", choices=["auto", "on", "off"], default="auto",
                     help="probe backward passes vmapped (on) or one by one (off)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    ap.add_argument("--random-init", action="store_true", help="build MODEL from its config (no weights)")
+    ap.add_argument("--variants", default="floor,probe,dense", help="which of floor,probe,dense to run")
+    ap.add_argument("--keep-scores", help="also keep the probe variant's scores file here")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,34 +124,37 @@ def main() -> None:
         return
     cfg = {"samples": args.samples, "batch_size": args.batch_size, "probes": args.probes, "seq_len": args.seq_len,
            "device": args.device, "dtype": args.dtype, "batched_probes": args.batched}
-    env = {**os.environ, "DOWSER_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "DOWSER_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error",
+           **({"BENCH_RANDOM_INIT": "1"} if args.random_init else {}),
+           **({"BENCH_KEEP_SCORES": str(Path(args.keep_scores).resolve())} if args.keep_scores else {})}
     res = {}
-    for name in ("floor", "probe", "dense"):
+    variants = args.variants.split(",")
+    for name in variants:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         out = subprocess.run([sys.executable, __file__, "--variant", name, "--model", args.model,
                               "--cfg", json.dumps(cfg)], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             sys.exit(f"{name} failed:\n{out.stderr}")
         res[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    summary = {
-        "model": args.model, "config": cfg,
-        "seconds": {k: round(v["seconds"], 2) for k, v in res.items()},
-        "peak_mb": {k: round(v["peak_mb"], 1) for k, v in res.items()},
-        "time_probe_over_floor": round(res["probe"]["seconds"] / res["floor"]["seconds"], 3),
-        "time_probe_over_dense": round(res["probe"]["seconds"] / res["dense"]["seconds"], 3),
-        "memory_probe_over_floor": round(res["probe"]["peak_mb"] / res["floor"]["peak_mb"], 3),
-        "memory_dense_over_floor": round(res["dense"]["peak_mb"] / res["floor"]["peak_mb"], 3),
-    }
+    summary = {"model": args.model, "config": cfg,
+               "seconds": {k: round(v["seconds"], 2) for k, v in res.items()},
+               "peak_mb": {k: round(v["peak_mb"], 1) for k, v in res.items()}}
+    ratios = [("time_probe_over_floor", "probe", "floor", "seconds", "(target <= 1.2)"),
+              ("time_probe_over_dense", "probe", "dense", "seconds", "(target < 0.5)"),
+              ("memory_probe_over_floor", "probe", "floor", "peak_mb", "(target <= 1.15)"),
+              ("memory_dense_over_floor", "dense", "floor", "peak_mb", "")]
+    for key, a, b, what, _ in ratios:
+        if a in res and b in res:
+            summary[key] = round(res[a][what] / res[b][what], 3)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     print(f"model {args.model}, K={args.samples} B={args.batch_size} M={args.probes} seq={args.seq_len}")
-    for k in ("floor", "probe", "dense"):
+    for k in variants:
         print(f"  {k:5s}  {summary['seconds'][k]:8.2f} s   peak {summary['peak_mb'][k]:9.1f} MB")
-    print(f"probe / floor time    {summary['time_probe_over_floor']:.3f}   (target <= 1.2)")
-    print(f"probe / dense time    {summary['time_probe_over_dense']:.3f}   (target < 0.5)")
-    print(f"probe / floor memory  {summary['memory_probe_over_floor']:.3f}   (target <= 1.15)")
-    print(f"dense / floor memory  {summary['memory_dense_over_floor']:.3f}")
+    for key, _, _, _, target in ratios:
+        if key in summary:
+            print(f"{key.replace('_', ' '):26s}{summary[key]:.3f}   {target}")
 
 
 if __name__ == "__main__":
