@@ -93,6 +93,7 @@ def main() -> None:
         res["probe"] = json.loads(r.stdout)
         res["probe"]["scores_bytes"] = (d / "scores.safetensors").stat().st_size
         res["probe"]["bench_wall_s"] = round(time.perf_counter() - t, 1)
+        print(f"[probe] {json.dumps(res['probe'])}", file=sys.stderr, flush=True)
         make_data(d / "train.json", a.steps * a.ft_batch, a.seq)
         common = [py, "-m", "dowser_cli", "finetune", model, "--random-init", "--data", d / "train.json",
                   "--max-steps", a.steps, "--batch-size", a.ft_batch, "--tune-layers", f"last:{tune}",
@@ -117,6 +118,7 @@ def main() -> None:
                 masked_numel = __import__("yaml").safe_load(mask.with_suffix(".yaml").read_text())["totals"]["numel"]
                 res[name]["mask_bytes"] = mask.stat().st_size
                 res[name]["mask_bits_per_masked_param"] = round(8 * mask.stat().st_size / masked_numel, 4)
+            print(f"[{name}] {json.dumps(res[name])}", file=sys.stderr, flush=True)
     ratios = {}
     p = res["probe"]
     ratios["probe_time_over_floor"] = p.get("time_probe_over_floor")
