@@ -69,7 +69,7 @@ def mean_score_scalar(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor
     """Mean over all entries of ``mean_score`` without building [out, in]:
     sum_p psi_p^T |W| a_p / (P * out * in)."""
     w = weight.detach().float().abs()
-    total = ((psi.float() @ w) * act.float()).sum()
+    total = ((psi.to(w.device).float() @ w) * act.to(w.device).float()).sum()  # factors live on the host
     return float(total / (psi.shape[0] * w.numel()))
 
 
