@@ -20,6 +20,7 @@ from dowser_cli import artifacts, metrics
 from dowser_cli.data import Encoder, prompt_ids
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
+from dowser_cli.probe import _pack_right as pack_right
 from dowser_cli.probe import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
@@ -175,12 +176,8 @@ def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candida
             seqs.append(p + a)
             starts.append(len(p))
             images.append(im)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), _pad_id(lm), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(seqs):
-            ids[b, :len(s)] = torch.tensor(s)
-            mask[b, :len(s)] = 1
+        ids, mask = pack_right(seqs, _pad_id(lm))
+        mask = mask.long()
         kw = _image_kwargs(lm, images, device, dtype)
         if lm.adapter.sequence_kwargs is not None and kw:
             kw.update(lm.adapter.sequence_kwargs(lm.config, ids))
@@ -220,13 +217,8 @@ def drift_kl(base: LoadedModel, lm: LoadedModel, seqs: list[list[int]], batch_si
     """Mean over real positions of KL(p_base || p_model) of the next-token distributions."""
     total, count = 0.0, 0
     for chunk in _batches(seqs, batch_size):
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), _pad_id(base), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(chunk):
-            ids[b, :len(s)] = torch.tensor(s)
-            mask[b, :len(s)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pack_right(chunk, _pad_id(base))
+        ids, mask = ids.to(device), mask.long().to(device)
         lp = torch.log_softmax(base.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         lq = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         kl = (lp.exp() * (lp - lq)).sum(-1)
