@@ -383,11 +383,12 @@ def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -
 
 
 def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, loss_head: LossHead,
-               opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype) -> tuple[float, int]:
+               opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype) -> tuple[float, int, int]:
     """One optimiser step over batch_size * grad_accum examples; the loss is the mean over all their
-    assistant tokens (so accumulation equals one big batch). Returns (loss, tokens)."""
+    assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens)."""
     micro = step_examples(step, len(ds.examples), sched, cfg)
     n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
+    n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) depends only on the step
     total = 0.0
     for mb in micro:
@@ -401,7 +402,7 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
         group["lr"] = group["peak_lr"] * lr_at(step)
     opt.step()
     opt.zero_grad()
-    return total, n_tokens
+    return total, n_tokens, n_input
 
 
 def _pad_id(lm: LoadedModel) -> int:
@@ -544,7 +545,8 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
             task = bar.add_task(f"finetune {p.source.spec}", total=sched.total_steps, completed=state.step, info="")
             while state.step < sched.total_steps:
                 t = time.perf_counter()
-                loss, tokens = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm, p.device, p.dtype)
+                loss, tokens, seen = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm, p.device,
+                                                p.dtype)
                 dt = time.perf_counter() - t
                 state.train_s += dt
                 state.tokens += tokens
@@ -552,7 +554,7 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                                      "lr": float(f"{cfg.lr * lr_at(state.step):.6g}"), "tokens": tokens,
                                      "seconds": round(dt, 4)})
                 state.step += 1
-                bar.update(task, advance=1, info=f"loss {loss:.4f}  {tokens / dt:,.0f} tok/s")
+                bar.update(task, advance=1, info=f"loss {loss:.4f}  {seen / dt:,.0f} tok/s")
                 if stop.requested and state.step < sched.total_steps:
                     raise KeyboardInterrupt
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < sched.total_steps:
