@@ -266,8 +266,20 @@ def collate(examples: list[Example], pad_id: int, processor) -> dict[str, torch.
         labels[b, :n] = torch.tensor(e.labels)
         mask[b, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    images = [load_image(e.image) for e in examples if e.image is not None]
-    if images:
-        pixels = processor.image_processor(images, return_tensors="pt")
-        batch.update({k: v for k, v in pixels.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")})
+    batch.update(image_inputs(processor, [load_image(e.image) for e in examples if e.image is not None]))
     return batch
+
+
+def image_inputs(processor, images: list) -> dict[str, torch.Tensor]:
+    """The model's image kwargs (pixel values, and grid/size tensors where the model takes them) for
+    the images of one batch, through the processor's image processor; {} without images."""
+    if not images:
+        return {}
+    pixels = processor.image_processor(images, return_tensors="pt")
+    return {k: v for k, v in pixels.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+
+
+def pad_id(tokenizer) -> int:
+    """Padding id: the tokenizer's pad token, else its EOS, else 0 (padding is masked out anyway)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from dowser_cli import artifacts, metrics
-from dowser_cli.data import Encoder, prompt_ids
+from dowser_cli.data import Encoder, image_inputs, pad_id, prompt_ids
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
 from dowser_cli.probe import _pack_right as pack_right
@@ -121,17 +121,12 @@ def _pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _image_kwargs(lm: LoadedModel, images: list, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    images = [im for im in images if im is not None]
-    if not images:
-        return {}
-    px = lm.processor.image_processor(images, return_tensors="pt")
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in px.items()
-            if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+    px = image_inputs(lm.processor, [im for im in images if im is not None])
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in px.items()}
 
 
 def _pad_id(lm: LoadedModel) -> int:
-    tok = lm.tokenizer
-    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return pad_id(lm.tokenizer)
 
 
 @torch.no_grad()

@@ -392,7 +392,7 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) depends only on the step
     total = 0.0
     for mb in micro:
-        batch = data.collate([ds.examples[i] for i in mb], _pad_id(lm), lm.processor)
+        batch = data.collate([ds.examples[i] for i in mb], data.pad_id(lm.tokenizer), lm.processor)
         loss = loss_head(to_device(batch, device, dtype)) / n_tokens
         loss.backward()
         total += float(loss.detach())
@@ -403,12 +403,6 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
     opt.step()
     opt.zero_grad()
     return total, n_tokens, n_input
-
-
-def _pad_id(lm: LoadedModel) -> int:
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad if pad is not None else 0)
 
 
 def trainable_values(tr: Trainable) -> dict[str, torch.Tensor]:
