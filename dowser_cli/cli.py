@@ -104,6 +104,11 @@ def finetune(
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask from `dowser mask`, or a scores file (then "
                                         "--ratio builds the mask). Without it: dense fine-tuning (Full-FT)."),
     ratio: Optional[float] = typer.Option(None, help="rho when --mask is a scores file [0.1]."),
+    method: Optional[str] = typer.Option(None, help="masked | full-ft | spider | lora [masked with --mask, "
+                                         "else full-ft]."),
+    lora_r: Optional[int] = typer.Option(None, help="--method lora: adapter rank [8]."),
+    lora_alpha: Optional[float] = typer.Option(None, help="--method lora: scaling alpha (update alpha/r * BA) [16]."),
+    lora_dropout: Optional[float] = typer.Option(None, help="--method lora: dropout on the adapter input [0]."),
     image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [2e-5]."),
     projector_lr: Optional[float] = typer.Option(None, help="Peak lr of a trained projector [0 = --lr]."),
@@ -141,12 +146,13 @@ def finetune(
 ):
     """Fine-tune the selected decoder layers; inside masked matrices only the mask's trainable entries
     change and every frozen entry stays bit-identical to the base model (weight decay included).
+    The paper's comparators run through the same loop: --method full-ft | spider | lora.
     Writes OUT/delta.safetensors (trainable values only) and OUT/run.yaml."""
     from dowser_cli import config as cfgmod
     from dowser_cli import finetune as ft
 
     cfg = cfgmod.resolve(ft.FinetuneConfig(), config, "finetune", dict(
-        ratio=ratio, lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio, lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
         train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
         train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,

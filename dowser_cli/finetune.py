@@ -32,7 +32,7 @@ from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.optim import MaskedAdamW
 from dowser_cli.probe import resolve_device, resolve_dtype
 from dowser_cli.progress import stderr_console
-from dowser_cli.resources import peak_memory
+from dowser_cli.resources import PeakRSS, peak_memory
 from dowser_cli.selection import TARGETS, layer_of, parse_layers
 
 DELTA_KIND = "dowser.delta"
@@ -43,6 +43,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 @dataclass
 class FinetuneConfig:
+    method: str = ""              # "" = masked with --mask, else full-ft (methods.finetuning)
     lr: float = 2e-5
     projector_lr: float = 0.0     # > 0: its own peak lr for a trained projector (e.g. a fresh one); 0 = lr
     epochs: float = 5.0
@@ -68,6 +69,9 @@ class FinetuneConfig:
     skip_bad: bool = False
     seed: int = 0
     save_every: int = 0           # optimiser steps between checkpoints; 0 = only on interrupt
+    lora_r: int = 8               # --method lora
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     dtype: str = "auto"
     device: str = "auto"
 
@@ -93,6 +97,9 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
         (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
+        (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
+        (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0"),
+        (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -207,12 +214,28 @@ class Plan:
     layers: list[int]
     mask: MaskInput | None
     out: Path
+    method: Any                    # methods.FinetuneMethod
+
+
+def resolve_method(cfg: FinetuneConfig, mask_path: Path | None):
+    """The registered method; with no --method, masked when there is a mask, else full-ft."""
+    from dowser_cli.methods.finetuning import FINETUNE_METHODS
+
+    name = cfg.method or ("masked" if mask_path else "full-ft")
+    method = FINETUNE_METHODS.get(name, "--method")
+    if method.mask == "required" and mask_path is None:
+        raise UserError(f"--method {name}: needs --mask (a mask from `dowser mask`, or scores with --ratio)")
+    if method.mask == "forbidden" and mask_path is not None:
+        raise UserError(f"--method {name}: takes no --mask (it decides itself which weights move)")
+    cfg.method = name  # the resolved name is what run.yaml and --resume see
+    return method
 
 
 def plan(model_spec: str, cfg: FinetuneConfig, out: Path, mask_path: Path | None, random_init: bool,
          resume: bool) -> Plan:
     """Everything checkable before weights load: options, output dir, model config, the mask's model."""
     validate(cfg)
+    method = resolve_method(cfg, mask_path)
     _check_out(out, resume)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -237,7 +260,7 @@ def plan(model_spec: str, cfg: FinetuneConfig, out: Path, mask_path: Path | None
     if mask is not None and mask.layers is not None and cfg.tune_layers and layers != list(mask.layers):
         raise UserError(f"--tune-layers {cfg.tune_layers}: the mask {mask.path} covers layers "
                         f"{_ranges_spec(mask.layers)}; tune exactly those or make a mask for these layers")
-    return Plan(cfg, source, config, device, dtype, layers, mask, out)
+    return Plan(cfg, source, config, device, dtype, layers, mask, out, method)
 
 
 def _ranges_spec(layers: list[int]) -> str:
@@ -383,7 +406,8 @@ def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -
 
 
 def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, loss_head: LossHead,
-               opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype) -> tuple[float, int, int]:
+               opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype,
+               method=None) -> tuple[float, int, int]:
     """One optimiser step over batch_size * grad_accum examples; the loss is the mean over all their
     assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens)."""
     micro = step_examples(step, len(ds.examples), sched, cfg)
@@ -400,7 +424,11 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
         opt.clip_grad_norm_(cfg.max_grad_norm)
     for group in opt.param_groups:
         group["lr"] = group["peak_lr"] * lr_at(step)
+    if method is not None:
+        method.before_step(opt)
     opt.step()
+    if method is not None:
+        method.after_step(opt)
     opt.zero_grad()
     return total, n_tokens, n_input
 
@@ -429,12 +457,14 @@ def apply_values(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]
 # ---- checkpoints --------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: TrainState, cfg: FinetuneConfig,
-                    fingerprint: str) -> None:
+                    fingerprint: str, method=None) -> None:
     ckpt = run_dir / "checkpoint"
     ckpt.mkdir(exist_ok=True)
     names = {p: n for n, p in tr.params.items()}
     tensors = {f"value/{n}": v for n, v in trainable_values(tr).items()}
     tensors.update({k: v.cpu() for k, v in opt.named_state(names).items()})
+    if method is not None:
+        tensors.update({f"method/{k}": v.cpu() for k, v in method.state().items()})
     meta = artifacts.base_metadata(CHECKPOINT_KIND, fingerprint, step=state.step,
                                    training_digest=cfg.training_digest())
     artifacts.write_safetensors(ckpt / "state.safetensors", tensors, meta)
@@ -445,7 +475,7 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
 
 
 def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: FinetuneConfig,
-                    fingerprint: str) -> TrainState:
+                    fingerprint: str, method=None) -> TrainState:
     ckpt = run_dir / "checkpoint"
     side = artifacts.read_yaml(ckpt / "state.yaml")
     path = ckpt / "state.safetensors"
@@ -460,6 +490,8 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
     tensors = artifacts.read_tensors(path)
     apply_values(tr.params, tr.masks, {n: tensors[f"value/{n}"] for n in tr.params})
     opt.load_named_state({p: n for n, p in tr.params.items()}, tensors, int(side["step"]))
+    if method is not None:
+        method.load_state({k.removeprefix("method/"): v for k, v in tensors.items() if k.startswith("method/")})
     return TrainState(int(side["step"]), list(side.get("losses") or []), float(side.get("train_s", 0.0)),
                       int(side.get("tokens", 0)))
 
@@ -494,20 +526,23 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
     base_digest = artifacts.weights_digest(lm.model)
-    tr = select_trainable(lm, cfg, p.layers, load_masks(p, lm, command))
+    method = p.method.make(lm, cfg)
+    tr = method.trainable(p.layers, load_masks(p, lm, command))
     opt = MaskedAdamW(param_groups(tr, lm, cfg), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                       compact_grads=True)
-    state = load_checkpoint(out, tr, opt, cfg, fingerprint) if resume else TrainState()
+    state = load_checkpoint(out, tr, opt, cfg, fingerprint, method) if resume else TrainState()
     sched = make_schedule(len(ds.examples), cfg)
     if cfg.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     load_s = time.perf_counter() - t0
-    _train(p, lm, ds, tr, opt, state, sched, fingerprint, console)
-    sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path,
-                    {"load_s": round(load_s, 3), "train_s": round(state.train_s, 3)}, t0, command)
+    with PeakRSS() as rss:
+        _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method)
+    timings = {"load_s": round(load_s, 3), "train_s": round(state.train_s, 3)}
+    sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path, timings, t0, command,
+                    method, rss)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     _print_summary(console, sidecar, out)
     return sidecar
@@ -529,7 +564,7 @@ def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: Fine
 
 
 def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
-           sched: Schedule, fingerprint: str, console) -> None:
+           sched: Schedule, fingerprint: str, console, method) -> None:
     cfg = p.cfg
     lr_at = make_lr_lambda(sched, cfg)
     loss_head = LossHead(lm)
@@ -540,7 +575,7 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
             while state.step < sched.total_steps:
                 t = time.perf_counter()
                 loss, tokens, seen = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm, p.device,
-                                                p.dtype)
+                                                p.dtype, method)
                 dt = time.perf_counter() - t
                 state.train_s += dt
                 state.tokens += tokens
@@ -552,11 +587,11 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                 if stop.requested and state.step < sched.total_steps:
                     raise KeyboardInterrupt
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < sched.total_steps:
-                    save_checkpoint(p.out, tr, opt, state, cfg, fingerprint)
+                    save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method)
     except KeyboardInterrupt:
         opt.zero_grad()  # a half-accumulated step is dropped; the checkpoint is at a step boundary
         if state.step:
-            save_checkpoint(p.out, tr, opt, state, cfg, fingerprint)
+            save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method)
             raise Interrupted(f"interrupted at step {state.step}/{sched.total_steps}; checkpoint in "
                               f"{p.out / 'checkpoint'}; rerun with --resume to continue") from None
         raise Interrupted("interrupted before the first step finished; nothing to resume") from None
@@ -598,17 +633,18 @@ def write_delta(path: Path, tr: Trainable, fingerprint: str, base_digest: str, m
 
 def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
           sched: Schedule, fingerprint: str, base_digest: str, data_path: Path, timings: dict, t0: float,
-          command: str) -> dict[str, Any]:
+          command: str, method, rss: PeakRSS) -> dict[str, Any]:
     mask_file = p.out / "mask.safetensors" if p.mask is not None else None
     mask_sha = artifacts.sha256_file(mask_file) if mask_file else None
     delta = p.out / "delta.safetensors"
-    write_delta(delta, tr, fingerprint, base_digest, mask_sha)
+    write_delta(delta, method.finish(tr, p.out), fingerprint, base_digest, mask_sha)
     full_bytes = sum(q.numel() * q.element_size() for q in lm.model.parameters())
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     sidecar = {
         **artifacts.sidecar_header("dowser.run", command),
         "config": dataclasses.asdict(p.cfg),
-        "method": f"{p.mask.meta.get('strategy', 'dowser')}-mask" if p.mask is not None else "full-ft",
+        "method": method.label(p.mask.meta if p.mask is not None else None),
+        "method_details": method.describe(),
         "model": {"spec": p.source.spec, "random_init": p.source.random_init, "adapter": lm.adapter.name,
                   "dtype": str(p.dtype).removeprefix("torch."), "device": p.device, "fingerprint": fingerprint,
                   "weights_digest": base_digest, "layers_path": lm.parts.layers_path,
@@ -621,14 +657,18 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
                     "full_checkpoint_bytes": full_bytes},
         "tuned_layers": p.layers,
         "trainable": tr.counts(),
-        "optimizer": {"name": "masked-adamw", "state_bytes": opt.state_bytes()},
+        "optimizer": {"name": "masked-adamw", "state_bytes": opt.state_bytes(),
+                      "method_state_bytes": method.state_bytes()},
         "data": {"records": ds.total, "used": len(ds.examples), "skipped": len(ds.skipped),
                  "skipped_records": ds.skipped[:100]},
         "schedule": dataclasses.asdict(sched),
         "steps": state.step, "tokens": state.tokens,
         "mean_step_s": round(state.train_s / max(state.step, 1), 4),
         "loss_curve": state.losses,
-        "timings": timings, "peak_memory": peak_memory(p.device),
+        "timings": timings,
+        # train_rss_mb: peak RSS while training, sampled (the process peak includes loading the model)
+        "peak_memory": {**peak_memory(p.device), "train_rss_mb": round(rss.peak_mb, 1),
+                        "pre_train_rss_mb": round(rss.start_mb, 1)},
     }
     artifacts.write_yaml(p.out / "run.yaml", sidecar)
     return sidecar

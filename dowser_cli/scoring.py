@@ -211,3 +211,35 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = (ra.square().sum() * rb.square().sum()).sqrt()
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+# ---- SPIDER (training-time soft masking, a baseline) -------------------------------------------------
+
+def spider_importance(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(zscore(|x|)) within the tensor: SPIDER's importance transform, applied to the pretrained
+    weights theta_0 (pretrained importance) and to the accumulated gradients (fine-tuning importance).
+    x any shape -> same shape, fp32 in (0, 1). A constant tensor gives 0.5 everywhere."""
+    a = x.float().abs()
+    std = a.std(unbiased=False) if a.numel() > 1 else a.new_zeros(())
+    return torch.sigmoid((a - a.mean()) / std.clamp_min(1e-12))
+
+
+def spider_coefficients(theta0: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
+    """Blend coefficients c in [0, 1], same shape as theta0: an entry may move only where the
+    fine-tuning importance exceeds the pretrained one, c = relu(I_ft - I_pre), normalised by the mean of
+    the nonzero coefficients and clipped to 1 (so a typical moving entry keeps its whole update)."""
+    c = (spider_importance(grad_sum) - spider_importance(theta0)).clamp_min(0)
+    nz = c > 0
+    if nz.any():
+        c = (c / c[nz].mean()).clamp_max(1)
+    return c
+
+
+def spider_blend_(theta: torch.Tensor, theta0: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
+    """theta <- theta_0 + c * (theta - theta_0) in place (after an optimiser step); entries whose
+    pretrained importance dominates (c = 0) return exactly to theta_0. Returns c."""
+    c = spider_coefficients(theta0, grad_sum)
+    t0 = theta0.to(theta.dtype)
+    # where c == 0, write theta_0 itself: t0 + 0 * d is theta_0 only up to rounding of -0/inf cases
+    theta.copy_(torch.where(c > 0, t0 + c.to(theta.dtype) * (theta - t0), t0))
+    return c

@@ -112,3 +112,35 @@ def test_average_ranks_and_spearman():
     assert scoring.spearman(a, -a) == pytest.approx(-1.0)
     # hand-worked: ranks (0,1,2,3) vs (1,0,3,2): d^2 sum = 4 -> 1 - 6*4/(4*15) = 0.6
     assert scoring.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([2.0, 1, 4, 3])) == pytest.approx(0.6)
+
+
+def test_spider_importance_is_sigmoid_of_the_z_scored_magnitude():
+    x = torch.tensor([[1.0, -2.0], [3.0, -6.0]])
+    a = [1.0, 2.0, 3.0, 6.0]
+    mean = sum(a) / 4
+    std = (sum((v - mean) ** 2 for v in a) / 4) ** 0.5
+    want = torch.tensor([1 / (1 + torch.exp(torch.tensor(-(v - mean) / std)).item()) for v in a]).reshape(2, 2)
+    torch.testing.assert_close(scoring.spider_importance(x), want)
+    assert torch.equal(scoring.spider_importance(torch.full((3,), 7.0)), torch.full((3,), 0.5))
+
+
+def test_spider_blend_keeps_entries_whose_pretrained_importance_dominates_at_theta0():
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(64, 32, generator=g)
+    grads = torch.randn(64, 32, generator=g)
+    theta = theta0 + 0.01 * torch.randn(64, 32, generator=g)
+    moved = theta.clone()
+    c = scoring.spider_blend_(moved, theta0, grads)
+    pre, ft = scoring.spider_importance(theta0), scoring.spider_importance(grads)
+    dominated = pre >= ft
+    assert 0.2 < dominated.float().mean() < 0.8
+    assert torch.equal(moved[dominated], theta0[dominated])        # exactly back at theta_0
+    assert torch.equal(c[dominated], torch.zeros(int(dominated.sum())))
+    # the rest: c = relu(I_ft - I_pre) / mean of the nonzero ones, clipped to 1, blended linearly
+    raw = (ft - pre).clamp_min(0)
+    want_c = (raw / raw[raw > 0].mean()).clamp_max(1)
+    torch.testing.assert_close(c, want_c)
+    torch.testing.assert_close(moved, theta0 + want_c * (theta - theta0))
+    assert (c == 1).any() and ((c > 0) & (c < 1)).any()
+    full = c == 1
+    torch.testing.assert_close(moved[full], theta[full])           # strongest entries keep their update

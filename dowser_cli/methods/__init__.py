@@ -1,5 +1,5 @@
-"""Registries of interchangeable methods (mask strategies now; fine-tuning methods later), so that
-baselines are peers of dowser rather than branches of an if/elif chain."""
+"""Registries of interchangeable methods (mask strategies, fine-tuning methods), so that baselines are
+peers of dowser rather than branches of an if/elif chain."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,5 +41,20 @@ class MaskStrategy:
 
 
 MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
+
+
+@dataclass(frozen=True)
+class FinetuneMethod:
+    """A way to fine-tune the selected layers. ``make(lm, cfg)`` returns the run's hooks (an object
+    with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden"."""
+
+    name: str
+    make: Callable
+    mask: str
+    help: str = ""
+
+
+# filled by dowser_cli.methods.finetuning (imported by the finetune stage: its methods need that stage)
+FINETUNE_METHODS: Registry[FinetuneMethod] = Registry("fine-tuning method")
 
 from dowser_cli.methods import masks as _masks  # noqa: E402,F401  (registers the built-in strategies)

@@ -1,0 +1,163 @@
+"""Built-in fine-tuning methods: the paper's training-time comparators as peers of dowser's masks.
+
+Each method is a ``MethodRun``: it picks what trains, may act around every optimiser step, may hold
+checkpointed state of its own, and decides what the run's delta holds. The training loop, data,
+optimiser (masked AdamW, dense for parameters without a mask), checkpoints and artifacts are shared,
+so methods differ only where their papers differ.
+
+- ``full-ft``: the selected layers train densely.
+- ``masked``: inside a mask from `dowser mask` (dowser, magnitude, wanda, random, inverse) only.
+- ``spider``: SPIDER's soft masking (training-time): after every step each entry is pulled back
+  towards theta_0 by a coefficient from its pretrained vs fine-tuning importance (scoring.spider_*).
+- ``lora``: low-rank adapters through PEFT on the tuned layers' linears, merged into the weights at
+  the end (the delta holds the merged matrices; the adapter is kept in RUN/adapter/)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dowser_cli import scoring
+from dowser_cli.finetune import FinetuneConfig, Trainable, select_trainable
+from dowser_cli.methods import FINETUNE_METHODS, FinetuneMethod
+from dowser_cli.models import LoadedModel
+from dowser_cli.selection import TARGETS, layer_of
+
+
+class MethodRun:
+    """Hooks of one run. The defaults train what ``select_trainable`` picks and nothing more."""
+
+    def __init__(self, name: str, lm: LoadedModel, cfg: FinetuneConfig):
+        self.name, self.lm, self.cfg = name, lm, cfg
+
+    def label(self, mask_meta: dict[str, str] | None) -> str:
+        """The run's ``method`` in run.yaml (and in the forgetting report)."""
+        return self.name
+
+    def trainable(self, layers: list[int], masks: dict[str, torch.Tensor]) -> Trainable:
+        return select_trainable(self.lm, self.cfg, layers, masks)
+
+    def before_step(self, opt) -> None:
+        """After backward and clipping, before the optimiser step."""
+
+    def after_step(self, opt) -> None:
+        """After the optimiser step."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Method state to checkpoint (keys are unique names; restored by ``load_state``)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def state_bytes(self) -> int:
+        """Bytes the method holds beyond the model and the optimiser."""
+        return 0
+
+    def finish(self, tr: Trainable, out: Path) -> Trainable:
+        """What the delta stores once training is over (default: the trained parameters)."""
+        return tr
+
+    def describe(self) -> dict:
+        return {}
+
+
+class Masked(MethodRun):
+    def label(self, mask_meta):
+        return f"{(mask_meta or {}).get('strategy', 'dowser')}-mask"
+
+
+class Spider(MethodRun):
+    """Extra state, full size per tuned decoder parameter: theta_0 (model dtype) and the accumulated
+    gradient (fp32). Parts outside the decoder layers (a trained projector) train plainly: SPIDER
+    protects pretrained knowledge, and the method is defined on the tuned layers."""
+
+    def trainable(self, layers, masks):
+        tr = super().trainable(layers, masks)
+        prefix = self.lm.parts.layers_path
+        self.params = {n: p for n, p in tr.params.items() if layer_of(n, prefix) is not None}
+        # taken before --resume writes the checkpoint's values: theta_0 is the base model
+        self.theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+        self.grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        return tr
+
+    @torch.no_grad()
+    def before_step(self, opt):
+        for n, p in self.params.items():
+            g = opt.grad_of(p)
+            if g is not None:
+                self.grad_sum[n].add_(g.reshape(p.shape))
+
+    @torch.no_grad()
+    def after_step(self, opt):
+        for n, p in self.params.items():
+            master = opt.state[p].get("master")
+            if master is None:
+                scoring.spider_blend_(p.data, self.theta0[n], self.grad_sum[n])
+            else:  # blend the fp32 master the optimiser keeps, then round once into the model
+                scoring.spider_blend_(master.view(p.shape), self.theta0[n], self.grad_sum[n])
+                p.copy_(master.view(p.shape))
+
+    def state(self):
+        return {f"spider_grad_sum/{n}": g for n, g in self.grad_sum.items()}
+
+    def load_state(self, tensors):
+        for n, g in self.grad_sum.items():
+            g.copy_(tensors[f"spider_grad_sum/{n}"])
+
+    def state_bytes(self):
+        return sum(t.numel() * t.element_size() for d in (self.theta0, self.grad_sum) for t in d.values())
+
+    def describe(self):
+        return {"importance": "sigmoid(zscore(|x|)) of theta_0 and of the accumulated gradient",
+                "coefficient": "relu(I_ft - I_pre) / mean(nonzero), clipped to 1",
+                "blended_tensors": len(self.params)}
+
+
+class Lora(MethodRun):
+    """PEFT LoRA on the tuned layers' attention/MLP linears (rank --lora-r, alpha --lora-alpha); the
+    layers' norms stay frozen (the usual LoRA setting); projector/vision tower/embeddings/lm_head train
+    densely when asked, as for every method."""
+
+    def trainable(self, layers, masks):
+        from peft import LoraConfig, get_peft_model
+
+        cfg, lm = self.cfg, self.lm
+        self.extras = select_trainable(lm, cfg, [], {}).params
+        prefix = lm.parts.layers_path
+        self.targets = [n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)
+                        and layer_of(n, prefix) in layers and any(TARGETS[t].search(n) for t in TARGETS)]
+        torch.manual_seed(cfg.seed)  # lora_A's random init; --resume rebuilds the same, then loads values
+        self.peft = get_peft_model(lm.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                        lora_dropout=cfg.lora_dropout, target_modules=self.targets,
+                                                        bias="none"))
+        for p in self.extras.values():  # get_peft_model froze everything but the adapters
+            p.requires_grad_(True)
+        params = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
+        self.adapter_numel = sum(p.numel() for n, p in params.items() if n not in self.extras)
+        return Trainable(params, {}, layers)
+
+    def finish(self, tr, out):
+        self.peft.save_pretrained(out / "adapter")
+        self.peft.merge_and_unload()  # W + (alpha / r) B A, modules back to plain linears and names
+        params = {f"{t}.weight": self.lm.model.get_parameter(f"{t}.weight") for t in self.targets}
+        params.update(self.extras)
+        return Trainable(params, {}, tr.layers)
+
+    def describe(self):
+        return {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha, "dropout": self.cfg.lora_dropout,
+                "target_linears": len(self.targets), "adapter_params": self.adapter_numel, "adapter_dir": "adapter"}
+
+
+for method in (
+    FinetuneMethod("full-ft", lambda lm, cfg: MethodRun("full-ft", lm, cfg), "forbidden",
+                   "the selected layers train densely (the default without --mask)"),
+    FinetuneMethod("masked", lambda lm, cfg: Masked("masked", lm, cfg), "required",
+                   "only the --mask's trainable entries move (the default with --mask)"),
+    FinetuneMethod("spider", lambda lm, cfg: Spider("spider", lm, cfg), "forbidden",
+                   "SPIDER soft masking: pull entries back to theta_0 by importance after each step"),
+    FinetuneMethod("lora", lambda lm, cfg: Lora("lora", lm, cfg), "forbidden",
+                   "PEFT LoRA adapters on the tuned linears, merged at the end"),
+):
+    FINETUNE_METHODS.register(method.name, method)

@@ -1,0 +1,114 @@
+"""The fine-tuning methods registry (dowser_cli/methods/): full-ft, masked, SPIDER and LoRA through the
+same loop, on tiny models."""
+import json
+
+import pytest
+import torch
+
+from dowser_cli import artifacts, finetune
+from dowser_cli.export import load_run, open_run
+from dowser_cli.finetune import FinetuneConfig
+from dowser_cli.methods import FINETUNE_METHODS
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("methods")
+    recs = [{"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                               {"from": "gpt", "value": str(2 * i)}]} for i in range(12)]
+    (d / "t.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    return d / "t.jsonl"
+
+
+def _run(data, out, method, **kw):
+    cfg = FinetuneConfig(**{"method": method, "lr": 1e-3, "max_steps": 3, "batch_size": 4, "warmup_ratio": 0.0, **kw})
+    return finetune.run("tiny-llava", data, out, cfg)
+
+
+def _base():
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source("tiny-llava")
+    return dict(load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model.named_parameters())
+
+
+def test_registry_has_the_papers_training_time_methods():
+    import dowser_cli.methods.finetuning  # noqa: F401  (registers them)
+
+    assert {"full-ft", "masked", "spider", "lora"} <= set(FINETUNE_METHODS.names())
+
+
+def test_named_full_ft_is_the_default_without_a_mask(data, tmp_path):
+    a = _run(data, tmp_path / "named", "full-ft")
+    b = _run(data, tmp_path / "default", "")
+    assert a["method"] == b["method"] == "full-ft" and b["config"]["method"] == "full-ft"
+    assert (tmp_path / "named" / "delta.safetensors").read_bytes() == \
+        (tmp_path / "default" / "delta.safetensors").read_bytes()
+
+
+def test_spider_returns_low_importance_updates_to_theta0_and_reports_its_state(data, tmp_path):
+    side = _run(data, tmp_path / "spider", "spider")
+    full = _run(data, tmp_path / "full", "full-ft")
+    base = _base()
+    tuned = artifacts.read_tensors(tmp_path / "spider" / "delta.safetensors")
+    dense = artifacts.read_tensors(tmp_path / "full" / "delta.safetensors")
+    assert side["method"] == "spider" and set(tuned) == set(dense)
+    numel = sum(v.numel() for v in tuned.values())
+    # theta_0 (fp32 model: 4 bytes) and the accumulated gradient (fp32) per tuned entry
+    assert side["optimizer"]["method_state_bytes"] == numel * (4 + 4)
+    assert side["optimizer"]["state_bytes"] == full["optimizer"]["state_bytes"]
+    for name, v in tuned.items():
+        if v.dim() != 2:
+            continue
+        kept = v == base[name].detach()
+        # every step returns the entries whose pretrained importance dominates exactly to theta_0
+        assert 0.05 < kept.float().mean() < 0.95, name
+        assert not torch.equal(v, dense[name])
+    # SPIDER moves the model less than Full-FT with the same data, steps and optimiser
+    d_spider = sum(float((v - base[n].detach()).norm() ** 2) for n, v in tuned.items())
+    d_full = sum(float((v - base[n].detach()).norm() ** 2) for n, v in dense.items())
+    assert d_spider < d_full
+
+
+def test_lora_trains_adapters_and_merges_them_into_the_delta_and_an_export(data, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "lora"
+    side = _run(data, out, "lora", lora_r=4, lora_alpha=8.0)
+    base = _base()
+    delta = artifacts.read_tensors(out / "delta.safetensors")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert side["method"] == "lora" and side["method_details"]["target_linears"] == 21      # 3 layers x 7
+    n_adapter = sum(v.numel() for v in adapter.values())
+    assert side["trainable"]["numel"] == n_adapter == side["method_details"]["adapter_params"]
+    assert side["optimizer"]["state_bytes"] == 2 * 4 * n_adapter    # dense fp32 moments of the adapters only
+    assert len(delta) == 21 and all(v.dim() == 2 for v in delta.values())
+    for name, w in delta.items():                                   # W + alpha/r * B A, brute force
+        stem = name.removesuffix(".weight")
+        a = next(v for k, v in adapter.items() if k.endswith(f"{stem}.lora_A.weight"))
+        b = next(v for k, v in adapter.items() if k.endswith(f"{stem}.lora_B.weight"))
+        torch.testing.assert_close(w, base[name].detach() + (8.0 / 4) * b @ a, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(w, base[name].detach())
+    ours = load_run(open_run(out)).model
+    assert all(torch.equal(p, base[n]) for n, p in ours.named_parameters() if "norm" in n)  # norms frozen
+    r = run_cli("export", out, "--out", tmp_path / "exp")
+    assert r.returncode == 0, r.stderr
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path / "exp").eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--method", "dare"], "unknown fine-tuning method; available: full-ft, masked, spider, lora"),
+    (["--method", "spider", "--mask", "m.safetensors"], "--method spider: takes no --mask"),
+    (["--method", "masked"], "--method masked: needs --mask"),
+    (["--method", "lora", "--lora-r", "0"], "--lora-r 0: must be >= 1"),
+])
+def test_method_errors_are_one_line(data, tmp_path, args, want):
+    r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "run", *args)
+    assert r.returncode == 2 and want in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
