@@ -112,3 +112,27 @@ def test_method_errors_are_one_line(data, tmp_path, args, want):
     r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "run", *args)
     assert r.returncode == 2 and want in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["spider", "lora"])
+def test_interrupted_run_resumes_to_the_identical_delta(data, tmp_path, monkeypatch, method):
+    from dowser_cli.errors import Interrupted
+
+    _run(data, tmp_path / "whole", method, max_steps=4)
+    original = finetune.train_step
+
+    def stop_before_step_2(step, *a, **kw):   # as Ctrl-C between steps does
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(step, *a, **kw)
+
+    monkeypatch.setattr(finetune, "train_step", stop_before_step_2)
+    with pytest.raises(Interrupted):
+        _run(data, tmp_path / "cut", method, max_steps=4)
+    ckpt = artifacts.read_tensors(tmp_path / "cut" / "checkpoint" / "state.safetensors")
+    assert any(k.startswith("method/spider_grad_sum/") for k in ckpt) == (method == "spider")
+    monkeypatch.setattr(finetune, "train_step", original)
+    cfg = FinetuneConfig(method=method, lr=1e-3, max_steps=4, batch_size=4, warmup_ratio=0.0)
+    finetune.run("tiny-llava", data, tmp_path / "cut", cfg, resume=True)
+    assert (tmp_path / "cut" / "delta.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "delta.safetensors").read_bytes()
