@@ -1,0 +1,46 @@
+# Shared by demo.sh, compare_methods.sh and the sweeps (source it after setting OUT): the embedded
+# default's settings, a stage runner that reuses finished stages, and the data + scores stages.
+DOWSER=${DOWSER:-dowser}
+MODEL=${DEMO_MODEL:-smol-llava}
+STEPS=${DEMO_STEPS:-48}
+PROBE_SAMPLES=${DEMO_PROBE_SAMPLES:-16}
+TASKS=${DEMO_TASKS:-configs/tasks/demo.yaml}
+RATIO=0.1
+mkdir -p "$OUT/.stamps"
+
+# run_stage NAME OUTPUT "INPUT FILES" CMD...: skip when OUTPUT exists and the command and inputs'
+# sha256 are those recorded when it was made.
+run_stage() {
+    local name=$1 output=$2 inputs=$3
+    shift 3
+    local key
+    key=$( { echo "$*"; for f in $inputs; do sha256sum "$f" | cut -d' ' -f1; done; } | sha256sum | cut -d' ' -f1)
+    if [[ -e "$output" && -f "$OUT/.stamps/$name" && "$(cat "$OUT/.stamps/$name")" == "$key" ]]; then
+        echo "== $name: reusing $output (inputs unchanged)" >&2
+        return
+    fi
+    echo "== $name" >&2
+    rm -rf "$output" "$OUT/.stamps/$name"
+    "$@"
+    echo "$key" > "$OUT/.stamps/$name"
+}
+
+# the downstream task (scikit-learn digits: a training split and a held-out test split) and the
+# data-free importance scores, once per model
+data_and_scores() {
+    run_stage data "$OUT/data/train.json" "" \
+        $DOWSER make-data digits --out "$OUT/data"
+    run_stage probe "$OUT/scores.safetensors" "" \
+        $DOWSER probe "$MODEL" --samples "$PROBE_SAMPLES" --batch-size 4 --probes 8 --out "$OUT/scores.safetensors"
+}
+
+# the same data, layers, steps and optimiser for every method. smol-llava's vision tower and projector
+# are freshly initialised (seeded): the projector holds no pretrained knowledge to protect, so every
+# method trains it densely at its own higher lr; the methods differ only in the decoder layers.
+# (the tuned layers are given per script: masks made for other layers fix them)
+TRAIN=(--data "$OUT/data/train.json" --config configs/recipes/cpu-small.yaml --max-steps "$STEPS" --batch-size 4
+       --lr 1e-4 --projector-lr 1e-3 --train-projector)
+
+# the python beside $DOWSER (for the helper scripts), else python3
+PY=${PYTHON:-$(dirname "$(command -v "${DOWSER%% *}" || echo python3)")/python}
+[[ -x "$PY" ]] || PY=python3
