@@ -149,11 +149,13 @@ class MergeContext:
             raise UserError(f"--data: {missing[0]} saw no calibration input ({len(missing)} such modules)")
         return {n: (g[0], g[1]) for n, g in grams.items()}
 
-    def learn_region(self, logits: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> list[dict]:
+    def learn_region(self, logits: dict[str, torch.Tensor]) -> list[dict]:
         """Grafting's optimisation, in place on ``logits`` (S, float32 [shape] per target): each step sets
         theta = theta_0 + sigmoid(S) * delta, takes the mean token loss of --batch-size seeded random
         examples (finetune's LossHead), and moves S by Adam on dL/dS = dL/dtheta * delta * sigmoid'(S).
-        The other trained tensors hold their fine-tuned values throughout. Returns the loss curve."""
+        The other trained tensors hold their fine-tuned values throughout. Beyond the model, memory is
+        S, Adam's two moments of S (fp32, three copies of the targets) and the targets' gradients; the
+        deltas are recomputed each step rather than kept (a fourth copy). Returns the loss curve."""
         cfg, lm = self.cfg, self.lm
         params = {n: lm.model.get_parameter(n) for n in self.targets}
         lm.model.requires_grad_(False)
@@ -169,7 +171,7 @@ class MergeContext:
                 for step in range(cfg.steps):
                     with torch.no_grad():
                         for n, p in params.items():
-                            p.copy_(self.base[n].float() + torch.sigmoid(logits[n]) * deltas[n])
+                            p.copy_(self.base[n].float() + torch.sigmoid(logits[n]) * self.delta(n))
                     idx = torch.randperm(n_ex, generator=gen)[:cfg.batch_size].tolist()
                     batch = next(iter(self._batches(idx)))
                     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) depends only on the step
@@ -178,7 +180,7 @@ class MergeContext:
                     loss.backward()
                     for n, p in params.items():
                         g = p.grad if p.grad is not None else torch.zeros_like(p)  # a module the loss never reached
-                        logits[n].grad = merging.graft_grad(g, deltas[n], logits[n].detach())
+                        logits[n].grad = merging.graft_grad(g, self.delta(n), logits[n].detach())
                         p.grad = None
                     opt.step()
                     opt.zero_grad()

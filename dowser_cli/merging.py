@@ -133,7 +133,7 @@ def graft_init(delta: torch.Tensor, k: int, high: float = 3.0, low: float = -3.0
     """Initial mask logits S [delta.shape] float32: ``high`` on the k largest |delta| entries (sigmoid
     ~0.95, the region starts as the biggest changes), ``low`` elsewhere (sigmoid ~0.05)."""
     top = binarise_top(delta.abs(), k)
-    return torch.where(top, torch.tensor(high), torch.tensor(low)).float()
+    return torch.where(top, high, low).float()
 
 
 def patch(base: torch.Tensor, tuned: torch.Tensor, keep: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 
 from dowser_cli import artifacts, finetune, merge, merging
 from dowser_cli.errors import UserError
-from dowser_cli.export import load_run, open_run
+from dowser_cli.export import describe_run, load_run, open_run
 from dowser_cli.finetune import FinetuneConfig
 from dowser_cli.merge import MergeConfig
 
@@ -170,6 +170,8 @@ def _check_readable(run_dir):
     for n, v in merged.items():
         assert torch.equal(lm.model.get_parameter(n).detach(), v), n
     evaluate._check_runs_cheaply("tiny-llava", False, [run_dir], torch.float32)
+    info = describe_run(run_dir)                                        # what `dowser inspect` shows
+    assert info["method"] == run.sidecar["method"] and all(r["changed"] > 0 for r in info["rows"])
     return artifacts.read_yaml(run_dir / "run.yaml")
 
 
@@ -269,6 +271,23 @@ def test_errors_are_one_line(work, tmp_path):
         merge.run(tmp_path / "nope", tmp_path / "y", MergeConfig())
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no temp dir left behind
+
+
+def test_eval_forgetting_takes_merged_runs_beside_the_source(work, tmp_path):
+    from dowser_cli import evaluate
+    from conftest import ROOT
+
+    facts = ROOT / "configs" / "tasks" / "data" / "facts.jsonl"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"""tasks:
+  - {{name: facts-choice, role: downstream, kind: likelihood, metric: choice_likelihood, data: "{facts}", limit: 3,
+     answer_template: "The answer is {{answer}}."}}
+  - {{name: facts, role: upstream, kind: exact, metric: contains, data: "{facts}", limit: 3, max_new_tokens: 2}}
+""")
+    merge.run(work / "ft", tmp_path / "dare", MergeConfig(p=0.5))
+    rep = evaluate.run("tiny-llava", [work / "ft", tmp_path / "dare"], suite, tmp_path / "report",
+                       evaluate.EvalConfig(batch_size=4))
+    assert [(r["model"], r["method"]) for r in rep["rows"]][1:] == [("ft", "full-ft"), ("dare", "dare")]
 
 
 def test_config_section_and_cli_override(work, tmp_path):

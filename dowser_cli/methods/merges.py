@@ -49,11 +49,10 @@ def _tailor(ctx):
 def _graft(ctx):
     """Relaxed region sigmoid(S) learnt on the downstream loss, then binarised to the budget."""
     cfg = ctx.cfg
-    deltas = {n: ctx.delta(n) for n in ctx.targets}
-    ks = {n: exact_k(cfg.budget, d.numel()) for n, d in deltas.items()}
-    logits = {n: merging.graft_init(d, ks[n]).to(d.device).requires_grad_(True) for n, d in deltas.items()}
+    ks = {n: exact_k(cfg.budget, ctx.base[n].numel()) for n in ctx.targets}
+    logits = {n: merging.graft_init(ctx.delta(n), ks[n]).requires_grad_(True) for n in ctx.targets}
     init = {n: s.detach() > 0 for n, s in logits.items()}
-    losses = ctx.learn_region(logits, deltas)
+    losses = ctx.learn_region(logits)
     patches = {n: merging.Patch(merging.binarise_top(logits[n], ks[n]), None) for n in ctx.targets}
     kept = sum(ks.values())
     moved = sum(int((patches[n].keep & ~init[n]).sum()) for n in ctx.targets)
