@@ -113,7 +113,9 @@ class MergeContext:
 
     def input_grams(self) -> dict[str, tuple[torch.Tensor, int]]:
         """Per target: (X^T X [in, in] float32, n) over the real (non-padding) token positions of
-        --calib-samples examples (a seeded subset of --data) as the FINE-TUNED model sees them."""
+        --calib-samples examples (a seeded subset of --data) as the FINE-TUNED model sees them.
+        One [in, in] fp32 accumulator per target on the model's device (targets that share an input,
+        q/k/v and gate/up, each keep their own: ~18 GB for LLaVA-1.5-7B's last 20 layers)."""
         n_ex = len(self.dataset.examples)
         order = torch.randperm(n_ex, generator=torch.Generator().manual_seed(self.cfg.seed)).tolist()
         chosen = order[:min(self.cfg.calib_samples, n_ex)]
@@ -124,6 +126,8 @@ class MergeContext:
             def hook(module, args):
                 x = args[0].detach()
                 pos = state["mask"]
+                # a module whose input is not [B, T, in] over the batch's tokens (none of the adapters'
+                # decoder linears so far) is calibrated over all its rows rather than not at all
                 rows = x[pos] if pos.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
                 rows = rows.float()
                 g = grams.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0])
