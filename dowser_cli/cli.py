@@ -162,6 +162,42 @@ def finetune(
     typer.echo(str(out))
 
 
+@app.command(epilog="Example: dowser merge runs/full-ft --method tailor --data train.json --keep 0.1 "
+                     "--out runs/tailor")
+def merge(
+    run: Path = typer.Argument(..., help="Fine-tuned run directory (typically Full-FT) from `dowser finetune`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (must not exist or be empty)."),
+    method: Optional[str] = typer.Option(None, "--method", help="dare | tailor | graft \\[dare]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Downstream data (finetune's format); required by "
+                                        "tailor (calibration) and graft (loss)."),
+    image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths \\[the data file's dir]."),
+    p: Optional[float] = typer.Option(None, "--p", help="DARE: drop probability of each delta entry [0.9]."),
+    keep: Optional[float] = typer.Option(None, help="Tailor: fraction of each matrix's delta kept [0.1]."),
+    calib_samples: Optional[int] = typer.Option(None, help="Tailor: calibration examples from --data [128]."),
+    damp: Optional[float] = typer.Option(None, help="Tailor: Hessian damping, fraction of mean diag [0.01]."),
+    budget: Optional[float] = typer.Option(None, help="Graft: fraction of each matrix's delta in the region [0.1]."),
+    steps: Optional[int] = typer.Option(None, help="Graft: gradient steps on the relaxed mask [100]."),
+    lr: Optional[float] = typer.Option(None, help="Graft: Adam learning rate of the mask logits [0.1]."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per forward pass [4]."),
+    max_len: Optional[int] = typer.Option(None, help="Longest record in tokens [2048]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of DARE's drops, the calibration subset, graft batches [0]."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N \\[auto]; dtype is the run's."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `merge`; CLI wins)."),
+):
+    """Post-hoc baselines of the paper on a fine-tuned run: DARE (drop and rescale the delta), Model
+    Tailor (salient patch + OBS compensation on calibration data), Grafting (a learnt sparse region of
+    the delta). Only the tuned decoder layers' linear weights are merged; other trained tensors keep
+    their delta. Writes OUT as a run directory that export / eval-forgetting / inspect read."""
+    from dowser_cli import config as cfgmod
+    from dowser_cli import merge as merge_mod
+
+    cfg = cfgmod.resolve(merge_mod.MergeConfig(), config, "merge", dict(
+        method=method, p=p, keep=keep, calib_samples=calib_samples, damp=damp, budget=budget, steps=steps, lr=lr,
+        batch_size=batch_size, max_len=max_len, seed=seed, device=device))
+    merge_mod.run(run, out, cfg, data_path=data, image_folder=image_folder, command=_command_line())
+    typer.echo(str(out))
+
+
 @app.command(epilog="Example: dowser export runs/digits --out exported/digits")
 def export(
     run: Path = typer.Argument(..., help="Run directory from `dowser finetune`."),

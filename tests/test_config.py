@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dowser_cli import config as cfgmod
-from dowser_cli import finetune, mask, probe
+from dowser_cli import finetune, mask, merge, probe
 from dowser_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,6 +12,7 @@ SECTIONS = {
     "probe": (probe.ProbeConfig, probe.validate),
     "mask": (mask.MaskConfig, mask.validate),
     "finetune": (finetune.FinetuneConfig, finetune.validate),
+    "merge": (merge.MergeConfig, merge.validate),
 }
 
 

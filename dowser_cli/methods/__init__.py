@@ -1,5 +1,5 @@
-"""Registries of interchangeable methods (mask strategies, fine-tuning methods), so that baselines are
-peers of dowser rather than branches of an if/elif chain."""
+"""Registries of interchangeable methods (mask strategies, fine-tuning methods, post-hoc merge
+baselines), so that baselines are peers of dowser rather than branches of an if/elif chain."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,4 +57,21 @@ class FinetuneMethod:
 # filled by dowser_cli.methods.finetuning (imported by the finetune stage: its methods need that stage)
 FINETUNE_METHODS: Registry[FinetuneMethod] = Registry("fine-tuning method")
 
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A post-hoc baseline of `dowser merge`: ``apply(ctx)`` gets a `dowser_cli.merge.MergeContext`
+    (base and fine-tuned values of the run's tensors, the targeted decoder linears, calibration and
+    loss helpers) and returns ({target name: `merge.Patch`}, method statistics for run.yaml).
+    Tensors it does not return keep the run's delta unchanged."""
+
+    name: str
+    apply: Callable
+    needs_data: bool
+    help: str = ""
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
 from dowser_cli.methods import masks as _masks  # noqa: E402,F401  (registers the built-in strategies)
+from dowser_cli.methods import merges as _merges  # noqa: E402,F401  (registers the merge baselines)
