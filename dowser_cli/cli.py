@@ -12,7 +12,8 @@ import typer
 from dowser_cli import __version__
 from dowser_cli.errors import Interrupted, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode None: help texts print as written (rich markup would eat "[auto]"-style defaults)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Model-Dowser: data-free importance probing and sparse fine-tuning of (multimodal) LLMs.")
 
 
@@ -167,10 +168,10 @@ def finetune(
 def merge(
     run: Path = typer.Argument(..., help="Fine-tuned run directory (typically Full-FT) from `dowser finetune`."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (must not exist or be empty)."),
-    method: Optional[str] = typer.Option(None, "--method", help="dare | tailor | graft \\[dare]."),
+    method: Optional[str] = typer.Option(None, "--method", help="dare | tailor | graft [dare]."),
     data: Optional[Path] = typer.Option(None, "--data", help="Downstream data (finetune's format); required by "
                                         "tailor (calibration) and graft (loss)."),
-    image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths \\[the data file's dir]."),
+    image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
     p: Optional[float] = typer.Option(None, "--p", help="DARE: drop probability of each delta entry [0.9]."),
     keep: Optional[float] = typer.Option(None, help="Tailor: fraction of each matrix's delta kept [0.1]."),
     calib_samples: Optional[int] = typer.Option(None, help="Tailor: calibration examples from --data [128]."),
@@ -181,7 +182,7 @@ def merge(
     batch_size: Optional[int] = typer.Option(None, help="Examples per forward pass [4]."),
     max_len: Optional[int] = typer.Option(None, help="Longest record in tokens [2048]."),
     seed: Optional[int] = typer.Option(None, help="Seed of DARE's drops, the calibration subset, graft batches [0]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N \\[auto]; dtype is the run's."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]; dtype is the run's."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `merge`; CLI wins)."),
 ):
     """Post-hoc baselines of the paper on a fine-tuned run: DARE (drop and rescale the delta), Model

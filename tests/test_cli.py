@@ -41,6 +41,10 @@ def test_probe_mask_finetune_export_inspect_compare_combine_chain(tmp_path):
     ok("export", "run", "--out", "exported")
     assert (tmp_path / "exported" / "config.json").is_file()
     assert json.loads(ok("inspect", "run", "--json").stdout)["method"] == "dowser-mask"
-    # every stage's --help ends with an example
-    for cmd in ("probe", "mask", "compare", "combine", "inspect", "finetune", "export"):
+    ok("merge", "run", "--method", "dare", "--p", "0.5", "--out", "dare")
+    assert json.loads(ok("inspect", "dare", "--json").stdout)["method"] == "dare"
+    # every stage's --help ends with an example, and bracketed defaults survive the help formatter
+    for cmd in ("probe", "mask", "compare", "combine", "inspect", "finetune", "export", "merge", "eval-forgetting",
+                "make-data"):
         assert "Example: dowser" in ok(cmd, "--help").stdout
+    assert "[auto: bf16 on GPU]" in " ".join(ok("finetune", "--help").stdout.split())
