@@ -5,7 +5,8 @@
 #   training-time    full-ft spider lora                     (finetune --method)
 #   post-hoc         dare tailor graft                       (dowser merge of the Full-FT run)
 #
-#   scripts/compare_methods.sh [OUT]      (env: METHODS, DOWSER, DEMO_STEPS, DEMO_PROBE_SAMPLES, DEMO_TASKS)
+#   scripts/compare_methods.sh [OUT]      (env: METHODS, DOWSER, DEMO_STEPS, DEMO_PROBE_SAMPLES, DEMO_TASKS,
+#                                          CALIB_SAMPLES)
 # About 30 minutes on 2 CPU cores for all of them; `make demo` runs a subset through this script.
 # Finished stages are reused when their command and inputs are unchanged.
 set -euo pipefail
@@ -13,6 +14,8 @@ OUT=${1:-${DEMO_OUT:-compare-out}}
 source "$(dirname "$0")/common.sh"
 METHODS=${METHODS:-"full-ft dowser magnitude wanda random spider lora dare tailor graft"}
 LAYERS=(--tune-layers last:20)   # the paper's 20 tuned layers (of smol-llava's 30)
+CALIB_SAMPLES=${CALIB_SAMPLES:-128}              # Model Tailor's calibration examples (its paper: 128)
+GRAFT_STEPS=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))  # Grafting's mask steps: half the fine-tuning's
 START=$(date +%s)
 data_and_scores
 
@@ -26,7 +29,7 @@ finetune_run() {  # finetune_run NAME "INPUT FILES" ARGS...
 merge_run() {  # merge_run NAME ARGS...: a post-hoc method applied to the Full-FT run
     local name=$1
     shift
-    finetune_run full-ft "" --method full-ft
+    [[ -n ${FULL_FT_DONE:-} ]] || { finetune_run full-ft "" --method full-ft; FULL_FT_DONE=1; }
     run_stage "merge-$name" "$OUT/runs/$name/run.yaml" "$OUT/runs/full-ft/delta.safetensors $OUT/data/train.json" \
         $DOWSER merge "$OUT/runs/full-ft" --method "$name" "$@" --out "$OUT/runs/$name"
 }
@@ -39,16 +42,19 @@ for m in $METHODS; do
                 $DOWSER mask "$OUT/scores.safetensors" --ratio "$RATIO" --strategy "$m" --layers last:20 \
                 --out "$OUT/mask-$m.safetensors"
             finetune_run "$m" "$OUT/mask-$m.safetensors" --mask "$OUT/mask-$m.safetensors" ;;
-        full-ft|spider)
-            finetune_run "$m" "" --method "$m" ;;
+        full-ft)
+            finetune_run full-ft "" --method full-ft
+            FULL_FT_DONE=1 ;;
+        spider)
+            finetune_run spider "" --method spider ;;
         lora)  # rank 8 adapters; LoRA's usual 10x higher lr than dense fine-tuning
             finetune_run lora "" --method lora --lora-r 8 --lora-alpha 16 --lr 1e-3 ;;
         dare)
             merge_run dare --p 0.9 --seed 0 ;;
-        tailor)  # 128 calibration samples of the downstream data, 10 % of the delta kept
-            merge_run tailor --data "$OUT/data/train.json" --calib-samples 128 --keep 0.1 ;;
-        graft)
-            merge_run graft --data "$OUT/data/train.json" --budget 0.1 ;;
+        tailor)  # calibration samples of the downstream data, 10 % of the delta kept (rho's 10 %)
+            merge_run tailor --data "$OUT/data/train.json" --calib-samples "$CALIB_SAMPLES" --keep 0.1 ;;
+        graft)   # a region of 10 % of the delta, learnt on the downstream data
+            merge_run graft --data "$OUT/data/train.json" --budget 0.1 --steps "$GRAFT_STEPS" ;;
         *)
             echo "compare_methods.sh: unknown method '$m' in METHODS" >&2; exit 2 ;;
     esac

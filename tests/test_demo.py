@@ -27,7 +27,7 @@ tasks:
 
 def _demo(out, suite):
     env = {**os.environ, "DOWSER": f"{sys.executable} -m dowser_cli", "DEMO_STEPS": "2", "DEMO_PROBE_SAMPLES": "4",
-           "DEMO_TASKS": str(suite)}
+           "DEMO_TASKS": str(suite), "CALIB_SAMPLES": "8"}
     return subprocess.run(["bash", "scripts/demo.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1800)
 
@@ -42,15 +42,18 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
 
     report = artifacts.read_yaml(out / "report" / "report.yaml")
     rows = {row["model"]: row for row in report["rows"]}
-    assert set(rows) == {"base (smol-llava)", "full-ft", "dowser", "magnitude", "random"}
-    assert rows["full-ft"]["method"] == "full-ft" and rows["dowser"]["method"] == "dowser-mask" and rows["random"]["method"] == "random-mask"
+    methods = ("full-ft", "dowser", "spider", "lora", "dare", "tailor", "graft")
+    assert set(rows) == {"base (smol-llava)", *methods}
+    assert {rows[m]["method"] for m in methods} == {"full-ft", "dowser-mask", "spider", "lora", "dare", "tailor",
+                                                     "graft"}
     for row in rows.values():
         assert {"D", "U", "H", "dU", "drift"} <= set(row)
     assert (out / "report" / "report.png").is_file()
+    assert "| graft | graft |" in r.stdout and "peak RSS in training MB" in r.stdout     # the cost table
 
     # every stage's artifacts name the one before them by hash
     scores_sha = artifacts.sha256_file(out / "scores.safetensors")
-    for strategy in ("dowser", "magnitude", "random"):
+    for strategy in ("dowser",):
         m = out / f"mask-{strategy}.safetensors"
         assert artifacts.read_yaml(m.with_suffix(".yaml"))["inputs"]["scores"]["sha256"] == scores_sha
         run = open_run(out / "runs" / strategy)          # checks delta <-> its own mask copy <-> run.yaml
@@ -61,12 +64,16 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
         assert side["steps"] == 2 and side["tuned_layers"] == list(range(10, 30))
     full = open_run(out / "runs" / "full-ft")
     assert full.mask is None and full.sidecar["tuned_layers"] == list(range(10, 30))
+    full_sha = artifacts.sha256_file(out / "runs" / "full-ft" / "delta.safetensors")
+    for merged in ("dare", "tailor", "graft"):     # the post-hoc baselines name the Full-FT delta they edit
+        side = open_run(out / "runs" / merged).sidecar
+        assert side["inputs"]["source_delta"]["sha256"] == full_sha, side["inputs"]
     assert artifacts.read_yaml(out / "scores.yaml")["model"]["fingerprint"] == full.meta["model_fingerprint"]
 
     # a second run changes nothing and evaluates nothing
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("delta.safetensors")}
     r = _demo(out, suite)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("reusing") == 9                # data, probe, 3 masks, 4 runs
+    assert r.stderr.count("reusing") == 10               # data, probe, 1 mask, 4 runs, 3 merges
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert artifacts.read_yaml(out / "report" / "report.yaml")["cache"]["evaluated"] == 0
