@@ -1,0 +1,155 @@
+"""2 processes on this CPU with gloo, launched like users launch them (torchrun): DDP / FSDP2 masked
+fine-tuning equals one process with the same global batch, frozen entries stay bit-identical, an
+interrupted run resumes to the same bytes, and a distributed probe equals the single-process one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dowser_cli import artifacts, finetune, mask, probe
+from dowser_cli.export import load_run, open_run
+from dowser_cli.finetune import FinetuneConfig
+from dowser_cli.mask import MaskConfig
+from dowser_cli.probe import ProbeConfig
+
+from conftest import ROOT, run_cli
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DOWSER_QUIET": "1"}
+
+
+def torchrun(*args, nproc: int = 2, timeout: int = 300, popen: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dowser_cli", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _conv(q, a):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """tiny-llava scores and a rho 0.1 mask; 9 image records, so that with 2 ranks x batch 2 x accum 2
+    the second step's only micro-batch has one example and rank 1 has none."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("dist")
+    probe.run("tiny-llava", d / "scores.safetensors", ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
+    mask.run(d / "scores.safetensors", d / "mask.safetensors", MaskConfig(ratio=0.1))
+    (d / "img").mkdir()
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for i in range(9):
+        px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(d / "img" / f"{i}.png")
+        # answers of different lengths: the global token count, not a per-rank mean, must weigh them
+        recs.append({"image": f"{i}.png", "conversations": _conv("<image>\nWhat digit is shown?", str(i) * (1 + i % 4))})
+    (d / "train.json").write_text(json.dumps(recs))
+    return d
+
+
+# small max_grad_norm: clipping is active every step, so a per-rank (not global) norm would show
+TRAIN = dict(lr=1e-3, weight_decay=0.1, warmup_ratio=0.0, max_grad_norm=0.01, grad_accum=2, max_steps=3)
+
+
+def _args(work, out, **kw):
+    opts = {**TRAIN, **kw}
+    flat = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+    return ["finetune", "tiny-llava", "--mask", work / "mask.safetensors", "--data", work / "train.json",
+            "--image-folder", work / "img", "--out", out, *flat]
+
+
+@pytest.fixture(scope="module")
+def single(work, tmp_path_factory):
+    """One process, batch 4 = the 2-rank runs' global micro-batch."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    finetune.run("tiny-llava", work / "train.json", out, FinetuneConfig(batch_size=4, **TRAIN),
+                 mask_path=work / "mask.safetensors", image_folder=work / "img")
+    return out
+
+
+def _base():
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source("tiny-llava")
+    return load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_give_the_single_process_delta_and_keep_frozen_entries(work, single, tmp_path, strategy):
+    out = tmp_path / strategy
+    r = torchrun(*_args(work, out, batch_size=2, strategy=strategy))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str(out)                                   # rank 0 speaks for both
+    a = artifacts.read_tensors(single / "delta.safetensors")
+    b = artifacts.read_tensors(out / "delta.safetensors")
+    assert a.keys() == b.keys() and len(a) == 27
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    base = _base()
+    mf = mask.open_mask(out / "mask.safetensors")
+    assert all(not torch.allclose(b[n], base.get_parameter(n).detach()[mf.dense(n)]) for n in mf.params)  # trained
+    tuned = dict(load_run(open_run(out)).model.named_parameters())
+    for name, p0 in base.named_parameters():
+        p1 = tuned[name].detach()
+        if name in mf.params:
+            m = mf.dense(name)
+            assert torch.equal(p1[~m], p0.detach()[~m]), name            # frozen entries bit-identical
+        elif name not in a:
+            assert torch.equal(p1, p0.detach()), name
+    s1, s2 = artifacts.read_yaml(single / "run.yaml"), artifacts.read_yaml(out / "run.yaml")
+    for x, y in zip(s1["loss_curve"], s2["loss_curve"], strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["tokens"] == x["tokens"]
+    assert s2["trainable"] == s1["trainable"]
+    d = s2["distributed"]
+    assert d["world_size"] == 2 and d["strategy"] == strategy and d["global_step_examples"] == 8
+    ranks = d["ranks"]
+    assert [x["rank"] for x in ranks] == [0, 1] and all(x["peak_memory"]["host_rss_mb"] > 0 for x in ranks)
+    state = s1["optimizer"]["state_bytes"]
+    if strategy == "ddp":  # every rank holds all of it
+        assert all(x["optimizer_state_bytes"] == state for x in ranks)
+    else:                  # the shards add up to the single-process state, each rank about half
+        assert sum(x["optimizer_state_bytes"] for x in ranks) == state == s2["optimizer"]["state_bytes"]
+        assert all(0.3 * state < x["optimizer_state_bytes"] < 0.7 * state for x in ranks)
+        params = sum(q.numel() * 4 for q in base.parameters())
+        assert all(x["param_bytes"] < 0.6 * params for x in ranks)
+
+
+def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
+    args = dict(batch_size=2, strategy="fsdp", max_steps=60, save_every=3)
+    full = torchrun(*_args(work, tmp_path / "full", **args))
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "cut"
+    proc = torchrun(*_args(work, out, **args), popen=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint" / "state.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)        # to the launcher, which passes it on to both ranks
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "--resume" in err, err[-3000:]
+    assert not (out / "delta.safetensors").exists()
+    step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
+    assert 0 < step < 60
+    r = torchrun(*_args(work, out, **args), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "delta.safetensors").read_bytes() == (tmp_path / "full" / "delta.safetensors").read_bytes()
+    curve = [{k: v for k, v in x.items() if k != "seconds"} for x in artifacts.read_yaml(out / "run.yaml")["loss_curve"]]
+    want = [{k: v for k, v in x.items() if k != "seconds"}
+            for x in artifacts.read_yaml(tmp_path / "full" / "run.yaml")["loss_curve"]]
+    assert curve == want and len(curve) == 60
+
+
+@pytest.mark.parametrize("extra, want", [(["--strategy", "fsdp"], "needs several processes"),
+                                         (["--strategy", "zero3"], "expected one of ddp, fsdp")])
+def test_bad_strategy_is_one_line_exit_2(work, tmp_path, extra, want):
+    r = run_cli(*_args(work, tmp_path / "run", batch_size=2), *extra)
+    assert r.returncode == 2 and want in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
