@@ -72,7 +72,8 @@ def probe(
         include_lm_head=include_lm_head, include_projector=include_projector, dtype=dtype, device=device,
         seed=seed))
     sidecar = probe_mod.run(model, out, cfg, random_init=random_init, resume=resume, command=_command_line())
-    typer.echo(str(out))
+    if _rank0():
+        typer.echo(str(out))
     return sidecar
 
 

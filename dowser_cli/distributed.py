@@ -415,10 +415,124 @@ def held_bytes(model: nn.Module, opt: "MaskedAdamW") -> dict[str, int]:
     return {"param_bytes": params, "grad_bytes": grads, "optimizer_state_bytes": opt.state_bytes()}
 
 
+def reset_host_peak() -> None:
+    """Start a new host peak (Linux VmHWM), so that training's peak shows apart from loading's: every
+    rank loads the whole model on the host before FSDP shards it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def host_peak_since_reset_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
-    """Per rank: peak memory and the bytes held at the first step's peak (after its backward)."""
+    """Per rank: peak memory (whole run; host peak since training began) and the bytes held at the
+    first step's peak (after its backward)."""
     from dowser_cli.resources import peak_memory
 
     mine = {"rank": d.rank, "device": d.device, "peak_memory": peak_memory(d.device),
-            **(d.held or held_bytes(model, opt))}
+            "train_peak_host_rss_mb": host_peak_since_reset_mb(), **(d.held or held_bytes(model, opt))}
     return all_gather_objects(mine)
+
+
+# ---- probing -------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag that the ranks agree on after each round of batches (raising in the
+    middle of a batch would leave the others waiting in a collective)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            self.requested = True
+        self._old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
+    """Sum rows [lo, hi) of every factor over the ranks. Each row was computed by exactly one rank and
+    is zero on the others, so the sum is that rank's row, bit for bit."""
+    if hi <= lo:
+        return
+    for table in (store.psi, store.act):
+        for t in table.values():
+            part = t[lo:hi].to(d.device)
+            dist.all_reduce(part)
+            t[lo:hi] = part.cpu()
+
+
+def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:
+    """probe.probe_all across ranks: rank r probes batches r, r + W, ... (each batch's samples and
+    Rademacher vectors have their own seeds, so which rank runs it does not change its numbers). After
+    each round of W batches the ranks agree on stop requests; factor rows are summed over ranks at
+    partial saves and at the end, after which every rank holds all rows. Returns generate/probe seconds."""
+    import time
+
+    from dowser_cli import artifacts
+    from dowser_cli.errors import Interrupted
+    from dowser_cli.probe import PARTIAL_KIND, probe_batch, use_batched_probes, xi_generator
+    from dowser_cli.progress import progress_bar, stderr_console
+
+    sizes, device, n = cfg.batch_sizes(), s.plan.device, len(cfg.batch_sizes())
+    t_gen = t_probe = 0.0
+    reduced = s.done  # rows of batches < reduced are complete on every rank (a resumed partial is)
+
+    def sync(upto: int) -> None:
+        nonlocal reduced
+        _reduce_rows(d, s.store, reduced * cfg.probes, upto * cfg.probes)
+        reduced = upto
+
+    def save_partial(batches: int) -> None:
+        sync(batches)
+        if d.main:
+            meta = artifacts.base_metadata(PARTIAL_KIND, s.fingerprint, batches_done=batches,
+                                           config_digest=cfg.digest())
+            artifacts.write_safetensors(partial, s.store.tensors(batches * cfg.probes), meta)
+
+    console = stderr_console(quiet=not d.main)
+    with _StopFlag() as stop, s.scored.hooks(device, cfg.probes) as hooks, progress_bar(console) as bar:
+        task = bar.add_task(f"probing {label} ({d.world} ranks)", total=n, completed=s.done)
+        for start in range(s.done, n, d.world):
+            b = start + d.rank
+            if b < n:
+                tg = time.perf_counter()
+                input_ids, mask, img_kwargs = s.batches.batch(b)
+                tp = time.perf_counter()
+                psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes,
+                                  device, use_batched_probes(cfg, device))
+                s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
+                t_gen, t_probe = t_gen + tp - tg, t_probe + time.perf_counter() - tp
+            before, s.done = s.done, min(start + d.world, n)
+            bar.update(task, completed=s.done)
+            flag = torch.tensor([float(stop.requested)], device=d.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0 and s.done < n:
+                save_partial(s.done)
+                raise Interrupted(f"interrupted after {s.done}/{n} batches; partial state in {partial}; "
+                                  f"rerun with --resume to continue")
+            ce = cfg.checkpoint_every
+            if ce and s.done // ce > before // ce and s.done < n:
+                save_partial(s.done)
+    sync(n)
+    return {"generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}

@@ -97,6 +97,8 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
         (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
+        (cfg.strategy in ("",) + distributed.STRATEGIES,
+         f"--strategy {cfg.strategy!r}: expected one of {', '.join(distributed.STRATEGIES)}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -518,7 +520,8 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     p = plan(model_spec, cfg, out, mask_path, random_init, resume)
     if dist is not None:
         p.device = dist.device
-    lm = load_model(p.source, p.config, p.dtype, p.device)
+    # FSDP: weights load on the host; fully_shard then moves one unit at a time to the device, as shards
+    lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device)
     console = stderr_console() if dist is None or dist.main else stderr_console(quiet=True)
     if lm.tokenizer is None:
         if not p.source.random_init:
@@ -546,6 +549,8 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    if dist is not None:
+        distributed.reset_host_peak()
     load_s = time.perf_counter() - t0
     _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, dist, model)
     sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path,

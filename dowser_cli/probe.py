@@ -688,16 +688,46 @@ def probe_all(s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[s
 def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     """Probe ``model_spec`` and write ``out`` (+ ``out``.yaml). Returns the sidecar dict."""
+    from dowser_cli import distributed
+
     t0 = time.perf_counter()
+    dist = distributed.setup("", cfg.device, command="probe")  # None unless launched by torchrun & co.
+    try:
+        sidecar = _run(dist, t0, model_spec, out, cfg, random_init, resume, command)
+    except Interrupted:
+        distributed.teardown(dist)  # the ranks agreed to stop: they leave together
+        raise
+    except BaseException:
+        distributed.teardown(dist, wait=False)
+        raise
+    distributed.teardown(dist)
+    return sidecar
+
+
+def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool, resume: bool,
+         command: str) -> dict[str, Any]:
+    from dowser_cli import distributed
+
     p = plan(model_spec, cfg, out, random_init)
+    if dist is not None:
+        p.device = dist.device
     partial = artifacts.partial_path(out)
     s = open_session(p, cfg, partial, resume)
     timings = {"load_s": round(time.perf_counter() - t0, 3)}
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    timings.update(probe_all(s, cfg, partial, model_spec))
+    # under a launcher the ranks split the batches; afterwards every rank holds all factor rows
+    timings.update(distributed.probe_all(dist, s, cfg, partial, model_spec) if dist else
+                   probe_all(s, cfg, partial, model_spec))
+    if dist is not None:
+        ranks = distributed.all_gather_objects({"rank": dist.rank, "device": dist.device, **timings,
+                                                "peak_memory": peak_memory(p.device)})
+        if not dist.main:  # rank 0 writes the scores once
+            return {}
     sidecar = _sidecar(p, s.lm, cfg, s.fingerprint, s.weights_digest, s.scored.modules, s.store, timings, command,
                        random_init)
+    if dist is not None:
+        sidecar["distributed"] = {"world_size": dist.world, "backend": dist.backend, "ranks": ranks}
     store, meta = s.store, artifacts.base_metadata(artifacts.SCORES_KIND, s.fingerprint, probes=cfg.total_probes,
                                                    config_digest=cfg.digest(), weights_digest=s.weights_digest)
     # Serialising copies the factors once more; drop the model first so that the write, not the

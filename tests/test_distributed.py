@@ -153,3 +153,23 @@ def test_bad_strategy_is_one_line_exit_2(work, tmp_path, extra, want):
     assert r.returncode == 2 and want in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_two_rank_probe_equals_the_single_process_probe(tmp_path):
+    # 5 batches over 2 ranks (rank 0 takes 0, 2, 4; rank 1 takes 1, 3), noise images on
+    args = ["probe", "tiny-llava", "--samples", "10", "--batch-size", "2", "--probes", "3", "--seq-len", "12",
+            "--images", "noise"]
+    one = run_cli(*args, "--out", tmp_path / "one.safetensors", env=ENV)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", tmp_path / "two.safetensors")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip() == str(tmp_path / "two.safetensors")
+    a = artifacts.read_tensors(tmp_path / "one.safetensors")
+    b = artifacts.read_tensors(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:  # every row is computed by one rank from the same seeds and summed with zeros: exact
+        assert a[k].shape[0] == 15 and torch.equal(a[k], b[k]), k
+        assert a[k].abs().sum(1).min() > 0, k                             # no row left empty
+    side = artifacts.read_yaml(tmp_path / "two.yaml")
+    assert side["distributed"]["world_size"] == 2 and [r["rank"] for r in side["distributed"]["ranks"]] == [0, 1]
+    assert not artifacts.partial_path(tmp_path / "two.safetensors").exists()
