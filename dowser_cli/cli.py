@@ -56,6 +56,8 @@ def probe(
                                                      help="Score the vision-language projector [off]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
+    device_map: Optional[str] = typer.Option(None, help="auto | balanced | sequential: a model larger than one "
+                                             "GPU, its layers spread over the GPUs by accelerate [off]."),
     seed: Optional[int] = typer.Option(None, help="Seed for probe text and Rademacher vectors [0]."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as options; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build from the shipped config, no weights."),
@@ -70,7 +72,7 @@ def probe(
         samples=samples, batch_size=batch_size, probes=probes, seq_len=seq_len, prefix_len=prefix_len,
         images=images, texts=str(texts) if texts else None, layers=layers, targets=targets,
         include_lm_head=include_lm_head, include_projector=include_projector, dtype=dtype, device=device,
-        seed=seed))
+        device_map=device_map, seed=seed))
     sidecar = probe_mod.run(model, out, cfg, random_init=random_init, resume=resume, command=_command_line())
     if _rank0():
         typer.echo(str(out))

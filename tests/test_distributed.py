@@ -3,6 +3,7 @@ fine-tuning equals one process with the same global batch, frozen entries stay b
 interrupted run resumes to the same bytes, and a distributed probe equals the single-process one."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
     assert not (out / "delta.safetensors").exists()
     step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
     assert 0 < step < 60
+    other = tmp_path / "cut-ddp"
+    shutil.copytree(out, other)
     r = torchrun(*_args(work, out, **args), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "delta.safetensors").read_bytes() == (tmp_path / "full" / "delta.safetensors").read_bytes()
@@ -144,6 +147,13 @@ def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
     want = [{k: v for k, v in x.items() if k != "seconds"}
             for x in artifacts.read_yaml(tmp_path / "full" / "run.yaml")["loss_curve"]]
     assert curve == want and len(curve) == 60
+    # the checkpoint is in the single-process layout: the same global batch resumes it under DDP too
+    r = torchrun(*_args(work, other, **{**args, "strategy": "ddp"}), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = artifacts.read_tensors(tmp_path / "full" / "delta.safetensors")
+    b = artifacts.read_tensors(other / "delta.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra, want", [(["--strategy", "fsdp"], "needs several processes"),
@@ -173,3 +183,21 @@ def test_two_rank_probe_equals_the_single_process_probe(tmp_path):
     side = artifacts.read_yaml(tmp_path / "two.yaml")
     assert side["distributed"]["world_size"] == 2 and [r["rank"] for r in side["distributed"]["ranks"]] == [0, 1]
     assert not artifacts.partial_path(tmp_path / "two.safetensors").exists()
+
+
+def test_device_map_probe_equals_the_plain_probe_and_bad_maps_are_refused(tmp_path):
+    # On this CPU-only machine accelerate places everything on the host: this checks the plumbing
+    # (placement, input device, per-module hook buffers), not a split over several GPUs.
+    args = ["probe", "tiny-llama", "--samples", "4", "--batch-size", "2", "--probes", "2", "--seq-len", "10"]
+    plain = run_cli(*args, "--out", tmp_path / "plain.safetensors", env=ENV)
+    mapped = run_cli(*args, "--device-map", "auto", "--out", tmp_path / "mapped.safetensors", env=ENV)
+    assert plain.returncode == 0 and mapped.returncode == 0, plain.stderr + mapped.stderr
+    a = artifacts.read_tensors(tmp_path / "plain.safetensors")
+    b = artifacts.read_tensors(tmp_path / "mapped.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert artifacts.read_yaml(tmp_path / "mapped.yaml")["model"]["device_map"] == {"cpu": 1}
+    bad = run_cli(*args, "--device-map", "everywhere", "--out", tmp_path / "bad.safetensors", env=ENV)
+    assert bad.returncode == 2 and "--device-map 'everywhere'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    two = torchrun(*args, "--device-map", "auto", "--out", tmp_path / "two.safetensors")
+    assert two.returncode != 0 and "without torchrun" in two.stderr and not (tmp_path / "two.safetensors").exists()
