@@ -640,7 +640,8 @@ class _StopRequests:
                 return
             raise KeyboardInterrupt
         self.requested, self._first = True, time.monotonic()
-        print("\ndowser: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher, rank 0 speaks for all
+            print("\ndowser: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
