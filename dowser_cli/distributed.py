@@ -494,7 +494,7 @@ def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:
     from dowser_cli.probe import PARTIAL_KIND, probe_batch, use_batched_probes, xi_generator
     from dowser_cli.progress import progress_bar, stderr_console
 
-    sizes, device, n = cfg.batch_sizes(), s.plan.device, len(cfg.batch_sizes())
+    device, n = s.plan.device, len(cfg.batch_sizes())
     t_gen = t_probe = 0.0
     reduced = s.done  # rows of batches < reduced are complete on every rank (a resumed partial is)
 

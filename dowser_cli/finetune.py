@@ -504,8 +504,9 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
     try:
         sidecar = _run(dist, t0, model_spec, data_path, out, cfg, mask_path, image_folder, random_init, resume,
                        command)
-    except Interrupted:
-        distributed.teardown(dist)  # every rank stopped at the same step: they leave together
+    except Interrupted as e:
+        # every rank stopped at the same step: they leave together (unless this one aborted alone)
+        distributed.teardown(dist, wait=getattr(e, "together", True))
         raise
     except BaseException:
         distributed.teardown(dist, wait=False)
@@ -614,7 +615,9 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
     except KeyboardInterrupt:
         opt.zero_grad()  # a half-accumulated step is dropped; the checkpoint is at a step boundary
         if dist is not None and not agreed:  # one rank aborted mid-step: the others cannot join a save
-            raise Interrupted("aborted; no checkpoint written") from None
+            err = Interrupted("aborted; no checkpoint written")
+            err.together = False  # nor a last barrier: the launcher ends the others
+            raise err from None
         if state.step:
             save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, dist)
             raise Interrupted(f"interrupted at step {state.step}/{sched.total_steps}; checkpoint in "
