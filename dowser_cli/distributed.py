@@ -64,6 +64,7 @@ class Dist:
     strategy: str                                   # ddp | fsdp ("" for a probe)
     shards: dict[str, ShardInfo] = field(default_factory=dict)   # fsdp: per trainable parameter
     held: dict[str, int] = field(default_factory=dict)          # bytes held at a step's peak (run.yaml)
+    start_rss_mb: float | None = None                           # host RSS when training began
 
     @property
     def main(self) -> bool:
@@ -258,7 +259,8 @@ def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
 
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else {"broadcast_buffers": False}
-        return DDP(mod, device_ids=ids, find_unused_parameters=unused, **sync)
+        # the gradients live in the all-reduce buckets themselves, not in a second copy beside them
+        return DDP(mod, device_ids=ids, find_unused_parameters=unused, gradient_as_bucket_view=True, **sync)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -415,25 +417,30 @@ def held_bytes(model: nn.Module, opt: "MaskedAdamW") -> dict[str, int]:
     return {"param_bytes": params, "grad_bytes": grads, "optimizer_state_bytes": opt.state_bytes()}
 
 
-def reset_host_peak() -> None:
+def reset_host_peak(d: Dist) -> None:
     """Start a new host peak (Linux VmHWM), so that training's peak shows apart from loading's: every
-    rank loads the whole model on the host before FSDP shards it."""
+    rank loads the whole model on the host before FSDP shards it. Notes the RSS at this point."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+    d.start_rss_mb = _proc_status_mb("VmRSS")
 
 
-def host_peak_since_reset_mb() -> float | None:
+def _proc_status_mb(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return None
+
+
+def host_peak_since_reset_mb() -> float | None:
+    return _proc_status_mb("VmHWM")
 
 
 def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
@@ -442,7 +449,8 @@ def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
     from dowser_cli.resources import peak_memory
 
     mine = {"rank": d.rank, "device": d.device, "peak_memory": peak_memory(d.device),
-            "train_peak_host_rss_mb": host_peak_since_reset_mb(), **(d.held or held_bytes(model, opt))}
+            "train_start_host_rss_mb": d.start_rss_mb, "train_peak_host_rss_mb": host_peak_since_reset_mb(),
+            **(d.held or held_bytes(model, opt))}
     return all_gather_objects(mine)
 
 

@@ -551,7 +551,7 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if dist is not None:
-        distributed.reset_host_peak()
+        distributed.reset_host_peak(dist)
     load_s = time.perf_counter() - t0
     _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, dist, model)
     sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path,

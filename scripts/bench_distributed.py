@@ -3,6 +3,7 @@
 `torchrun --nproc-per-node N` with --strategy ddp, then fsdp; prints per rank, from each run.yaml:
   param/grad/state MiB   parameters (FSDP: this rank's shards), gradients and optimiser state held at
                          the first step's peak (after its backward)
+  start RSS              host RSS when training begins (after loading and, under FSDP, sharding)
   train peak RSS         peak host RSS from the first step on (Linux VmHWM reset after loading)
   peak RSS               peak host RSS of the whole process (loading included: every rank loads the
                          full model on the host before FSDP shards it)
@@ -98,13 +99,14 @@ def main() -> None:
         return
     print(f"{a.nproc} ranks, {a.device}, {a.dtype}; LLaVA shape, text {text_params / 1e6:.0f}M params, "
           f"all {a.layers} decoder layers tuned (dense), {res['ddp']['trainable_entries'] / 1e6:.0f}M trainable")
-    print(f"{'':5} {'rank':>4} {'param MiB':>10} {'grad MiB':>9} {'state MiB':>10} {'train peak RSS':>15} "
-          f"{'peak RSS':>9} {'device peak':>11}")
+    print(f"{'':5} {'rank':>4} {'param MiB':>10} {'grad MiB':>9} {'state MiB':>10} {'start RSS':>10} "
+          f"{'train peak RSS':>15} {'peak RSS':>9} {'device peak':>11}")
     for s in ("ddp", "fsdp"):
         for r in res[s]["ranks"]:
             pm = r["peak_memory"]
             print(f"{s:5} {r['rank']:>4} {mib(r['param_bytes']):>10} {mib(r['grad_bytes']):>9} "
-                  f"{mib(r['optimizer_state_bytes']):>10} {r.get('train_peak_host_rss_mb') or '-':>15} "
+                  f"{mib(r['optimizer_state_bytes']):>10} {r.get('train_start_host_rss_mb') or '-':>10} "
+                  f"{r.get('train_peak_host_rss_mb') or '-':>15} "
                   f"{pm['host_rss_mb']:>9} {pm.get('device_mb', '-'):>11}")
 
     def worst(s, key):
@@ -112,6 +114,7 @@ def main() -> None:
         return max(vals) if vals else None
 
     keys = {"param+grad+state bytes": lambda r: r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"],
+            "start RSS": lambda r: r.get("train_start_host_rss_mb"),
             "train peak RSS": lambda r: r.get("train_peak_host_rss_mb"),
             "peak RSS": lambda r: r["peak_memory"]["host_rss_mb"],
             "device peak": lambda r: r["peak_memory"].get("device_mb")}
