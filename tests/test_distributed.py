@@ -205,3 +205,29 @@ def test_device_map_probe_equals_the_plain_probe_and_bad_maps_are_refused(tmp_pa
     assert len(bad.stderr.strip().splitlines()) == 1
     two = torchrun(*args, "--device-map", "auto", "--out", tmp_path / "two.safetensors")
     assert two.returncode != 0 and "without torchrun" in two.stderr and not (tmp_path / "two.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_two_rank_probe_resumes_to_the_single_process_scores(tmp_path):
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text("probe:\n  checkpoint_every: 2\n")                 # a partial every 2 batches
+    args = ["probe", "tiny-llava", "--samples", "160", "--batch-size", "1", "--probes", "1", "--seq-len", "12",
+            "--config", cfg]
+    one = run_cli(*args, "--out", tmp_path / "one.safetensors", env=ENV)
+    assert one.returncode == 0, one.stderr
+    out = tmp_path / "two.safetensors"
+    partial = artifacts.partial_path(out)
+    proc = torchrun(*args, "--out", out, popen=True)
+    deadline = time.time() + 240
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "--resume" in err, err[-3000:]
+    assert not out.exists()
+    done = int(artifacts.read_header(partial)["batches_done"])
+    assert 0 < done < 160 and done % 2 == 0
+    r = torchrun(*args, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = artifacts.read_tensors(tmp_path / "one.safetensors"), artifacts.read_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
