@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -255,8 +256,6 @@ def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
         # a text-only batch leaves the projector / vision tower out of the graph
         unused = p.cfg.train_projector or p.cfg.train_vision_tower
         # buffers (rotary tables) are the same on every rank: no per-forward broadcast
-        import inspect
-
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else {"broadcast_buffers": False}
         # the gradients live in the all-reduce buckets themselves, not in a second copy beside them
