@@ -17,6 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Model-Dowser: data-free importance probing and sparse fine-tuning of (multimodal) LLMs.")
 
 
+def _rank0() -> bool:
+    """Not a rank > 0 of a torchrun / accelerate launch (those stay silent, rank 0 speaks for all)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _command_line() -> str:
     return "dowser " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -52,6 +57,8 @@ def probe(
                                                      help="Score the vision-language projector [off]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
+    device_map: Optional[str] = typer.Option(None, help="auto | balanced | sequential: a model larger than one "
+                                             "GPU, its layers spread over the GPUs by accelerate [off]."),
     seed: Optional[int] = typer.Option(None, help="Seed for probe text and Rademacher vectors [0]."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as options; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build from the shipped config, no weights."),
@@ -66,9 +73,10 @@ def probe(
         samples=samples, batch_size=batch_size, probes=probes, seq_len=seq_len, prefix_len=prefix_len,
         images=images, texts=str(texts) if texts else None, layers=layers, targets=targets,
         include_lm_head=include_lm_head, include_projector=include_projector, dtype=dtype, device=device,
-        seed=seed))
+        device_map=device_map, seed=seed))
     sidecar = probe_mod.run(model, out, cfg, random_init=random_init, resume=resume, command=_command_line())
-    typer.echo(str(out))
+    if _rank0():
+        typer.echo(str(out))
     return sidecar
 
 
@@ -141,6 +149,8 @@ def finetune(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimiser steps [0 = only on Ctrl-C]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
+    strategy: Optional[str] = typer.Option(None, help="ddp | fsdp under torchrun / accelerate launch "
+                                           "(--batch-size is per rank) [ddp there]."),
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (configs/recipes/; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build the base model from its shipped config."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT bit for bit."),
@@ -157,10 +167,12 @@ def finetune(
         weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
         train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
         train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,
-        max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, dtype=dtype, device=device))
+        max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, dtype=dtype, device=device,
+        strategy=strategy))
     ft.run(model, data, out, cfg, mask_path=mask, image_folder=image_folder, random_init=random_init,
            resume=resume, command=_command_line())
-    typer.echo(str(out))
+    if _rank0():
+        typer.echo(str(out))
 
 
 @app.command(epilog="Example: dowser merge runs/full-ft --method tailor --data train.json --keep 0.1 "
@@ -343,13 +355,17 @@ def _quiet_libraries() -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     _quiet_libraries()
+    # under torchrun & co. every rank meets the same error: rank 0 says it once
+    say = _rank0()
     try:
         app(standalone_mode=False)
     except UserError as e:
-        print(f"dowser: error: {e}", file=sys.stderr)
+        if say:
+            print(f"dowser: error: {e}", file=sys.stderr)
         sys.exit(e.code)
     except Interrupted as e:
-        print(f"dowser: {e}", file=sys.stderr)
+        if say:
+            print(f"dowser: {e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
         print("dowser: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dowser_cli import artifacts, data
+from dowser_cli import artifacts, data, distributed
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.models import (LoadedModel, ModelSource, load_config, load_model, meta_model, num_decoder_layers,
                                resolve_source)
@@ -32,7 +32,7 @@ from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.optim import MaskedAdamW
 from dowser_cli.probe import resolve_device, resolve_dtype
 from dowser_cli.progress import stderr_console
-from dowser_cli.resources import PeakRSS, peak_memory
+from dowser_cli.resources import host_peak_since_reset_mb, peak_memory, reset_host_peak
 from dowser_cli.selection import TARGETS, layer_of, parse_layers
 
 DELTA_KIND = "dowser.delta"
@@ -74,12 +74,16 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     dtype: str = "auto"
     device: str = "auto"
+    strategy: str = ""            # ddp | fsdp under torchrun / accelerate launch; "" = ddp there, none alone
 
     def training_digest(self) -> str:
-        """What must match for --resume to continue the same run (save_every may change)."""
+        """What must match for --resume to continue the same run (save_every may change; so may the
+        strategy, whose checkpoints share one layout). Under a launcher the batch is the global one."""
         d = dataclasses.asdict(self)
         d.pop("save_every")
         d.pop("device")
+        d.pop("strategy")
+        d["batch_size"] *= distributed.world_size()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,6 +104,8 @@ def validate(cfg: FinetuneConfig) -> None:
         (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
         (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0"),
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
+        (cfg.strategy in ("",) + distributed.STRATEGIES,
+         f"--strategy {cfg.strategy!r}: expected one of {', '.join(distributed.STRATEGIES)}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -282,10 +288,18 @@ def _check_out(out: Path, resume: bool) -> None:
 
 def load_masks(p: Plan, lm: LoadedModel, command: str) -> dict[str, torch.Tensor]:
     """Dense bool masks by parameter name; a mask built from scores is written into the run dir."""
+    mf = prepare_mask(p, lm, command)
+    if mf is None:
+        return {}
+    return {name: mf.dense(name).to(lm.model.get_parameter(name).device) for name in mf.params}
+
+
+def prepare_mask(p: Plan, lm: LoadedModel, command: str):
+    """Put the run's mask file in place (a copy, or built from scores) and check it; the opened MaskFile."""
     from dowser_cli import mask as mask_mod
 
     if p.mask is None:
-        return {}
+        return None
     if p.mask.kind == artifacts.SCORES_KIND:
         scores = mask_mod.open_scores(p.mask.path)
         mcfg = mask_mod.MaskConfig(ratio=p.cfg.ratio, layers=_ranges_spec(p.layers))
@@ -303,7 +317,7 @@ def load_masks(p: Plan, lm: LoadedModel, command: str) -> dict[str, torch.Tensor
     if digest and digest != artifacts.weights_digest(lm.model):
         raise UserError(f"--mask {p.mask.path}: was made from different weights than {p.source.spec} "
                         f"(same architecture, weights digest differs)")
-    return {name: mf.dense(name).to(lm.model.get_parameter(name).device) for name in mf.params}
+    return mf
 
 
 def _copy_beside(src: Path, dst: Path) -> None:
@@ -457,14 +471,19 @@ def apply_values(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]
 # ---- checkpoints --------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: TrainState, cfg: FinetuneConfig,
-                    fingerprint: str, method=None) -> None:
+                    fingerprint: str, method=None, dist: distributed.Dist | None = None) -> None:
+    if dist is not None:  # every rank joins the gather; rank 0 writes the same layout as one process
+        tensors = distributed.checkpoint_tensors(dist, tr, opt)
+        if not dist.main:
+            return
+    else:
+        names = {p: n for n, p in tr.params.items()}
+        tensors = {f"value/{n}": v for n, v in trainable_values(tr).items()}
+        tensors.update({k: v.cpu() for k, v in opt.named_state(names).items()})
+    if method is not None:  # (methods with state of their own run in one process only: see plan)
+        tensors.update({f"method/{k}": v.cpu() for k, v in method.state().items()})
     ckpt = run_dir / "checkpoint"
     ckpt.mkdir(exist_ok=True)
-    names = {p: n for n, p in tr.params.items()}
-    tensors = {f"value/{n}": v for n, v in trainable_values(tr).items()}
-    tensors.update({k: v.cpu() for k, v in opt.named_state(names).items()})
-    if method is not None:
-        tensors.update({f"method/{k}": v.cpu() for k, v in method.state().items()})
     meta = artifacts.base_metadata(CHECKPOINT_KIND, fingerprint, step=state.step,
                                    training_digest=cfg.training_digest())
     artifacts.write_safetensors(ckpt / "state.safetensors", tensors, meta)
@@ -475,7 +494,7 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
 
 
 def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: FinetuneConfig,
-                    fingerprint: str, method=None) -> TrainState:
+                    fingerprint: str, method=None, dist: distributed.Dist | None = None) -> TrainState:
     ckpt = run_dir / "checkpoint"
     side = artifacts.read_yaml(ckpt / "state.yaml")
     path = ckpt / "state.safetensors"
@@ -487,11 +506,14 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
                         f"(see {run_dir / 'checkpoint' / 'state.yaml'} and the run's config) or start a new --out")
     if side.get("state_sha256") != artifacts.sha256_file(path):
         raise UserError(f"--resume: {path} does not match its state.yaml (an interrupted write?)")
-    tensors = artifacts.read_tensors(path)
-    apply_values(tr.params, tr.masks, {n: tensors[f"value/{n}"] for n in tr.params})
-    opt.load_named_state({p: n for n, p in tr.params.items()}, tensors, int(side["step"]))
-    if method is not None:
-        method.load_state({k.removeprefix("method/"): v for k, v in tensors.items() if k.startswith("method/")})
+    if dist is not None and dist.strategy == "fsdp":
+        distributed.load_sharded_checkpoint(dist, path, tr, opt, int(side["step"]))
+    else:
+        tensors = artifacts.read_tensors(path)
+        apply_values(tr.params, tr.masks, {n: tensors[f"value/{n}"] for n in tr.params})
+        opt.load_named_state({p: n for n, p in tr.params.items()}, tensors, int(side["step"]))
+        if method is not None:
+            method.load_state({k.removeprefix("method/"): v for k, v in tensors.items() if k.startswith("method/")})
     return TrainState(int(side["step"]), list(side.get("losses") or []), float(side.get("train_s", 0.0)),
                       int(side.get("tokens", 0)))
 
@@ -510,9 +532,33 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
         image_folder: Path | None = None, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
+    dist = distributed.setup(cfg.strategy, cfg.device)   # None when not launched by torchrun & co.
+    try:
+        sidecar = _run(dist, t0, model_spec, data_path, out, cfg, mask_path, image_folder, random_init, resume,
+                       command)
+    except Interrupted as e:
+        # every rank stopped at the same step: they leave together (unless this one aborted alone)
+        distributed.teardown(dist, wait=getattr(e, "together", True))
+        raise
+    except BaseException:
+        distributed.teardown(dist, wait=False)
+        raise
+    distributed.teardown(dist)
+    return sidecar
+
+
+def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig,
+         mask_path: Path | None, image_folder: Path | None, random_init: bool, resume: bool,
+         command: str) -> dict[str, Any]:
     p = plan(model_spec, cfg, out, mask_path, random_init, resume)
-    lm = load_model(p.source, p.config, p.dtype, p.device)
-    console = stderr_console()
+    if dist is not None:
+        if not p.method.distributed:
+            raise UserError(f"--method {cfg.method}: runs in one process only, not under torchrun / accelerate "
+                            f"launch (its per-step hooks and state are not sharded)")
+        p.device = dist.device
+    # FSDP: weights load on the host; fully_shard then moves one unit at a time to the device, as shards
+    lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device)
+    console = stderr_console() if dist is None or dist.main else stderr_console(quiet=True)
     if lm.tokenizer is None:
         if not p.source.random_init:
             raise UserError(f"model {p.source.spec}: no tokenizer found")
@@ -526,25 +572,32 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
     base_digest = artifacts.weights_digest(lm.model)
+    masks = distributed.load_masks(dist, p, lm, command) if dist else load_masks(p, lm, command)
     method = p.method.make(lm, cfg)
-    tr = method.trainable(p.layers, load_masks(p, lm, command))
+    tr = method.trainable(p.layers, masks)
+    model = distributed.wrap(dist, lm, tr, p) if dist else None  # FSDP: tr now holds this rank's shards
+    # DDP and FSDP need the dense (sharded) gradient in .grad for their reduction: no compact hooks there
     opt = MaskedAdamW(param_groups(tr, lm, cfg), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                      compact_grads=True)
-    state = load_checkpoint(out, tr, opt, cfg, fingerprint, method) if resume else TrainState()
-    sched = make_schedule(len(ds.examples), cfg)
+                      compact_grads=dist is None)
+    state = load_checkpoint(out, tr, opt, cfg, fingerprint, method, dist) if resume else TrainState()
+    sched = make_schedule(len(ds.examples), distributed.global_cfg(dist, cfg) if dist else cfg)
     if cfg.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    # the training steps' peak apart from loading's (under FSDP every rank loads the whole model first)
+    pre_train_rss = reset_host_peak()
+    if dist is not None:
+        dist.start_rss_mb = pre_train_rss
     load_s = time.perf_counter() - t0
-    with PeakRSS() as rss:
-        _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method)
+    _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method, dist, model)
     timings = {"load_s": round(load_s, 3), "train_s": round(state.train_s, 3)}
     sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path, timings, t0, command,
-                    method, rss)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    _print_summary(console, sidecar, out)
+                    method, pre_train_rss, dist, model)
+    if dist is None or dist.main:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        _print_summary(console, sidecar, out)
     return sidecar
 
 
@@ -564,18 +617,27 @@ def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: Fine
 
 
 def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
-           sched: Schedule, fingerprint: str, console, method) -> None:
+           sched: Schedule, fingerprint: str, console, method, dist: distributed.Dist | None = None,
+           model: nn.Module | None = None) -> None:
     cfg = p.cfg
     lr_at = make_lr_lambda(sched, cfg)
     loss_head = LossHead(lm)
     lm.model.train()
+    agreed = False  # under a launcher: all ranks decided to stop (so all of them join the checkpoint)
     try:
-        with _StopRequests() as stop, _progress(console) as bar:
+        # a launcher forwards the terminal's Ctrl-C to ranks that already got it: not a second Ctrl-C
+        with _StopRequests(grace_s=2.0 if dist else 0.0) as stop, _progress(console) as bar:
             task = bar.add_task(f"finetune {p.source.spec}", total=sched.total_steps, completed=state.step, info="")
             while state.step < sched.total_steps:
                 t = time.perf_counter()
-                loss, tokens, seen = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm, p.device,
-                                                p.dtype, method)
+                if dist is None:
+                    loss, tokens, seen = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm, p.device,
+                                                    p.dtype, method)
+                    stop_now = stop.requested
+                else:
+                    loss, tokens, seen, stop_now = distributed.train_step(
+                        dist, model, state.step, ds, sched, cfg, opt, lr_at, p.device, p.dtype, stop.requested,
+                        lm.processor, data.pad_id(lm.tokenizer))
                 dt = time.perf_counter() - t
                 state.train_s += dt
                 state.tokens += tokens
@@ -584,14 +646,19 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                                      "seconds": round(dt, 4)})
                 state.step += 1
                 bar.update(task, advance=1, info=f"loss {loss:.4f}  {seen / dt:,.0f} tok/s")
-                if stop.requested and state.step < sched.total_steps:
+                if stop_now and state.step < sched.total_steps:
+                    agreed = True
                     raise KeyboardInterrupt
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < sched.total_steps:
-                    save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method)
+                    save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method, dist)
     except KeyboardInterrupt:
         opt.zero_grad()  # a half-accumulated step is dropped; the checkpoint is at a step boundary
+        if dist is not None and not agreed:  # one rank aborted mid-step: the others cannot join a save
+            err = Interrupted("aborted; no checkpoint written")
+            err.together = False  # nor a last barrier: the launcher ends the others
+            raise err from None
         if state.step:
-            save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method)
+            save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method, dist)
             raise Interrupted(f"interrupted at step {state.step}/{sched.total_steps}; checkpoint in "
                               f"{p.out / 'checkpoint'}; rerun with --resume to continue") from None
         raise Interrupted("interrupted before the first step finished; nothing to resume") from None
@@ -605,14 +672,18 @@ class _StopRequests:
     would leave weights and optimiser state out of step, and the checkpoint unusable); a second Ctrl-C
     aborts at once, without a checkpoint."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = 0.0):
         self.requested = False
+        self.grace_s, self._first = grace_s, 0.0
 
     def _handler(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first < self.grace_s:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ndowser: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+        self.requested, self._first = True, time.monotonic()
+        if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher, rank 0 speaks for all
+            print("\ndowser: stopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -623,21 +694,29 @@ class _StopRequests:
             signal.signal(s, h)
 
 
-def write_delta(path: Path, tr: Trainable, fingerprint: str, base_digest: str, mask_sha: str | None) -> None:
+def write_delta(path: Path, tr: Trainable, fingerprint: str, base_digest: str, mask_sha: str | None,
+                values: dict[str, torch.Tensor] | None = None) -> None:
     params = {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "masked": n in tr.masks}
               for n, p in tr.params.items()}
     meta = artifacts.base_metadata(DELTA_KIND, fingerprint, weights_digest=base_digest,
                                    mask_sha256=mask_sha or "", params=json.dumps(params, sort_keys=True))
-    artifacts.write_safetensors(path, trainable_values(tr), meta)
+    artifacts.write_safetensors(path, trainable_values(tr) if values is None else values, meta)
 
 
 def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
           sched: Schedule, fingerprint: str, base_digest: str, data_path: Path, timings: dict, t0: float,
-          command: str, method, rss: PeakRSS) -> dict[str, Any]:
+          command: str, method, pre_train_rss: float | None, dist: distributed.Dist | None = None,
+          model: nn.Module | None = None) -> dict[str, Any]:
+    values = counts = ranks = None
+    if dist is not None:  # the collectives first, on every rank; then rank 0 writes
+        values = distributed.trainable_values(dist, tr)
+        counts, ranks = distributed.counts(dist, tr), distributed.rank_report(dist, model, opt)
+        if not dist.main:
+            return {}
     mask_file = p.out / "mask.safetensors" if p.mask is not None else None
     mask_sha = artifacts.sha256_file(mask_file) if mask_file else None
     delta = p.out / "delta.safetensors"
-    write_delta(delta, method.finish(tr, p.out), fingerprint, base_digest, mask_sha)
+    write_delta(delta, method.finish(tr, p.out), fingerprint, base_digest, mask_sha, values)
     full_bytes = sum(q.numel() * q.element_size() for q in lm.model.parameters())
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     sidecar = {
@@ -656,8 +735,10 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
                     **({"mask": {"path": "mask.safetensors", "sha256": mask_sha}} if mask_file else {}),
                     "full_checkpoint_bytes": full_bytes},
         "tuned_layers": p.layers,
-        "trainable": tr.counts(),
-        "optimizer": {"name": "masked-adamw", "state_bytes": opt.state_bytes(),
+        "trainable": counts or tr.counts(),
+        # under FSDP the state is split over the ranks: the run's total; DDP: one rank's (each has it all)
+        "optimizer": {"name": "masked-adamw", "state_bytes": sum(r["optimizer_state_bytes"] for r in ranks)
+                      if dist and dist.strategy == "fsdp" else opt.state_bytes(),
                       "method_state_bytes": method.state_bytes()},
         "data": {"records": ds.total, "used": len(ds.examples), "skipped": len(ds.skipped),
                  "skipped_records": ds.skipped[:100]},
@@ -666,10 +747,15 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
         "mean_step_s": round(state.train_s / max(state.step, 1), 4),
         "loss_curve": state.losses,
         "timings": timings,
-        # train_rss_mb: peak RSS while training, sampled (the process peak includes loading the model)
-        "peak_memory": {**peak_memory(p.device), "train_rss_mb": round(rss.peak_mb, 1),
-                        "pre_train_rss_mb": round(rss.start_mb, 1)},
+        # train_rss_mb: this process's peak RSS while training (the process-wide peak includes loading)
+        "peak_memory": {**peak_memory(p.device), "train_rss_mb": host_peak_since_reset_mb(),
+                        "pre_train_rss_mb": pre_train_rss},
     }
+    if dist is not None:
+        sidecar["distributed"] = {"world_size": dist.world, "strategy": dist.strategy, "backend": dist.backend,
+                                  "per_rank_batch_size": p.cfg.batch_size,
+                                  "global_step_examples": dist.world * p.cfg.batch_size * p.cfg.grad_accum,
+                                  "ranks": ranks}
     artifacts.write_yaml(p.out / "run.yaml", sidecar)
     return sidecar
 

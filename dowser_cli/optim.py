@@ -18,6 +18,12 @@ import math
 import torch
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (FSDP2 parameters and gradients), a plain tensor as is: the optimiser
+    works on what this process holds, masks and state included."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def adamw_update_(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW step (Loshchilov & Hutter) in place on w, m, v; all the same shape, fp32 moments."""
@@ -35,7 +41,9 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     ``masks``: {parameter: bool tensor}; parameters without a mask train densely (e.g. norms).
     State per parameter: ``exp_avg``, ``exp_avg_sq`` [k] (or the parameter's shape when dense), and
-    ``master`` [k] fp32 when the parameter is not fp32."""
+    ``master`` [k] fp32 when the parameter is not fp32.
+    For a sharded (DTensor) parameter, everything above is about the local shard: its mask has the
+    shard's shape and k counts the shard's trainable entries."""
 
     def __init__(self, params, masks: dict[torch.nn.Parameter, torch.Tensor] | None = None, lr: float = 2e-5,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -45,8 +53,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.compact: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._hooks = []
         for p, mask in (masks or {}).items():
-            if tuple(mask.shape) != tuple(p.shape):
-                raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(p.shape)}")
+            if tuple(mask.shape) != tuple(_local(p).shape):
+                raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(_local(p).shape)}")
             idx = mask.reshape(-1).nonzero().squeeze(1)
             self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
             if compact_grads:
@@ -62,13 +70,14 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _init_state(self, p: torch.nn.Parameter) -> None:
         idx = self.index.get(p)
         n = idx.numel() if idx is not None else None
-        shape = (n,) if n is not None else p.shape
+        mine = _local(p.detach())
+        shape = (n,) if n is not None else mine.shape
         state = self.state[p]
         state["step"] = 0
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=mine.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=mine.device)
         if p.dtype != torch.float32:
-            flat = p.detach().reshape(-1)
+            flat = mine.reshape(-1)
             state["master"] = (flat[idx.long()] if idx is not None else flat).float().reshape(shape).clone()
 
     @torch.no_grad()
@@ -87,27 +96,33 @@ class MaskedAdamW(torch.optim.Optimizer):
             return self.compact[p]
         if p.grad is None:
             return None
-        return p.grad.reshape(-1)[idx.long()].float() if idx is not None else p.grad.float()
+        g = _local(p.grad)
+        return g.reshape(-1)[idx.long()].float() if idx is not None else g.float()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=True)
         self.compact.clear()
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float, reduce=None) -> float:
         """Scale the trainable entries' gradients so their global L2 norm is at most ``max_norm``
-        (frozen entries' gradients are not part of the update and do not count). Returns the norm."""
+        (frozen entries' gradients are not part of the update and do not count). Returns the norm.
+        ``reduce``: sums this process's squared norm over processes when gradients are sharded (every
+        process must call it, even one without gradients)."""
         grads = [g for p in self._params() if (g := self.grad_of(p)) is not None]
-        if not grads:
+        sq = sum(float(g.double().pow(2).sum()) for g in grads)
+        if reduce is not None:
+            sq = reduce(sq)
+        elif not grads:
             return 0.0
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        norm = math.sqrt(sq)
         if max_norm > 0 and norm > max_norm:
             scale = max_norm / (norm + 1e-6)
             for p in self._params():
                 if p in self.compact:
                     self.compact[p].mul_(scale)
                 elif p.grad is not None:
-                    p.grad.mul_(scale)
+                    _local(p.grad).mul_(scale)
         return norm
 
     @torch.no_grad()
@@ -123,19 +138,20 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if idx is not None and idx.numel() == 0:
                     continue  # nothing trainable in this matrix
                 state = self.state[p]
+                mine = _local(p.data)
                 if "master" in state:
                     w = state["master"]
                 elif idx is not None:
-                    w = p.view(-1)[idx.long()]
+                    w = mine.view(-1)[idx.long()]
                 else:
-                    w = p.data
+                    w = mine
                 state["step"] += 1
                 adamw_update_(w, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
                               group["eps"], group["weight_decay"])
                 if idx is not None:
-                    p.view(-1).index_copy_(0, idx.long(), w.to(p.dtype))
-                elif w.data_ptr() != p.data_ptr():
-                    p.copy_(w)
+                    mine.view(-1).index_copy_(0, idx.long(), w.to(p.dtype))
+                elif w.data_ptr() != mine.data_ptr():
+                    mine.copy_(w)
         return loss
 
     def state_bytes(self) -> int:
@@ -150,7 +166,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def trainable_fraction(self, p: torch.nn.Parameter) -> float:
         idx = self.index.get(p)
-        return 1.0 if idx is None else idx.numel() / p.numel()
+        return 1.0 if idx is None else idx.numel() / _local(p).numel()
 
     def named_state(self, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
         """State as flat tensors keyed ``<what>/<param name>`` (for a safetensors checkpoint)."""

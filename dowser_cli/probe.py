@@ -28,6 +28,7 @@ from dowser_cli.resources import peak_memory
 from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
 
 PARTIAL_KIND = "dowser.scores.partial"
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class ProbeConfig:
     # allocations fragmented the host heap (+17% peak), so auto means on for CUDA, off elsewhere.
     batched_probes: str = "auto"
     checkpoint_every: int = 4  # batches between resumable partial saves
+    device_map: str = ""       # "" | auto | balanced | balanced_low_0 | sequential: a model larger than one
+                               # device, its layers placed over the GPUs by accelerate (--device ignored)
 
     def batch_sizes(self) -> list[int]:
         full, rest = divmod(self.samples, self.batch_size)
@@ -82,6 +85,8 @@ class ProbeConfig:
     def digest(self) -> str:
         """What must match for --resume to continue a partial run (everything that shapes the numbers)."""
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("checkpoint_every",)}
+        if not keep["device_map"]:
+            del keep["device_map"]  # partials from before the option existed still resume
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,6 +102,8 @@ def validate(cfg: ProbeConfig) -> None:
         raise UserError(f"--seq-len {cfg.seq_len}: must exceed 1 + the longest prefix ({hi})")
     if str(cfg.batched_probes) not in ("auto", "on", "off"):
         raise UserError(f"batched_probes {cfg.batched_probes!r}: expected auto, on or off")
+    if cfg.device_map not in DEVICE_MAPS:
+        raise UserError(f"--device-map {cfg.device_map!r}: expected one of {', '.join(m for m in DEVICE_MAPS if m)}")
     if cfg.images not in ("off", "noise"):
         raise UserError(f"--images {cfg.images!r}: expected off or noise")
     if not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
@@ -322,10 +329,13 @@ class FactorHooks:
         # name -> module whose OUTPUT is this module's full input (lm_head sees only kept positions)
         self.act_sources = act_sources or {}
         self.mask: torch.Tensor | None = None        # [B, T] real positions of the current batch
-        self.act = {n: torch.zeros(m.in_features, device=device) for n, m in modules.items() if n not in act_one}
-        self.sinks = {n: torch.zeros(m.out_features, device=device, requires_grad=True)
+        # each module's buffers beside its weight (under --device-map the modules span devices)
+        dev = {n: m.weight.device if m.weight.device.type != "meta" else torch.device(device)
+               for n, m in modules.items()}
+        self.act = {n: torch.zeros(m.in_features, device=dev[n]) for n, m in modules.items() if n not in act_one}
+        self.sinks = {n: torch.zeros(m.out_features, device=dev[n], requires_grad=True)
                       for n, m in modules.items() if n not in psi_one}
-        self.psi = {n: torch.zeros(probes, m.out_features, device=device) for n, m in modules.items()
+        self.psi = {n: torch.zeros(probes, m.out_features, device=dev[n]) for n, m in modules.items()
                     if n not in psi_one}
         self.probe = 0                               # buffer row the current (unbatched) backward fills
         self.reached: set[str] = set()              # modules a probe's backward reached
@@ -344,7 +354,7 @@ class FactorHooks:
     def _position_weights(self, name: str, z: torch.Tensor) -> torch.Tensor:
         """[N] fp32 weights over z's flattened positions: 1/#real on real positions, 0 on padding."""
         mask = self._mask_for(name, z)
-        key = (mask is not None, z.shape[:-1])
+        key = (mask is not None, z.shape[:-1], z.device)
         if key not in self._weights:
             self._weights[key] = scoring.position_weights(mask, z.shape[:-1].numel(), z.device)
         return self._weights[key]
@@ -588,14 +598,14 @@ def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, ma
     try:
         out = lm.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
                        **{k: v.to(device) for k, v in kwargs.items()}, use_cache=False)
-        f = out.logits[torch.arange(len(last)), col.to(device)]        # [B, V] last-position logits
+        f = out.logits[torch.arange(len(last)), col.to(out.logits.device)]  # [B, V] last-position logits
         del out
         names = list(dict.fromkeys(hooks.tapped))
         if not names:
             return {}
         sinks = [hooks.sinks[n] for n in names]
         # d s / d f for s = xi . f / B, all probes stacked: [M, B, V]
-        xi = torch.stack([scoring.rademacher(tuple(f.shape), xi_gen, device) for _ in range(probes)])
+        xi = torch.stack([scoring.rademacher(tuple(f.shape), xi_gen, f.device) for _ in range(probes)])
         cot = (xi / f.shape[0]).to(f.dtype)
         if batched:
             grads = torch.autograd.grad(f, sinks, grad_outputs=cot, is_grads_batched=True, allow_unused=True)
@@ -640,7 +650,11 @@ class Session:
 
 
 def open_session(p: Plan, cfg: ProbeConfig, partial: Path, resume: bool) -> Session:
-    lm = load_model(p.source, p.config, p.dtype, p.device)
+    from dowser_cli.models import input_device
+
+    lm = load_model(p.source, p.config, p.dtype, p.device, device_map=cfg.device_map or None)
+    if cfg.device_map:  # inputs go where the embeddings are; accelerate's hooks move activations on
+        p.device = str(input_device(lm.model))
     lm.model.requires_grad_(False)  # the graph then exists for activations only
     fingerprint = artifacts.model_fingerprint(lm.model)
     scored = scored_modules(lm, cfg, p.layers)
@@ -688,16 +702,49 @@ def probe_all(s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[s
 def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     """Probe ``model_spec`` and write ``out`` (+ ``out``.yaml). Returns the sidecar dict."""
+    from dowser_cli import distributed
+
     t0 = time.perf_counter()
+    dist = distributed.setup("", cfg.device, command="probe")  # None unless launched by torchrun & co.
+    try:
+        sidecar = _run(dist, t0, model_spec, out, cfg, random_init, resume, command)
+    except Interrupted:
+        distributed.teardown(dist)  # the ranks agreed to stop: they leave together
+        raise
+    except BaseException:
+        distributed.teardown(dist, wait=False)
+        raise
+    distributed.teardown(dist)
+    return sidecar
+
+
+def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool, resume: bool,
+         command: str) -> dict[str, Any]:
+    from dowser_cli import distributed
+
     p = plan(model_spec, cfg, out, random_init)
+    if dist is not None:
+        if cfg.device_map:
+            raise UserError(f"--device-map {cfg.device_map}: one process spreads the model over the devices; "
+                            f"run it without torchrun")
+        p.device = dist.device
     partial = artifacts.partial_path(out)
     s = open_session(p, cfg, partial, resume)
     timings = {"load_s": round(time.perf_counter() - t0, 3)}
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    timings.update(probe_all(s, cfg, partial, model_spec))
+    # under a launcher the ranks split the batches; afterwards every rank holds all factor rows
+    timings.update(distributed.probe_all(dist, s, cfg, partial, model_spec) if dist else
+                   probe_all(s, cfg, partial, model_spec))
+    if dist is not None:
+        ranks = distributed.all_gather_objects({"rank": dist.rank, "device": dist.device, **timings,
+                                                "peak_memory": peak_memory(p.device)})
+        if not dist.main:  # rank 0 writes the scores once
+            return {}
     sidecar = _sidecar(p, s.lm, cfg, s.fingerprint, s.weights_digest, s.scored.modules, s.store, timings, command,
                        random_init)
+    if dist is not None:
+        sidecar["distributed"] = {"world_size": dist.world, "backend": dist.backend, "ranks": ranks}
     store, meta = s.store, artifacts.base_metadata(artifacts.SCORES_KIND, s.fingerprint, probes=cfg.total_probes,
                                                    config_digest=cfg.digest(), weights_digest=s.weights_digest)
     # Serialising copies the factors once more; drop the model first so that the write, not the
@@ -743,11 +790,20 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, weigh
         "model": {"spec": p.source.spec, "source": p.source.kind, "location": p.source.location,
                   "revision": p.source.revision, "random_init": random_init, "adapter": lm.adapter.name,
                   "dtype": str(p.dtype).removeprefix("torch."), "device": p.device,
-                  "num_layers": lm.parts.num_layers, "fingerprint": fingerprint, "weights_digest": weights_digest},
+                  "num_layers": lm.parts.num_layers, "fingerprint": fingerprint, "weights_digest": weights_digest,
+                  **({"device_map": _placement(lm.model)} if cfg.device_map else {})},
         "inputs": ({"texts": {"path": str(cfg.texts), "sha256": p.texts_sha256}} if cfg.texts else {}),
         "seed": cfg.seed, "probes": cfg.total_probes, "layers": p.layers,
         "timings": timings, "modules": modules,  # peak_memory is added once the artifact is written
     }
+
+
+def _placement(model: nn.Module) -> dict[str, int]:
+    """Device -> number of top-level placed modules (accelerate's hf_device_map)."""
+    counts: dict[str, int] = {}
+    for dev in getattr(model, "hf_device_map", {}).values():
+        counts[str(dev)] = counts.get(str(dev), 0) + 1
+    return counts
 
 
 def _print_summary(console, sidecar: dict, out: Path) -> None:

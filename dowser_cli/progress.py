@@ -7,8 +7,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def stderr_console() -> Console:
-    return Console(stderr=True, quiet=bool(os.environ.get("DOWSER_QUIET")))
+def stderr_console(quiet: bool = False) -> Console:
+    """``quiet``: e.g. ranks other than 0 under a launcher, so that one progress bar shows."""
+    return Console(stderr=True, quiet=quiet or bool(os.environ.get("DOWSER_QUIET")))
 
 
 def progress_bar(console: Console) -> Progress:

@@ -1,9 +1,7 @@
 """Peak memory figures recorded in every artifact's YAML."""
 from __future__ import annotations
 
-import os
 import resource
-import threading
 
 import torch
 
@@ -20,34 +18,30 @@ def peak_memory(device: str) -> dict[str, float]:
     return peak
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every ``interval`` s from
-    /proc (ru_maxrss cannot be reset, so it would report model loading instead of the training step).
-    ``peak_mb`` and ``start_mb`` after the block; 0 where /proc is missing."""
 
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak_mb, self.start_mb = interval, 0.0, 0.0
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
-    @staticmethod
-    def current_mb() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:
-            return 0.0
 
-    def _poll(self):
-        while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, self.current_mb())
+def reset_host_peak() -> float | None:
+    """Start a new host peak (Linux VmHWM, reset through /proc/self/clear_refs), so that a stage's
+    peak shows apart from loading's (ru_maxrss cannot be reset). Returns the RSS now, MiB (None where
+    /proc is missing)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _proc_status_mb("VmRSS")
 
-    def __enter__(self):
-        self.start_mb = self.peak_mb = self.current_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self.current_mb())
+def host_peak_since_reset_mb() -> float | None:
+    """Peak RSS since the last ``reset_host_peak`` (or since start), MiB."""
+    return _proc_status_mb("VmHWM")

@@ -46,11 +46,13 @@ MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
 @dataclass(frozen=True)
 class FinetuneMethod:
     """A way to fine-tune the selected layers. ``make(lm, cfg)`` returns the run's hooks (an object
-    with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden"."""
+    with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden";
+    ``distributed``: whether it runs under torchrun (DDP / FSDP)."""
 
     name: str
     make: Callable
     mask: str
+    distributed: bool
     help: str = ""
 
 

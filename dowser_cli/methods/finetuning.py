@@ -151,13 +151,13 @@ class Lora(MethodRun):
 
 
 for method in (
-    FinetuneMethod("full-ft", lambda lm, cfg: MethodRun("full-ft", lm, cfg), "forbidden",
+    FinetuneMethod("full-ft", lambda lm, cfg: MethodRun("full-ft", lm, cfg), "forbidden", True,
                    "the selected layers train densely (the default without --mask)"),
-    FinetuneMethod("masked", lambda lm, cfg: Masked("masked", lm, cfg), "required",
+    FinetuneMethod("masked", lambda lm, cfg: Masked("masked", lm, cfg), "required", True,
                    "only the --mask's trainable entries move (the default with --mask)"),
-    FinetuneMethod("spider", lambda lm, cfg: Spider("spider", lm, cfg), "forbidden",
+    FinetuneMethod("spider", lambda lm, cfg: Spider("spider", lm, cfg), "forbidden", False,
                    "SPIDER soft masking: pull entries back to theta_0 by importance after each step"),
-    FinetuneMethod("lora", lambda lm, cfg: Lora("lora", lm, cfg), "forbidden",
+    FinetuneMethod("lora", lambda lm, cfg: Lora("lora", lm, cfg), "forbidden", False,
                    "PEFT LoRA adapters on the tuned linears, merged at the end"),
 ):
     FINETUNE_METHODS.register(method.name, method)

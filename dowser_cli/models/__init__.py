@@ -147,9 +147,12 @@ def _auto_class(adapter: Adapter):
     return getattr(transformers, adapter.auto_class)
 
 
-def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tokenizer: bool = True) -> LoadedModel:
+def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tokenizer: bool = True,
+               device_map: str | None = None) -> LoadedModel:
     """Load weights (or random-init from the config) in ``dtype`` on ``device``, in eval mode; the
-    tokenizer/processor too unless ``tokenizer`` is False (stages that only read weights)."""
+    tokenizer/processor too unless ``tokenizer`` is False (stages that only read weights).
+    ``device_map`` ("auto", "balanced", ...): accelerate places whole decoder layers over the visible
+    GPUs (then the host) for a model larger than one device; ``device`` is then ignored."""
     from transformers.utils import logging as hf_logging
 
     if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
@@ -160,12 +163,14 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
         model, tok = embedded.build_tiny(source.location, dtype)
         tokenizer = tok if want_tokenizer else None
         processor = embedded.tiny_processor(source.location, tok) if want_tokenizer else None
-        model = model.to(device)
+        model = _dispatch(model, device_map) if device_map else model.to(device)
     elif source.random_init:
         torch.manual_seed(RANDOM_INIT_SEED)  # the same "random" weights every time: artifacts stay checkable
-        with torch.device(device):
+        with torch.device("cpu" if device_map else device):
             model = _auto_class(adapter).from_config(config, dtype=dtype,
                                                      trust_remote_code=source.trust_remote_code)
+        if device_map:
+            model = _dispatch(model, device_map)
     else:
         where = _location(source)
         local_only = source.kind == "hub" and not _hub_reachable()
@@ -173,13 +178,31 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
             model = _auto_class(adapter).from_pretrained(where, dtype=dtype, revision=source.revision,
                                                          local_files_only=local_only,
                                                          trust_remote_code=source.trust_remote_code,
-                                                         device_map=device if device != "cpu" else None)
+                                                         device_map=device_map or (device if device != "cpu" else None))
         except (OSError, ValueError) as e:
             raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
         if want_tokenizer:
             tokenizer, processor = _load_tokenizer(where, source, local_only)
     model.eval()
     return LoadedModel(source, model, model.config, adapter, resolve_parts(adapter, model), tokenizer, processor)
+
+
+def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
+    """A model built on the host, placed by accelerate as from_pretrained(device_map=...) would place it
+    (whole no-split blocks, e.g. decoder layers, per device)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                     low_zero=device_map == "balanced_low_0") if device_map != "sequential" else None
+    placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    return dispatch_model(model, placement)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a (possibly device-mapped) model takes its inputs: its input embeddings' device."""
+    return model.get_input_embeddings().weight.device
 
 
 def meta_model(source: ModelSource, config, dtype: torch.dtype) -> nn.Module:

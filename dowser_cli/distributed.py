@@ -1,0 +1,520 @@
+"""Past one device on torch's own distributed stack (DESIGN section 5).
+
+`dowser finetune` / `dowser probe` under ``torchrun --nproc-per-node N`` (or ``accelerate launch``,
+which sets the same WORLD_SIZE / RANK / LOCAL_RANK variables) run one process per device: gloo on
+CPU, nccl on CUDA with device ``cuda:LOCAL_RANK``.
+
+Fine-tuning strategies:
+- ``ddp``: ``DistributedDataParallel``; every rank holds the whole model, mask and masked optimiser state.
+- ``fsdp``: FSDP2 (``fully_shard``), one unit per decoder layer, then the root. Every parameter is a
+  DTensor sharded on dim 0 (rank r holds rows ``[r*c, min((r+1)*c, out))``, c = ceil(out / world)), and
+  each rank reads only its rows of the mask from the packed file, so its mask, trainable indices,
+  moments and fp32 masters cover its shard only.
+
+The global batch: ``--batch-size`` is per rank. Optimiser step s takes the examples a single process
+would take with batch size ``world * batch_size`` and the same ``grad_accum`` (``finetune.step_examples``),
+and rank r takes slice ``[r * batch_size, (r + 1) * batch_size)`` of every such global micro-batch. So a
+global step is ``world * batch_size * grad_accum`` examples, and the loss of every rank is divided by the
+global step's assistant-token count (times ``world``, since DDP and FSDP average gradients over ranks):
+the summed gradient equals the single-process one.
+
+Checkpoints and the delta are gathered to rank 0 and written in the single-process layout (values in
+mask order, state per parameter), so a run's files do not depend on how it was launched."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dowser_cli.errors import UserError
+from dowser_cli.resources import host_peak_since_reset_mb
+
+if TYPE_CHECKING:
+    from dowser_cli.finetune import FinetuneConfig, Plan, Trainable
+    from dowser_cli.models import LoadedModel
+    from dowser_cli.optim import MaskedAdamW
+
+STRATEGIES = ("ddp", "fsdp")
+LAUNCH_HINT = "launch with `torchrun --nproc-per-node N -m dowser_cli ...` or `accelerate launch -m dowser_cli ...`"
+
+
+@dataclass
+class ShardInfo:
+    """Rank's part of one parameter: rows [row0, row1) of dim 0, and for a masked matrix its trainable
+    entries, which are entries [k0, k0 + k) of the whole matrix's (row-major) mask order."""
+
+    row0: int
+    row1: int
+    k0: int = 0
+    k: int = 0
+
+
+@dataclass
+class Dist:
+    world: int
+    rank: int
+    local_rank: int
+    device: str
+    backend: str
+    strategy: str                                   # ddp | fsdp ("" for a probe)
+    shards: dict[str, ShardInfo] = field(default_factory=dict)   # fsdp: per trainable parameter
+    held: dict[str, int] = field(default_factory=dict)          # bytes held at a step's peak (run.yaml)
+    start_rss_mb: float | None = None                           # host RSS when training began
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world() -> int:
+    """World size set by the launcher (1 when run directly)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: not a number") from None
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank_device(device: str, local_rank: int) -> str:
+    if device in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank}"
+        if device == "cuda":
+            raise UserError("--device cuda: CUDA is not available")
+        return "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda:"):
+        raise UserError(f"--device {device}: under a launcher every rank uses cuda:LOCAL_RANK; pass --device cuda")
+    raise UserError(f"--device {device}: expected auto, cpu or cuda with several processes")
+
+
+def setup(strategy: str, device: str, command: str = "finetune") -> Dist | None:
+    """Check --strategy against the launch; join the process group when WORLD_SIZE > 1. None when run
+    as one process (then everything runs exactly as before)."""
+    if strategy not in ("",) + STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    world = launched_world()
+    if world <= 1:
+        if strategy:
+            raise UserError(f"--strategy {strategy}: needs several processes (WORLD_SIZE is 1); {LAUNCH_HINT}")
+        return None
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise UserError(f"WORLD_SIZE={world} but RANK / MASTER_ADDR are not set; {LAUNCH_HINT}")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _rank_device(device, local)
+    backend = "nccl" if dev.startswith("cuda") else "gloo"
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(world, rank, local, dev, backend, strategy or ("ddp" if command == "finetune" else ""))
+
+
+def teardown(d: Dist | None, wait: bool = True) -> None:
+    """Leave the process group; ``wait``: first let every rank arrive (a rank that leaves while rank 0
+    still receives its last gather can abort gloo's connection)."""
+    if d is not None and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def main_first(d: Dist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` (which writes files) on rank 0 while the others wait. A UserError there is raised on
+    every rank: the others would otherwise wait for rank 0 forever."""
+    err, out = None, None
+    if d.main:
+        try:
+            out = fn()
+        except UserError as e:
+            err = str(e)
+    box = [err]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _comm_view(t: torch.Tensor) -> torch.Tensor:
+    # 2-byte floats travel as int16 bits: exact, and independent of which dtypes a backend implements
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def gather_cat(d: Dist, t: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's tensor flattened ([n_r], lengths may differ) concatenated in rank order on rank 0
+    ([sum n_r], host); None on the other ranks."""
+    flat = t.detach().reshape(-1).contiguous().to(d.device)
+    n = torch.tensor([flat.numel()], dtype=torch.int64, device=d.device)
+    sizes_t = [torch.zeros_like(n) for _ in range(d.world)]
+    dist.all_gather(sizes_t, n)
+    sizes = [int(s) for s in sizes_t]
+    buf = flat.new_zeros(max(max(sizes), 1))
+    buf[:flat.numel()] = flat
+    bufs = [torch.empty_like(buf) for _ in range(d.world)] if d.main else None
+    dist.gather(_comm_view(buf), [_comm_view(b) for b in bufs] if bufs else None, dst=0)
+    if not d.main:
+        return None
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).cpu()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of a (possibly DTensor) parameter or gradient; a view, so in-place writes
+    land in the parameter."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------------
+
+def global_cfg(d: Dist, cfg: "FinetuneConfig") -> "FinetuneConfig":
+    """The single-process settings whose steps these ranks take together: batch size world * per-rank."""
+    return dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world)
+
+
+def load_masks(d: Dist, p: "Plan", lm: "LoadedModel", command: str) -> dict[str, torch.Tensor | None]:
+    """Rank 0 puts the run's mask file in place (a copy, or built from scores); then every rank reads
+    it: DDP the whole mask; FSDP only the names here, its rows once the model is sharded (shard_masks)."""
+    from dowser_cli import artifacts
+    from dowser_cli import finetune as ft
+    from dowser_cli import mask as mask_mod
+
+    if p.mask is None:
+        return {}
+    main_first(d, lambda: ft.prepare_mask(p, lm, command))
+    if not d.main and p.mask.kind == artifacts.SCORES_KIND:
+        target = p.out / "mask.safetensors"
+        p.mask = ft.MaskInput(target, artifacts.MASK_KIND, artifacts.read_header(target), p.layers, p.mask.dtype)
+    mf = mask_mod.open_mask(p.mask.path)
+    if d.strategy == "fsdp":
+        return dict.fromkeys(mf.params)
+    return {name: mf.dense(name).to(d.device) for name in mf.params}
+
+
+def shard_rows(d: Dist, rows: int) -> tuple[int, int]:
+    """FSDP2's dim-0 split (torch.chunk): rank r holds rows [r*c, min((r+1)*c, rows)), c = ceil(rows/world)."""
+    c = -(-rows // d.world)
+    r0 = min(d.rank * c, rows)
+    return r0, min(r0 + c, rows)
+
+
+def read_mask_rows(path, name: str, shape: list[int], r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a packed mask (bool [r1 - r0, *shape[1:]]), unpacking only their bytes."""
+    from safetensors import safe_open
+
+    from dowser_cli import scoring
+
+    row = 1
+    for s in shape[1:]:
+        row *= s
+    lo, hi = r0 * row, r1 * row
+    b0, b1 = lo // 8, -(-hi // 8)
+    with safe_open(str(path), framework="pt") as f:
+        packed = f.get_slice(name)[b0:b1]
+    bits = scoring.unpack_bits(packed, (b1 - b0) * 8)[lo - b0 * 8: hi - b0 * 8]
+    return bits.reshape(r1 - r0, *shape[1:])
+
+
+class LossModule(nn.Module):
+    """The model with its summed loss as forward(batch) -> scalar, so that DDP's and FSDP's forward
+    hooks (gradient sync, all-gathers of the root's parameters) run around the loss computation, which
+    calls the backbone and lm_head directly."""
+
+    def __init__(self, lm: "LoadedModel"):
+        from dowser_cli.finetune import LossHead
+
+        super().__init__()
+        self.model = lm.model
+        self._head = LossHead(lm)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._head(batch)
+
+
+def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
+    """DDP or FSDP2 around the loss module. FSDP replaces every parameter by its shard (a DTensor), so
+    ``tr.params`` is re-pointed and ``tr.masks`` becomes each masked matrix's rows of this rank."""
+    mod = LossModule(lm)
+    if d.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [torch.device(d.device).index] if d.device.startswith("cuda") else None
+        # a text-only batch leaves the projector / vision tower out of the graph
+        unused = p.cfg.train_projector or p.cfg.train_vision_tower
+        # buffers (rotary tables) are the same on every rank: no per-forward broadcast
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}
+        # the gradients live in the all-reduce buckets themselves, not in a second copy beside them
+        return DDP(mod, device_ids=ids, find_unused_parameters=unused, gradient_as_bucket_view=True, **sync)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(d.device).type, (d.world,))
+    for layer in lm.model.get_submodule(lm.parts.layers_path):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(mod, mesh=mesh)
+    named = dict(lm.model.named_parameters())
+    tr.params = {n: named[n] for n in tr.params}
+    masks = {}
+    for n in tr.masks:
+        r0, r1 = shard_rows(d, tr.params[n].shape[0])
+        loc = local(tr.params[n])
+        if loc.shape[0] != r1 - r0:
+            raise RuntimeError(f"{n}: FSDP shard has {loc.shape[0]} rows, expected {r1 - r0}")
+        masks[n] = read_mask_rows(p.mask.path, n, list(tr.params[n].shape), r0, r1).to(loc.device)
+    tr.masks = masks
+    ks = torch.tensor([int(masks[n].sum()) for n in masks], dtype=torch.int64, device=d.device)
+    all_k = [torch.zeros_like(ks) for _ in range(d.world)]
+    dist.all_gather(all_k, ks)
+    for i, n in enumerate(masks):
+        r0, r1 = shard_rows(d, tr.params[n].shape[0])
+        d.shards[n] = ShardInfo(r0, r1, sum(int(all_k[r][i]) for r in range(d.rank)), int(ks[i]))
+    for n, q in tr.params.items():
+        if n not in d.shards:
+            d.shards[n] = ShardInfo(*shard_rows(d, q.shape[0]))
+    return mod
+
+
+def _norm_reduce(d: Dist) -> Callable[[float], float] | None:
+    """Gradient clipping's squared norm over all ranks: FSDP grads are disjoint shards (sum them); DDP
+    grads are already the same everywhere after the all-reduce (nothing to add)."""
+    if d.strategy != "fsdp":
+        return None
+
+    def reduce(sq: float) -> float:
+        t = torch.tensor([sq], dtype=torch.float64, device=d.device)
+        dist.all_reduce(t)
+        return float(t)
+    return reduce
+
+
+def train_step(d: Dist, model: nn.Module, step: int, ds, sched, cfg: "FinetuneConfig", opt: "MaskedAdamW", lr_at,
+               device: str, dtype: torch.dtype, stop: bool, processor, pad: int) -> tuple[float, int, int, bool]:
+    """One global optimiser step (see the module docstring). Every rank runs the same number of
+    micro-batches, so the collectives stay in step; a rank with no example in a short last micro-batch
+    runs one with weight 0. Returns (global loss, global assistant tokens, global tokens, stop agreed)."""
+    from dowser_cli import data
+    from dowser_cli.finetune import step_examples, to_device
+
+    micro = step_examples(step, len(ds.examples), sched, global_cfg(d, cfg))
+    n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
+    n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    total = 0.0
+    for j, mb in enumerate(micro):
+        mine = mb[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
+        weight = d.world / n_tokens  # DDP / FSDP divide the summed gradient by world
+        if not mine:
+            mine, weight = mb[:1], 0.0
+        batch = data.collate([ds.examples[i] for i in mine], pad, processor)
+        # DDP: all-reduce once per optimiser step, after the last micro-batch
+        sync = d.strategy != "ddp" or j == len(micro) - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            loss_sum = model(to_device(batch, device, dtype))
+            (loss_sum * weight).backward()
+        if weight:
+            total += float(loss_sum.detach()) / n_tokens
+    agreed = torch.tensor([total, float(stop)], dtype=torch.float64, device=d.device)
+    dist.all_reduce(agreed)
+    if not d.held:  # gradients, parameters and state are all alive here
+        d.held = held_bytes(model, opt)
+    if cfg.max_grad_norm > 0:
+        opt.clip_grad_norm_(cfg.max_grad_norm, reduce=_norm_reduce(d))
+    for group in opt.param_groups:
+        group["lr"] = group["peak_lr"] * lr_at(step)
+    opt.step()
+    opt.zero_grad()
+    return float(agreed[0]), n_tokens, n_input, bool(agreed[1] > 0)
+
+
+def _local_trainable(tr: "Trainable") -> "Trainable":
+    from dowser_cli.finetune import Trainable
+
+    return Trainable({n: local(q) for n, q in tr.params.items()}, tr.masks, tr.layers)
+
+
+def trainable_values(d: Dist, tr: "Trainable") -> dict[str, torch.Tensor] | None:
+    """The delta's tensors on rank 0 (finetune.trainable_values' layout), None on the other ranks."""
+    from dowser_cli import finetune as ft
+
+    if d.strategy != "fsdp":
+        return ft.trainable_values(tr) if d.main else None
+    out = {}
+    for n, v in ft.trainable_values(_local_trainable(tr)).items():
+        full = gather_cat(d, v)
+        if d.main:
+            out[n] = full if n in tr.masks else full.reshape(tr.params[n].shape)
+    return out if d.main else None
+
+
+def checkpoint_tensors(d: Dist, tr: "Trainable", opt: "MaskedAdamW") -> dict[str, torch.Tensor] | None:
+    """Values and optimiser state, gathered to rank 0 in the single-process checkpoint layout."""
+    values = trainable_values(d, tr)
+    names = {q: n for n, q in tr.params.items()}
+    state = opt.named_state(names)
+    if d.strategy != "fsdp":
+        return {**{f"value/{n}": v for n, v in values.items()}, **{k: v.cpu() for k, v in state.items()}} \
+            if d.main else None
+    out = {f"value/{n}": v for n, v in values.items()} if d.main else {}
+    for key, t in state.items():
+        full = gather_cat(d, t)
+        if d.main:
+            n = key.split("/", 1)[1]
+            out[key] = full if n in tr.masks else full.reshape(tr.params[n].shape)
+    return out if d.main else None
+
+
+def load_sharded_checkpoint(d: Dist, path, tr: "Trainable", opt: "MaskedAdamW", step: int) -> None:
+    """Each rank reads only its part of every checkpoint tensor (safetensors slices)."""
+    from safetensors import safe_open
+
+    from dowser_cli.finetune import apply_values
+
+    loc = _local_trainable(tr)
+    names = {q: n for n, q in tr.params.items()}
+
+    def part(f, key: str, n: str) -> torch.Tensor:
+        s = d.shards[n]
+        sl = f.get_slice(key)
+        return sl[s.k0:s.k0 + s.k] if n in tr.masks else sl[s.row0:s.row1]
+
+    with safe_open(str(path), framework="pt") as f:
+        apply_values(loc.params, tr.masks, {n: part(f, f"value/{n}", n) for n in tr.params})
+        keys = list(opt.named_state(names))
+        opt.load_named_state(names, {k: part(f, k, k.split("/", 1)[1]) for k in keys}, step)
+
+
+def counts(d: Dist, tr: "Trainable") -> dict[str, int]:
+    if d.strategy != "fsdp":
+        return tr.counts()
+    k = torch.tensor([sum(int(m.sum()) for m in tr.masks.values())], dtype=torch.int64, device=d.device)
+    dist.all_reduce(k)
+    dense = sum(q.numel() for n, q in tr.params.items() if n not in tr.masks)
+    return {"params": len(tr.params), "masked_params": len(tr.masks),
+            "numel": sum(q.numel() for q in tr.params.values()), "trainable_entries": int(k) + dense}
+
+
+def held_bytes(model: nn.Module, opt: "MaskedAdamW") -> dict[str, int]:
+    """Bytes this rank holds of parameters (its shards under FSDP), gradients and optimiser state."""
+    params = sum(local(q).numel() * q.element_size() for q in model.parameters())
+    grads = sum(local(q.grad).numel() * q.grad.element_size() for q in model.parameters() if q.grad is not None)
+    grads += sum(g.numel() * g.element_size() for g in opt.compact.values())
+    return {"param_bytes": params, "grad_bytes": grads, "optimizer_state_bytes": opt.state_bytes()}
+
+
+def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
+    """Per rank: peak memory (whole run; host peak since training began) and the bytes held at the
+    first step's peak (after its backward)."""
+    from dowser_cli.resources import peak_memory
+
+    mine = {"rank": d.rank, "device": d.device, "peak_memory": peak_memory(d.device),
+            "train_start_host_rss_mb": d.start_rss_mb, "train_peak_host_rss_mb": host_peak_since_reset_mb(),
+            **(d.held or held_bytes(model, opt))}
+    return all_gather_objects(mine)
+
+
+# ---- probing -------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag that the ranks agree on after each round of batches (raising in the
+    middle of a batch would leave the others waiting in a collective)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            self.requested = True
+        self._old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
+    """Sum rows [lo, hi) of every factor over the ranks. Each row was computed by exactly one rank and
+    is zero on the others, so the sum is that rank's row, bit for bit."""
+    if hi <= lo:
+        return
+    for table in (store.psi, store.act):
+        for t in table.values():
+            part = t[lo:hi].to(d.device)
+            dist.all_reduce(part)
+            t[lo:hi] = part.cpu()
+
+
+def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:
+    """probe.probe_all across ranks: rank r probes batches r, r + W, ... (each batch's samples and
+    Rademacher vectors have their own seeds, so which rank runs it does not change its numbers). After
+    each round of W batches the ranks agree on stop requests; factor rows are summed over ranks at
+    partial saves and at the end, after which every rank holds all rows. Returns generate/probe seconds."""
+    import time
+
+    from dowser_cli import artifacts
+    from dowser_cli.errors import Interrupted
+    from dowser_cli.probe import PARTIAL_KIND, probe_batch, use_batched_probes, xi_generator
+    from dowser_cli.progress import progress_bar, stderr_console
+
+    device, n = s.plan.device, len(cfg.batch_sizes())
+    t_gen = t_probe = 0.0
+    reduced = s.done  # rows of batches < reduced are complete on every rank (a resumed partial is)
+
+    def sync(upto: int) -> None:
+        nonlocal reduced
+        _reduce_rows(d, s.store, reduced * cfg.probes, upto * cfg.probes)
+        reduced = upto
+
+    def save_partial(batches: int) -> None:
+        sync(batches)
+        if d.main:
+            meta = artifacts.base_metadata(PARTIAL_KIND, s.fingerprint, batches_done=batches,
+                                           config_digest=cfg.digest())
+            artifacts.write_safetensors(partial, s.store.tensors(batches * cfg.probes), meta)
+
+    console = stderr_console(quiet=not d.main)
+    with _StopFlag() as stop, s.scored.hooks(device, cfg.probes) as hooks, progress_bar(console) as bar:
+        task = bar.add_task(f"probing {label} ({d.world} ranks)", total=n, completed=s.done)
+        for start in range(s.done, n, d.world):
+            b = start + d.rank
+            if b < n:
+                tg = time.perf_counter()
+                input_ids, mask, img_kwargs = s.batches.batch(b)
+                tp = time.perf_counter()
+                psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes,
+                                  device, use_batched_probes(cfg, device))
+                s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
+                t_gen, t_probe = t_gen + tp - tg, t_probe + time.perf_counter() - tp
+            before, s.done = s.done, min(start + d.world, n)
+            bar.update(task, completed=s.done)
+            flag = torch.tensor([float(stop.requested)], device=d.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0 and s.done < n:
+                save_partial(s.done)
+                raise Interrupted(f"interrupted after {s.done}/{n} batches; partial state in {partial}; "
+                                  f"rerun with --resume to continue")
+            ce = cfg.checkpoint_every
+            if ce and s.done // ce > before // ce and s.done < n:
+                save_partial(s.done)
+    sync(n)
+    return {"generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}
