@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dowser_cli.errors import UserError
+from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.resources import host_peak_since_reset_mb
 
 if TYPE_CHECKING:
@@ -119,6 +119,22 @@ def setup(strategy: str, device: str, command: str = "finetune") -> Dist | None:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return Dist(world, rank, local, dev, backend, strategy or ("ddp" if command == "finetune" else ""))
+
+
+@contextlib.contextmanager
+def session(strategy: str, device: str, command: str = "finetune"):
+    """``setup`` for one stage, and ``teardown`` on the way out: ranks that stopped together (an
+    Interrupted whose ``together`` is not False) leave together; any other error leaves at once."""
+    d = setup(strategy, device, command=command)
+    try:
+        yield d
+    except Interrupted as e:
+        teardown(d, wait=getattr(e, "together", True))
+        raise
+    except BaseException:
+        teardown(d, wait=False)
+        raise
+    teardown(d)
 
 
 def teardown(d: Dist | None, wait: bool = True) -> None:
@@ -469,11 +485,8 @@ def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:
     Rademacher vectors have their own seeds, so which rank runs it does not change its numbers). After
     each round of W batches the ranks agree on stop requests; factor rows are summed over ranks at
     partial saves and at the end, after which every rank holds all rows. Returns generate/probe seconds."""
-    import time
-
     from dowser_cli import artifacts
-    from dowser_cli.errors import Interrupted
-    from dowser_cli.probe import PARTIAL_KIND, probe_batch, use_batched_probes, xi_generator
+    from dowser_cli.probe import PARTIAL_KIND, probe_one
     from dowser_cli.progress import progress_bar, stderr_console
 
     device, n = s.plan.device, len(cfg.batch_sizes())
@@ -498,13 +511,8 @@ def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:
         for start in range(s.done, n, d.world):
             b = start + d.rank
             if b < n:
-                tg = time.perf_counter()
-                input_ids, mask, img_kwargs = s.batches.batch(b)
-                tp = time.perf_counter()
-                psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes,
-                                  device, use_batched_probes(cfg, device))
-                s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
-                t_gen, t_probe = t_gen + tp - tg, t_probe + time.perf_counter() - tp
+                dg, dp = probe_one(s, hooks, b, cfg, device)
+                t_gen, t_probe = t_gen + dg, t_probe + dp
             before, s.done = s.done, min(start + d.world, n)
             bar.update(task, completed=s.done)
             flag = torch.tensor([float(stop.requested)], device=d.device)

@@ -532,19 +532,9 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
         image_folder: Path | None = None, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
-    dist = distributed.setup(cfg.strategy, cfg.device)   # None when not launched by torchrun & co.
-    try:
-        sidecar = _run(dist, t0, model_spec, data_path, out, cfg, mask_path, image_folder, random_init, resume,
-                       command)
-    except Interrupted as e:
-        # every rank stopped at the same step: they leave together (unless this one aborted alone)
-        distributed.teardown(dist, wait=getattr(e, "together", True))
-        raise
-    except BaseException:
-        distributed.teardown(dist, wait=False)
-        raise
-    distributed.teardown(dist)
-    return sidecar
+    with distributed.session(cfg.strategy, cfg.device) as dist:   # None when not launched by torchrun & co.
+        return _run(dist, t0, model_spec, data_path, out, cfg, mask_path, image_folder, random_init, resume,
+                    command)
 
 
 def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig,

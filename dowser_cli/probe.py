@@ -580,6 +580,18 @@ class BatchSource:
         return input_ids, mask, _collate_images(samples)
 
 
+def probe_one(s, hooks: FactorHooks, b: int, cfg: ProbeConfig, device: str) -> tuple[float, float]:
+    """Probe batch ``b`` of the session ``s`` (its own samples and Rademacher seeds) into the factor
+    store. Returns (seconds building the batch, seconds probing it)."""
+    tg = time.perf_counter()
+    input_ids, mask, img_kwargs = s.batches.batch(b)
+    tp = time.perf_counter()
+    psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes, device,
+                      use_batched_probes(cfg, device))
+    s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
+    return tp - tg, time.perf_counter() - tp
+
+
 def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, mask: torch.Tensor,
                 img_kwargs: dict, xi_gen: torch.Generator, probes: int, device: str,
                 batched: bool = True) -> dict[str, torch.Tensor]:
@@ -679,13 +691,8 @@ def probe_all(s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[s
                 progress_bar(stderr_console()) as bar:
             task = bar.add_task(f"probing {label}", total=len(sizes), completed=s.done)
             for b in range(s.done, len(sizes)):
-                tg = time.perf_counter()
-                input_ids, mask, img_kwargs = s.batches.batch(b)
-                tp = time.perf_counter()
-                psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes,
-                                  device, use_batched_probes(cfg, device))
-                s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
-                t_gen, t_probe = t_gen + tp - tg, t_probe + time.perf_counter() - tp
+                dg, dp = probe_one(s, hooks, b, cfg, device)
+                t_gen, t_probe = t_gen + dg, t_probe + dp
                 bar.update(task, advance=1)
                 s.done = b + 1
                 if cfg.checkpoint_every and s.done % cfg.checkpoint_every == 0 and s.done < len(sizes):
@@ -705,17 +712,8 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     from dowser_cli import distributed
 
     t0 = time.perf_counter()
-    dist = distributed.setup("", cfg.device, command="probe")  # None unless launched by torchrun & co.
-    try:
-        sidecar = _run(dist, t0, model_spec, out, cfg, random_init, resume, command)
-    except Interrupted:
-        distributed.teardown(dist)  # the ranks agreed to stop: they leave together
-        raise
-    except BaseException:
-        distributed.teardown(dist, wait=False)
-        raise
-    distributed.teardown(dist)
-    return sidecar
+    with distributed.session("", cfg.device, command="probe") as dist:  # None unless launched by torchrun & co.
+        return _run(dist, t0, model_spec, out, cfg, random_init, resume, command)
 
 
 def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool, resume: bool,
