@@ -42,14 +42,13 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
 
     report = artifacts.read_yaml(out / "report" / "report.yaml")
     rows = {row["model"]: row for row in report["rows"]}
-    methods = ("full-ft", "dowser", "spider", "lora", "dare", "tailor", "graft")
+    methods = ("full-ft", "dowser", "spider", "lora", "dare", "tailor")
     assert set(rows) == {"base (smol-llava)", *methods}
-    assert {rows[m]["method"] for m in methods} == {"full-ft", "dowser-mask", "spider", "lora", "dare", "tailor",
-                                                     "graft"}
+    assert {rows[m]["method"] for m in methods} == {"full-ft", "dowser-mask", "spider", "lora", "dare", "tailor"}
     for row in rows.values():
         assert {"D", "U", "H", "dU", "drift"} <= set(row)
     assert (out / "report" / "report.png").is_file()
-    assert "| graft | graft |" in r.stdout and "peak RSS in training MB" in r.stdout     # the cost table
+    assert "| tailor | tailor |" in r.stdout and "peak RSS in training MB" in r.stdout   # the cost table
 
     # every stage's artifacts name the one before them by hash
     scores_sha = artifacts.sha256_file(out / "scores.safetensors")
@@ -65,7 +64,7 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
     full = open_run(out / "runs" / "full-ft")
     assert full.mask is None and full.sidecar["tuned_layers"] == list(range(10, 30))
     full_sha = artifacts.sha256_file(out / "runs" / "full-ft" / "delta.safetensors")
-    for merged in ("dare", "tailor", "graft"):     # the post-hoc baselines name the Full-FT delta they edit
+    for merged in ("dare", "tailor"):     # the post-hoc baselines name the Full-FT delta they edit
         side = open_run(out / "runs" / merged).sidecar
         assert side["inputs"]["source_delta"]["sha256"] == full_sha, side["inputs"]
     assert artifacts.read_yaml(out / "scores.yaml")["model"]["fingerprint"] == full.meta["model_fingerprint"]
@@ -74,6 +73,6 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("delta.safetensors")}
     r = _demo(out, suite)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("reusing") == 10               # data, probe, 1 mask, 4 runs, 3 merges
+    assert r.stderr.count("reusing") == 9                # data, probe, 1 mask, 4 runs, 2 merges
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert artifacts.read_yaml(out / "report" / "report.yaml")["cache"]["evaluated"] == 0
