@@ -163,7 +163,8 @@ def finetune(
     from dowser_cli import finetune as ft
 
     cfg = cfgmod.resolve(ft.FinetuneConfig(), config, "finetune", dict(
-        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio, lr=lr, projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio, lr=lr,
+        projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
         train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
         train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,
