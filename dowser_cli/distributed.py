@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dowser_cli.errors import Interrupted, UserError
+from dowser_cli.optim import local
 from dowser_cli.resources import host_peak_since_reset_mb
 
 if TYPE_CHECKING:
@@ -188,12 +189,6 @@ def gather_cat(d: Dist, t: torch.Tensor) -> torch.Tensor | None:
     if not d.main:
         return None
     return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).cpu()
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's own part of a (possibly DTensor) parameter or gradient; a view, so in-place writes
-    land in the parameter."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ import math
 import torch
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's own shard (FSDP2 parameters and gradients), a plain tensor as is: the optimiser
-    works on what this process holds, masks and state included."""
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (FSDP2 parameters and gradients; a view, so in-place writes land in the
+    parameter), a plain tensor as is: the optimiser works on what this process holds, masks and state
+    included."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -53,8 +54,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.compact: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._hooks = []
         for p, mask in (masks or {}).items():
-            if tuple(mask.shape) != tuple(_local(p).shape):
-                raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(_local(p).shape)}")
+            if tuple(mask.shape) != tuple(local(p).shape):
+                raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(local(p).shape)}")
             idx = mask.reshape(-1).nonzero().squeeze(1)
             self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
             if compact_grads:
@@ -70,7 +71,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _init_state(self, p: torch.nn.Parameter) -> None:
         idx = self.index.get(p)
         n = idx.numel() if idx is not None else None
-        mine = _local(p.detach())
+        mine = local(p.detach())
         shape = (n,) if n is not None else mine.shape
         state = self.state[p]
         state["step"] = 0
@@ -96,7 +97,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             return self.compact[p]
         if p.grad is None:
             return None
-        g = _local(p.grad)
+        g = local(p.grad)
         return g.reshape(-1)[idx.long()].float() if idx is not None else g.float()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -122,7 +123,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p in self.compact:
                     self.compact[p].mul_(scale)
                 elif p.grad is not None:
-                    _local(p.grad).mul_(scale)
+                    local(p.grad).mul_(scale)
         return norm
 
     @torch.no_grad()
@@ -138,7 +139,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if idx is not None and idx.numel() == 0:
                     continue  # nothing trainable in this matrix
                 state = self.state[p]
-                mine = _local(p.data)
+                mine = local(p.data)
                 if "master" in state:
                     w = state["master"]
                 elif idx is not None:
@@ -166,7 +167,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def trainable_fraction(self, p: torch.nn.Parameter) -> float:
         idx = self.index.get(p)
-        return 1.0 if idx is None else idx.numel() / _local(p).numel()
+        return 1.0 if idx is None else idx.numel() / local(p).numel()
 
     def named_state(self, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
         """State as flat tensors keyed ``<what>/<param name>`` (for a safetensors checkpoint)."""
