@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +98,7 @@ def export(run_path: Path, out: Path, dtype: str | None = None) -> Path:
         raise UserError(f"--out {out}: directory {parent} does not exist")
     run = open_run(run_path)
     lm = load_run(run, getattr(torch, dtype) if dtype else None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
+    with artifacts.atomic_dir(parent / out.name) as tmp:
         lm.model.save_pretrained(tmp)
         for extra in (lm.processor, lm.tokenizer):
             if extra is not None:
@@ -110,12 +107,6 @@ def export(run_path: Path, out: Path, dtype: str | None = None) -> Path:
             **artifacts.sidecar_header("dowser.export", f"dowser export {run_path} --out {out}"),
             "run": str(run_path), "delta_sha256": artifacts.sha256_file(run.delta),
             "base_model": run.sidecar["model"]})
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,20 +323,6 @@ def _method_options(cfg: MergeConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in per.get(cfg.method, ())}
 
 
-def _publish(build, out: Path) -> dict[str, Any]:
-    """Run ``build(tmp)`` in a temp dir beside OUT and rename it into place; nothing is left on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        result = build(tmp)
-        _check_out(out)  # another process may have taken OUT meanwhile
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
 def run(run_path: Path, out: Path, cfg: MergeConfig, data_path: Path | None = None,
         image_folder: Path | None = None, command: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -361,11 +344,11 @@ def run(run_path: Path, out: Path, cfg: MergeConfig, data_path: Path | None = No
     counts = kept_counts(ctx, patches)
     timings = {"load_s": round(load_s, 3), "merge_s": round(merge_s, 3)}
 
-    def build(tmp: Path) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with artifacts.atomic_dir(out) as tmp:
         timings["total_s"] = round(time.perf_counter() - t0, 3)
-        return write_run(tmp, ctx, values, counts, stats, run_path, data_path, timings, command)
-
-    sidecar = _publish(build, out)
+        sidecar = write_run(tmp, ctx, values, counts, stats, run_path, data_path, timings, command)
+        _check_out(out)  # another process may have taken OUT meanwhile
     ctx.console.print(f"{out}: {cfg.method} of {run_path}; {counts['merged_kept']:,} of {counts['merged_numel']:,} "
                       f"entries kept in {counts['merged_tensors']} decoder linears ({counts['merged_fraction']:.4f}); "
                       f"{counts['unchanged_tensors']} other tensors keep their delta")
