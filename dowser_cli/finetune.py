@@ -549,15 +549,7 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     # FSDP: weights load on the host; fully_shard then moves one unit at a time to the device, as shards
     lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device)
     console = stderr_console() if dist is None or dist.main else stderr_console(quiet=True)
-    if lm.tokenizer is None:
-        if not p.source.random_init:
-            raise UserError(f"model {p.source.spec}: no tokenizer found")
-        # a config-only model (benchmarks at real shape) has no tokenizer: bytes as token ids keep
-        # every id inside the vocabulary; the numbers mean nothing, the costs are the real ones
-        from dowser_cli.models.embedded import byte_tokenizer
-
-        lm.tokenizer = byte_tokenizer()
-        console.print("[yellow]--random-init: no tokenizer with the config; using a byte-level one[/yellow]")
+    ensure_tokenizer(lm, console)
     ds = _read_data(lm, data_path, image_folder, cfg, console)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
@@ -589,6 +581,19 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         _print_summary(console, sidecar, out)
     return sidecar
+
+
+def ensure_tokenizer(lm: LoadedModel, console) -> None:
+    """A config-only model (benchmarks at real shape) has no tokenizer: bytes as token ids keep every
+    id inside the vocabulary; the numbers mean nothing, the costs are the real ones."""
+    if lm.tokenizer is not None:
+        return
+    if not lm.source.random_init:
+        raise UserError(f"model {lm.source.spec}: no tokenizer found")
+    from dowser_cli.models.embedded import byte_tokenizer
+
+    lm.tokenizer = byte_tokenizer()
+    console.print("[yellow]--random-init: no tokenizer with the config; using a byte-level one[/yellow]")
 
 
 def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: FinetuneConfig, console) -> data.Dataset:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,14 +227,9 @@ def setup(run_path: Path, cfg: MergeConfig, method: MergeMethod, data_path: Path
 
 
 def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: MergeConfig, console) -> data.Dataset:
-    from dowser_cli.finetune import FinetuneConfig, _read_data as read_finetune_data
+    from dowser_cli.finetune import FinetuneConfig, ensure_tokenizer, _read_data as read_finetune_data
 
-    if lm.tokenizer is None:
-        if not lm.source.random_init:
-            raise UserError(f"model {lm.source.spec}: no tokenizer found")
-        from dowser_cli.models.embedded import byte_tokenizer
-
-        lm.tokenizer = byte_tokenizer()  # what finetune uses for a config-only model
+    ensure_tokenizer(lm, console)  # what finetune uses for a config-only model
     # the finetune stage's reading and encoding (chat template, labels, images), so the merge sees the
     # downstream data exactly as training did
     return read_finetune_data(lm, path, image_folder, FinetuneConfig(max_len=cfg.max_len), console)
@@ -256,9 +252,7 @@ def kept_counts(ctx: MergeContext, patches: dict[str, merging.Patch]) -> dict[st
     type (q_proj, ..., input_layernorm); untargeted tensors count whole."""
     by_type: dict[str, dict[str, int]] = {}
     for name, info in ctx.run.params.items():
-        numel = 1
-        for s in info["shape"]:
-            numel *= s
+        numel = math.prod(info["shape"])
         kept = int(patches[name].keep.sum()) if name in patches else numel
         typ = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
         row = by_type.setdefault(typ, {"tensors": 0, "numel": 0, "kept": 0, "merged": 0})
