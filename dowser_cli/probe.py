@@ -236,7 +236,10 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], n_text_prefix: lis
     new = cfg.seq_len - min(n_text_prefix)
     gcfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             repetition_penalty=cfg.repetition_penalty, max_new_tokens=new, min_new_tokens=0,
-                            pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos)
+                            pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos,
+                            # a sampled image/video placeholder would ask the model for image features it
+                            # was not given; the prefixes hold no special ids either (random_prefix)
+                            suppress_tokens=sorted(ids.special - set(ids.eos)) or None)
     torch.manual_seed(seed)  # generate() samples from the global RNG
     kwargs = {**image_kwargs, **sequence_kwargs(lm, input_ids, bool(image_kwargs))}
     out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),

@@ -144,6 +144,32 @@ def test_noise_images_go_through_the_vision_tower(tmp_path, tiny_models, model, 
     assert calls, "the vision tower never ran"
 
 
+def test_generation_never_samples_image_placeholders_or_other_special_ids(tiny_models):
+    # a sampled image placeholder made the next forward ask for image features it was not given
+    # ("Image features and image tokens do not match"): push the model towards the special ids
+    lm = tiny_models("tiny-llava")
+    ids = probe.token_ids(lm)
+    banned = sorted(ids.special - set(ids.eos))
+    assert lm.config.image_token_id in banned and ids.pad in banned
+    cfg = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=12, images="noise")
+    heads = [probe.image_segment(lm, torch.Generator().manual_seed(i)) for i in range(2)]
+    prompts = [[ids.bos] + img + [5, 6, 7] for img, _ in heads]
+    kwargs = probe._collate_images([probe.Sample([], k) for _, k in heads])
+
+    def favour_banned(mod, args, out):
+        out = out.clone()
+        out[..., banned] += 100.0
+        return out
+    h = lm.model.lm_head.register_forward_hook(favour_banned)
+    try:
+        seqs = probe.generate_batch(lm, prompts, [4, 4], cfg, ids, kwargs, seed=3, device="cpu")
+    finally:
+        h.remove()
+    for p, s in zip(prompts, seqs):
+        assert s[:len(p)] == p and len(s) > len(p)
+        assert not set(s[len(p):]) & set(banned), s[len(p):]
+
+
 def test_idefics3_text_probe(tmp_path):
     _, sidecar, t = _probe(tmp_path, "tiny-idefics3", layers="last:2")
     assert any(n.startswith("model.text_model.layers.1.") for n in _modules(sidecar))
