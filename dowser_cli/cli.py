@@ -356,6 +356,10 @@ def _quiet_libraries() -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     _quiet_libraries()
+    _exit(_run_app())
+
+
+def _run_app() -> int:
     # under torchrun & co. every rank meets the same error: rank 0 says it once
     say = _rank0()
     try:
@@ -363,22 +367,35 @@ def main() -> None:
     except UserError as e:
         if say:
             print(f"dowser: error: {e}", file=sys.stderr)
-        sys.exit(e.code)
+        return e.code
     except Interrupted as e:
         if say:
             print(f"dowser: {e}", file=sys.stderr)
-        sys.exit(e.code)
+        return e.code
     except KeyboardInterrupt:
         print("dowser: interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except typer.Abort:
         print("dowser: aborted", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except _click_exception() as e:
         e.show()
-        sys.exit(e.exit_code)
+        return e.exit_code
+    return 0
+
+
+def _exit(code: int) -> None:
+    """A rank of a launch leaves without the interpreter's shutdown: the stage has written its files and
+    left the process group, and tearing down the communication library's threads during interpreter
+    finalisation can abort a rank that finished its work (seen once with gloo: "terminate called without
+    an active exception", exit -6), which the launcher reports as a failed run."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _click_exception():

@@ -20,7 +20,8 @@ from dowser_cli.probe import ProbeConfig
 
 from conftest import ROOT, run_cli
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DOWSER_QUIET": "1"}
+# faulthandler: a rank that dies of a signal prints where it was
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DOWSER_QUIET": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def torchrun(*args, nproc: int = 2, timeout: int = 300, popen: bool = False):
@@ -29,6 +30,15 @@ def torchrun(*args, nproc: int = 2, timeout: int = 300, popen: bool = False):
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def said(text: str) -> str:
+    """What the ranks printed (faulthandler's stacks included), without the launcher's own report of
+    the failure, which would fill an assertion message; plus the launcher's root-cause lines."""
+    lines = text.splitlines()
+    cut = next((i for i, line in enumerate(lines) if "torch/distributed/elastic" in line), len(lines))
+    root = text[text.find("Root Cause"):][:500] if "Root Cause" in text else ""
+    return "\n".join(lines[:cut])[-2500:] + "\n" + root
 
 
 def _conv(q, a):
@@ -91,7 +101,7 @@ def test_two_ranks_give_the_single_process_delta_and_keep_frozen_entries(work, s
     extra = ["--gradient-checkpointing"] if strategy.endswith("+checkpointing") else []
     strategy = strategy.split("+")[0]
     r = torchrun(*_args(work, out, batch_size=2, strategy=strategy), *extra)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, said(r.stderr)
     assert r.stdout.strip() == str(out)                                   # rank 0 speaks for both
     a = artifacts.read_tensors(single / "delta.safetensors")
     b = artifacts.read_tensors(out / "delta.safetensors")
@@ -130,7 +140,7 @@ def test_two_ranks_give_the_single_process_delta_and_keep_frozen_entries(work, s
 def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
     args = dict(batch_size=2, strategy="fsdp", max_steps=60, save_every=3)
     full = torchrun(*_args(work, tmp_path / "full", **args))
-    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.returncode == 0, said(full.stderr)
     out = tmp_path / "cut"
     proc = torchrun(*_args(work, out, **args), popen=True)
     deadline = time.time() + 240
@@ -138,14 +148,14 @@ def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)        # to the launcher, which passes it on to both ranks
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode != 0 and "--resume" in err, err[-3000:]
+    assert proc.returncode != 0 and "--resume" in err, said(err)
     assert not (out / "delta.safetensors").exists()
     step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
     assert 0 < step < 60
     other = tmp_path / "cut-ddp"
     shutil.copytree(out, other)
     r = torchrun(*_args(work, out, **args), "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, said(r.stderr)
     assert (out / "delta.safetensors").read_bytes() == (tmp_path / "full" / "delta.safetensors").read_bytes()
     def curve(run):  # everything but the wall-clock seconds
         return [{k: v for k, v in x.items() if k != "seconds"} for x in artifacts.read_yaml(run / "run.yaml")["loss_curve"]]
@@ -153,7 +163,7 @@ def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
     assert curve(out) == want and len(want) == 60
     # the checkpoint is in the single-process layout: the same global batch resumes it under DDP too
     r = torchrun(*_args(work, other, **{**args, "strategy": "ddp"}), "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, said(r.stderr)
     a = artifacts.read_tensors(tmp_path / "full" / "delta.safetensors")
     b = artifacts.read_tensors(other / "delta.safetensors")
     for name in a:
@@ -176,7 +186,7 @@ def test_two_rank_probe_equals_the_single_process_probe(tmp_path):
     one = run_cli(*args, "--out", tmp_path / "one.safetensors", env=ENV)
     assert one.returncode == 0, one.stderr
     two = torchrun(*args, "--out", tmp_path / "two.safetensors")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, said(two.stderr)
     assert two.stdout.strip() == str(tmp_path / "two.safetensors")
     a = artifacts.read_tensors(tmp_path / "one.safetensors")
     b = artifacts.read_tensors(tmp_path / "two.safetensors")
@@ -223,12 +233,12 @@ def test_interrupted_two_rank_probe_resumes_to_the_single_process_scores(tmp_pat
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode != 0 and "--resume" in err, err[-3000:]
+    assert proc.returncode != 0 and "--resume" in err, said(err)
     assert not out.exists()
     done = int(artifacts.read_header(partial)["batches_done"])
     assert 0 < done < 160 and done % 2 == 0
     r = torchrun(*args, "--out", out, "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, said(r.stderr)
     a, b = artifacts.read_tensors(tmp_path / "one.safetensors"), artifacts.read_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -237,6 +247,6 @@ def test_methods_with_per_step_state_refuse_to_run_under_a_launcher(work, tmp_pa
     args = ["finetune", "tiny-llava", "--method", "spider", "--data", work / "train.json", "--image-folder",
             work / "img", "--out", tmp_path / "run", "--batch-size", "2", "--max-steps", "1"]
     r = torchrun(*args)
-    assert r.returncode != 0 and "--method spider: runs in one process only" in r.stderr, r.stderr[-3000:]
+    assert r.returncode != 0 and "--method spider: runs in one process only" in r.stderr, said(r.stderr)
     # (the ranks print the one line; the traceback after it is torchrun's own report of a failed rank)
     assert not (tmp_path / "run" / "run.yaml").exists()
