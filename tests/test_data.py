@@ -87,14 +87,14 @@ def test_not_json_and_empty_dataset(tmp_path, llava):
         data.load_dataset(_write(tmp_path, []), None, enc, skip_bad=False)
 
 
+@pytest.mark.slow
 def test_chat_template_of_the_real_model_is_used(tmp_path):
     """SmolLM2's own ChatML template: the assistant label is the answer plus <|im_end|>."""
     from transformers import AutoTokenizer
 
     from dowser_cli.models import embedded
 
-    tok = AutoTokenizer.from_pretrained(embedded.smollm2_dir()) if (embedded.cache_dir() / "smollm2-135m").exists() \
-        else pytest.skip("embedded SmolLM2 not converted yet (the slow tests build it)")
+    tok = AutoTokenizer.from_pretrained(embedded.smollm2_dir())  # converted once, then cached
     enc = data.Encoder(tok, None, 256)
     ds = data.load_dataset(_write(tmp_path, [{"conversations": _conv(("human", "Capital of France?"),
                                                                      ("gpt", "Paris"))}]), None, enc, False)
