@@ -68,6 +68,7 @@ class Dist:
     shards: dict[str, ShardInfo] = field(default_factory=dict)   # fsdp: per trainable parameter
     held: dict[str, int] = field(default_factory=dict)          # bytes held at a step's peak (run.yaml)
     start_rss_mb: float | None = None                           # host RSS when training began
+    load_peak_rss_mb: float | None = None                       # host peak before it (loading, sharding)
 
     @property
     def main(self) -> bool:
@@ -276,9 +277,12 @@ def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(torch.device(d.device).type, (d.world,))
+    full = lm.model.state_dict() if d.main else {}   # references to rank 0's weights, no copies
     for layer in lm.model.get_submodule(lm.parts.layers_path):
         fully_shard(layer, mesh=mesh)
     fully_shard(mod, mesh=mesh)
+    _fill_from_rank0(d, lm.model, full)
+    del full
     named = dict(lm.model.named_parameters())
     tr.params = {n: named[n] for n in tr.params}
     masks = {}
@@ -299,6 +303,26 @@ def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
         if n not in d.shards:
             d.shards[n] = ShardInfo(*shard_rows(d, q.shape[0]))
     return mod
+
+
+def empty_on_this_rank(d: Dist | None) -> bool:
+    """Under FSDP only rank 0 reads the weights; the other ranks build the module tree on device "meta"
+    and receive their shards from it (``_fill_from_rank0``), so a host holds one copy of the model, not
+    one per rank."""
+    return d is not None and d.strategy == "fsdp" and not d.main
+
+
+def _fill_from_rank0(d: Dist, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """After ``fully_shard``: ranks > 0 allocate their (still meta) shards, then every rank gets its rows
+    of rank 0's ``full`` state dict (torch.distributed.checkpoint's broadcast_from_rank0), and buffers
+    (rotary tables, position ids: not in the state dict when non-persistent) are broadcast whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not d.main:
+        model.to_empty(device=d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():
+        dist.broadcast(_comm_view(b), src=0)
 
 
 def _norm_reduce(d: Dist) -> Callable[[float], float] | None:
@@ -434,7 +458,7 @@ def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
     from dowser_cli.resources import peak_memory
 
     mine = {"rank": d.rank, "device": d.device, "peak_memory": peak_memory(d.device),
-            "train_start_host_rss_mb": d.start_rss_mb, "train_peak_host_rss_mb": host_peak_since_reset_mb(),
+            "load_peak_host_rss_mb": d.load_peak_rss_mb, "train_start_host_rss_mb": d.start_rss_mb, "train_peak_host_rss_mb": host_peak_since_reset_mb(),
             **(d.held or held_bytes(model, opt))}
     return all_gather_objects(mine)
 

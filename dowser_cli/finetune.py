@@ -546,14 +546,17 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
             raise UserError(f"--method {cfg.method}: runs in one process only, not under torchrun / accelerate "
                             f"launch (its per-step hooks and state are not sharded)")
         p.device = dist.device
-    # FSDP: weights load on the host; fully_shard then moves one unit at a time to the device, as shards
-    lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device)
+    # FSDP: rank 0 loads the weights on the host, the others only the module tree; fully_shard then moves
+    # one unit at a time to the device, as shards, and rank 0 sends every rank its rows
+    lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device,
+                    empty=distributed.empty_on_this_rank(dist))
     console = stderr_console() if dist is None or dist.main else stderr_console(quiet=True)
     ensure_tokenizer(lm, console)
     ds = _read_data(lm, data_path, image_folder, cfg, console)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
-    base_digest = artifacts.weights_digest(lm.model)
+    # (only rank 0 writes it; an empty rank has no values to digest)
+    base_digest = "" if distributed.empty_on_this_rank(dist) else artifacts.weights_digest(lm.model)
     masks = distributed.load_masks(dist, p, lm, command) if dist else load_masks(p, lm, command)
     method = p.method.make(lm, cfg)
     tr = method.trainable(p.layers, masks)
@@ -569,9 +572,10 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     # the training steps' peak apart from loading's (under FSDP every rank loads the whole model first)
+    load_peak_rss = host_peak_since_reset_mb()
     pre_train_rss = reset_host_peak()
     if dist is not None:
-        dist.start_rss_mb = pre_train_rss
+        dist.start_rss_mb, dist.load_peak_rss_mb = pre_train_rss, load_peak_rss
     load_s = time.perf_counter() - t0
     _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method, dist, model)
     timings = {"load_s": round(load_s, 3), "train_s": round(state.train_s, 3)}

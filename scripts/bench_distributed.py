@@ -3,10 +3,11 @@
 `torchrun --nproc-per-node N` with --strategy ddp, then fsdp; prints per rank, from each run.yaml:
   param/grad/state MiB   parameters (FSDP: this rank's shards), gradients and optimiser state held at
                          the first step's peak (after its backward)
+  load peak RSS          peak host RSS while loading and sharding (before the first step)
   start RSS              host RSS when training begins (after loading and, under FSDP, sharding)
   train peak RSS         peak host RSS from the first step on (Linux VmHWM reset after loading)
-  peak RSS               peak host RSS of the whole process (loading included: every rank loads the
-                         full model on the host before FSDP shards it)
+  peak RSS               peak host RSS of the whole process, loading included (under FSDP only rank 0
+                         reads the weights; the other ranks build the model on "meta" and get their shards)
   device peak            on CUDA, torch.cuda.max_memory_allocated after loading
 and the FSDP / DDP ratios. The model is LLaVA-1.5's shape from the shipped config, scaled down to a few
 hundred M parameters (--hidden/--layers/...), built with --random-init (memory does not depend on the
@@ -99,13 +100,14 @@ def main() -> None:
         return
     print(f"{a.nproc} ranks, {a.device}, {a.dtype}; LLaVA shape, text {text_params / 1e6:.0f}M params, "
           f"all {a.layers} decoder layers tuned (dense), {res['ddp']['trainable_entries'] / 1e6:.0f}M trainable")
-    print(f"{'':5} {'rank':>4} {'param MiB':>10} {'grad MiB':>9} {'state MiB':>10} {'start RSS':>10} "
+    print(f"{'':5} {'rank':>4} {'param MiB':>10} {'grad MiB':>9} {'state MiB':>10} {'load peak RSS':>14} {'start RSS':>10} "
           f"{'train peak RSS':>15} {'peak RSS':>9} {'device peak':>11}")
     for s in ("ddp", "fsdp"):
         for r in res[s]["ranks"]:
             pm = r["peak_memory"]
             print(f"{s:5} {r['rank']:>4} {mib(r['param_bytes']):>10} {mib(r['grad_bytes']):>9} "
-                  f"{mib(r['optimizer_state_bytes']):>10} {r.get('train_start_host_rss_mb') or '-':>10} "
+                  f"{mib(r['optimizer_state_bytes']):>10} {r.get('load_peak_host_rss_mb') or '-':>14} "
+                  f"{r.get('train_start_host_rss_mb') or '-':>10} "
                   f"{r.get('train_peak_host_rss_mb') or '-':>15} "
                   f"{pm['host_rss_mb']:>9} {pm.get('device_mb', '-'):>11}")
 
@@ -114,6 +116,7 @@ def main() -> None:
         return max(vals) if vals else None
 
     keys = {"param+grad+state bytes": lambda r: r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"],
+            "load peak RSS": lambda r: r.get("load_peak_host_rss_mb"),
             "start RSS": lambda r: r.get("train_start_host_rss_mb"),
             "train peak RSS": lambda r: r.get("train_peak_host_rss_mb"),
             "peak RSS": lambda r: r["peak_memory"]["host_rss_mb"],

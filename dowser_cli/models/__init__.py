@@ -148,18 +148,29 @@ def _auto_class(adapter: Adapter):
 
 
 def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tokenizer: bool = True,
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, empty: bool = False) -> LoadedModel:
     """Load weights (or random-init from the config) in ``dtype`` on ``device``, in eval mode; the
     tokenizer/processor too unless ``tokenizer`` is False (stages that only read weights).
     ``device_map`` ("auto", "balanced", ...): accelerate places whole decoder layers over the visible
-    GPUs (then the host) for a model larger than one device; ``device`` is then ignored."""
+    GPUs (then the host) for a model larger than one device; ``device`` is then ignored.
+    ``empty``: the module tree on device "meta", no weights read (an FSDP rank > 0, whose shards come
+    from rank 0); tokenizer and processor are loaded as usual."""
     from transformers.utils import logging as hf_logging
 
     if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
         hf_logging.disable_progress_bar()
     adapter = adapter_for_config(config)
     want_tokenizer, tokenizer, processor = tokenizer, None, None
-    if source.kind == "tiny":
+    if empty:
+        with torch.device("meta"):
+            model = _auto_class(adapter).from_config(config, dtype=dtype, trust_remote_code=source.trust_remote_code)
+        if want_tokenizer and source.kind == "tiny":
+            tokenizer = embedded.byte_tokenizer()
+            processor = embedded.tiny_processor(source.location, tokenizer)
+        elif want_tokenizer and not source.random_init:
+            where = _location(source)
+            tokenizer, processor = _load_tokenizer(where, source, source.kind == "hub" and not _hub_reachable())
+    elif source.kind == "tiny":
         model, tok = embedded.build_tiny(source.location, dtype)
         tokenizer = tok if want_tokenizer else None
         processor = embedded.tiny_processor(source.location, tok) if want_tokenizer else None
