@@ -388,9 +388,9 @@ def _run_app() -> int:
 
 def _exit(code: int) -> None:
     """A rank of a launch leaves without the interpreter's shutdown: the stage has written its files and
-    left the process group, and tearing down the communication library's threads during interpreter
-    finalisation can abort a rank that finished its work (seen once with gloo: "terminate called without
-    an active exception", exit -6), which the launcher reports as a failed run."""
+    left the process group, and nothing after that is needed. Finalisation tearing down the communication
+    library's threads is the suspected cause of a rank aborting once under gloo ("terminate called without
+    an active exception", exit -6, not reproduced since), which the launcher reports as a failed run."""
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
         sys.stdout.flush()
         sys.stderr.flush()
