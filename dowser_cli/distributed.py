@@ -453,12 +453,13 @@ def held_bytes(model: nn.Module, opt: "MaskedAdamW") -> dict[str, int]:
 
 
 def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
-    """Per rank: peak memory (whole run; host peak since training began) and the bytes held at the
-    first step's peak (after its backward)."""
+    """Per rank: peak memory (whole run; host peak while loading, and since training began) and the bytes
+    held at the first step's peak (after its backward)."""
     from dowser_cli.resources import peak_memory
 
     mine = {"rank": d.rank, "device": d.device, "peak_memory": peak_memory(d.device),
-            "load_peak_host_rss_mb": d.load_peak_rss_mb, "train_start_host_rss_mb": d.start_rss_mb, "train_peak_host_rss_mb": host_peak_since_reset_mb(),
+            "load_peak_host_rss_mb": d.load_peak_rss_mb, "train_start_host_rss_mb": d.start_rss_mb,
+            "train_peak_host_rss_mb": host_peak_since_reset_mb(),
             **(d.held or held_bytes(model, opt))}
     return all_gather_objects(mine)
 

@@ -571,7 +571,7 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    # the training steps' peak apart from loading's (under FSDP every rank loads the whole model first)
+    # the training steps' peak apart from loading's (under FSDP rank 0 holds the whole model while loading)
     load_peak_rss = host_peak_since_reset_mb()
     pre_train_rss = reset_host_peak()
     if dist is not None:
