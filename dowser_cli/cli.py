@@ -387,11 +387,13 @@ def _run_app() -> int:
 
 
 def _exit(code: int) -> None:
-    """A rank of a launch leaves without the interpreter's shutdown: the stage has written its files and
-    left the process group, and nothing after that is needed. Finalisation tearing down the communication
-    library's threads is the suspected cause of a rank aborting once under gloo ("terminate called without
-    an active exception", exit -6, not reproduced since), which the launcher reports as a failed run."""
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+    """A rank of a launch that finished its stage leaves without the interpreter's shutdown: it has
+    written its files and left the process group, and nothing after that is needed. Finalisation tearing
+    down the communication library's threads is the suspected cause of a rank aborting once under gloo
+    ("terminate called without an active exception", exit -6, not reproduced since), which the launcher
+    reports as a failed run. A failing rank exits normally: leaving at once would let the launcher kill
+    rank 0 before it prints the error that it reports for every rank."""
+    if code == 0 and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
