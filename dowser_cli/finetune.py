@@ -548,15 +548,16 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
         p.device = dist.device
     # FSDP: rank 0 loads the weights on the host, the others only the module tree; fully_shard then moves
     # one unit at a time to the device, as shards, and rank 0 sends every rank its rows
+    empty = distributed.empty_on_this_rank(dist)
     lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device,
-                    empty=distributed.empty_on_this_rank(dist))
+                    empty=empty)
     console = stderr_console() if dist is None or dist.main else stderr_console(quiet=True)
     ensure_tokenizer(lm, console)
     ds = _read_data(lm, data_path, image_folder, cfg, console)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
     # (only rank 0 writes it; an empty rank has no values to digest)
-    base_digest = "" if distributed.empty_on_this_rank(dist) else artifacts.weights_digest(lm.model)
+    base_digest = "" if empty else artifacts.weights_digest(lm.model)
     masks = distributed.load_masks(dist, p, lm, command) if dist else load_masks(p, lm, command)
     method = p.method.make(lm, cfg)
     tr = method.trainable(p.layers, masks)

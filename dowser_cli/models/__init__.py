@@ -160,20 +160,15 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
     if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
         hf_logging.disable_progress_bar()
     adapter = adapter_for_config(config)
-    want_tokenizer, tokenizer, processor = tokenizer, None, None
+    want_tokenizer = tokenizer
+    where, local_only = None, False  # where weights and tokenizer are read from (none for tiny / --random-init)
+    if source.kind != "tiny" and not source.random_init:
+        where, local_only = _location(source), source.kind == "hub" and not _hub_reachable()
     if empty:
         with torch.device("meta"):
             model = _auto_class(adapter).from_config(config, dtype=dtype, trust_remote_code=source.trust_remote_code)
-        if want_tokenizer and source.kind == "tiny":
-            tokenizer = embedded.byte_tokenizer()
-            processor = embedded.tiny_processor(source.location, tokenizer)
-        elif want_tokenizer and not source.random_init:
-            where = _location(source)
-            tokenizer, processor = _load_tokenizer(where, source, source.kind == "hub" and not _hub_reachable())
     elif source.kind == "tiny":
-        model, tok = embedded.build_tiny(source.location, dtype)
-        tokenizer = tok if want_tokenizer else None
-        processor = embedded.tiny_processor(source.location, tok) if want_tokenizer else None
+        model = embedded.build_tiny(source.location, dtype)[0]
         model = _dispatch(model, device_map) if device_map else model.to(device)
     elif source.random_init:
         torch.manual_seed(RANDOM_INIT_SEED)  # the same "random" weights every time: artifacts stay checkable
@@ -183,8 +178,6 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
         if device_map:
             model = _dispatch(model, device_map)
     else:
-        where = _location(source)
-        local_only = source.kind == "hub" and not _hub_reachable()
         try:
             model = _auto_class(adapter).from_pretrained(where, dtype=dtype, revision=source.revision,
                                                          local_files_only=local_only,
@@ -192,8 +185,12 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
                                                          device_map=device_map or (device if device != "cpu" else None))
         except (OSError, ValueError) as e:
             raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
-        if want_tokenizer:
-            tokenizer, processor = _load_tokenizer(where, source, local_only)
+    tokenizer = processor = None
+    if want_tokenizer and source.kind == "tiny":
+        tokenizer = embedded.byte_tokenizer()
+        processor = embedded.tiny_processor(source.location, tokenizer)
+    elif want_tokenizer and where is not None:
+        tokenizer, processor = _load_tokenizer(where, source, local_only)
     model.eval()
     return LoadedModel(source, model, model.config, adapter, resolve_parts(adapter, model), tokenizer, processor)
 
