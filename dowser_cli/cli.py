@@ -112,12 +112,15 @@ def finetune(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (delta.safetensors, run.yaml)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask from `dowser mask`, or a scores file (then "
                                         "--ratio builds the mask). Without it: dense fine-tuning (Full-FT)."),
-    ratio: Optional[float] = typer.Option(None, help="rho when --mask is a scores file [0.1]."),
-    method: Optional[str] = typer.Option(None, help="masked | full-ft | spider | lora [masked with --mask, "
+    ratio: Optional[float] = typer.Option(None, help="rho when --mask is a scores file, and --method supertuning's "
+                                          "trainable fraction [0.1]."),
+    method: Optional[str] = typer.Option(None, help="masked | full-ft | spider | lora | osf | supertuning [masked with --mask, "
                                          "else full-ft]."),
     lora_r: Optional[int] = typer.Option(None, help="--method lora: adapter rank [8]."),
     lora_alpha: Optional[float] = typer.Option(None, help="--method lora: scaling alpha (update alpha/r * BA) [16]."),
     lora_dropout: Optional[float] = typer.Option(None, help="--method lora: dropout on the adapter input [0]."),
+    osf_effective_rank: Optional[float] = typer.Option(None, help="--method osf: frozen top singular directions, "
+                                                       "a fraction of the smaller dimension or a count [0.5]."),
     image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [2e-5]."),
     projector_lr: Optional[float] = typer.Option(None, help="Peak lr of a trained projector [0 = --lr]."),
@@ -130,6 +133,8 @@ def finetune(
     max_grad_norm: Optional[float] = typer.Option(None, help="Clip the trainable entries' gradient norm; 0 = off [1]."),
     tune_layers: Optional[str] = typer.Option(None, help="Decoder layers to tune: last:N | all | ranges [the mask's; "
                                               "else last:20, all if fewer]."),
+    targets: Optional[str] = typer.Option(None, help="Linears of the tuned layers that train: attn (q/k/v/o) | mlp "
+                                          "(gate/up/down) | attn,mlp; the others stay frozen [attn,mlp]."),
     train_projector: Optional[bool] = typer.Option(None, "--train-projector/--freeze-projector",
                                                    help="Train the vision-language projector densely [frozen]."),
     train_vision_tower: Optional[bool] = typer.Option(None, "--train-vision-tower/--freeze-vision-tower",
@@ -157,16 +162,18 @@ def finetune(
 ):
     """Fine-tune the selected decoder layers; inside masked matrices only the mask's trainable entries
     change and every frozen entry stays bit-identical to the base model (weight decay included).
-    The paper's comparators run through the same loop: --method full-ft | spider | lora.
+    The paper's comparators and PEFT's tuners run through the same loop: --method full-ft | spider | lora |
+    osf | supertuning; --targets attn tunes the attention linears only.
     Writes OUT/delta.safetensors (trainable values only) and OUT/run.yaml."""
     from dowser_cli import config as cfgmod
     from dowser_cli import finetune as ft
 
     cfg = cfgmod.resolve(ft.FinetuneConfig(), config, "finetune", dict(
-        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, ratio=ratio, lr=lr,
+        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        osf_effective_rank=osf_effective_rank, ratio=ratio, lr=lr,
         projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
-        train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
+        targets=targets, train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
         train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,
         max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, dtype=dtype, device=device,
         strategy=strategy))
@@ -260,12 +267,14 @@ def eval_forgetting(
               file=sys.stderr)
 
 
-@app.command("make-data", epilog="Example: dowser make-data digits --out data/digits")
+@app.command("make-data", epilog="Example: dowser make-data shapes --out data/shapes")
 def make_data(
-    name: str = typer.Argument(..., help="Built-in dataset: digits (scikit-learn's handwritten digits)."),
+    name: str = typer.Argument(..., help="Built-in dataset: shapes (rendered shapes, asked their colour or shape) "
+                               "| digits (scikit-learn's handwritten digits)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
-    train: Optional[int] = typer.Option(None, help="Keep the first N training records [all 1,497]."),
-    test: Optional[int] = typer.Option(None, help="Keep the first N test records [all 300]."),
+    train: Optional[int] = typer.Option(None, help="Keep the first N training records [all: shapes 2,000, "
+                                        "digits 1,497]."),
+    test: Optional[int] = typer.Option(None, help="Keep the first N test records [all: shapes 200, digits 300]."),
 ):
     """Write a built-in dataset that needs no download: images/, train.json (LLaVA conversations) and
     test.jsonl (held-out questions with answers, never in train.json)."""

@@ -36,6 +36,8 @@ class EvalConfig:
     dtype: str = "auto"
     device: str = "auto"
     drift: bool = False        # add a drift entry (mean KL to the base model) if the suite has none
+    bootstrap: int = 1000      # replicates of the items' bootstrap behind every 95 % interval
+    bootstrap_seed: int = 0
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps({"max_len": self.max_len, "dtype": self.dtype}).encode()).hexdigest()[:12]
@@ -157,6 +159,8 @@ def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candida
                     advance: Callable[[int], None]) -> list[list[tuple[float, int]]]:
     """(summed log-probability, tokens) of each candidate answer after the record's prompt [rec][cand]."""
     enc = Encoder(lm.tokenizer, lm.processor, max_len)
+    if all(r.image is None for r in recs):
+        return _shared_prompt_logprobs(lm, task, recs, candidates, enc, batch_size, device, advance)
     flat = [(i, j) for i, cs in enumerate(candidates) for j in range(len(cs))]
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(cs) for cs in candidates]
     prompts: dict[int, tuple[list[int], Any]] = {}
@@ -185,6 +189,56 @@ def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candida
     return out
 
 
+@torch.no_grad()
+def _shared_prompt_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candidates: list[list[str]],
+                            enc: Encoder, batch_size: int, device: str,
+                            advance: Callable[[int], None]) -> list[list[tuple[float, int]]]:
+    """Text-only records: each prompt runs once and its key/value cache serves all its candidates
+    (the same numbers as one sequence per candidate, at about a third of the compute for 4-way
+    choices). Prompts are left-padded with explicit positions; candidates follow right-padded.
+    A batch holds consecutive records with the same number of candidates, ~batch_size sequences."""
+    pad = _pad_id(lm)
+    out: list[list[tuple[float, int]]] = []
+    groups: list[list[int]] = []
+    for i, c in enumerate(candidates):
+        g = groups[-1] if groups else None
+        if g and len(candidates[g[0]]) == len(c) and (len(g) + 1) * len(c) <= max(batch_size, len(c)):
+            g.append(i)
+        else:
+            groups.append([i])
+    for idx in groups:
+        n = len(candidates[idx[0]])
+        prompts = [prompt_ids(enc, render_prompt(task, recs[i]), None) for i in idx]
+        ids, mask = _pad_left(prompts, pad)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        res = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu().repeat_interleave(n, 0)  # [R*n, V]
+        cache = res.past_key_values  # the output's field keeps its name
+        cache.batch_repeat_interleave(n)
+        answers = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for i in idx for c in candidates[i]]
+        width = max(len(a) for a in answers)
+        a_ids = torch.full((len(answers), width), pad, dtype=torch.long)
+        a_mask = torch.zeros_like(a_ids)
+        for j, a in enumerate(answers):
+            a_ids[j, :len(a)] = torch.tensor(a)
+            a_mask[j, :len(a)] = 1
+        p_mask = mask.repeat_interleave(n, 0)
+        a_pos = p_mask.sum(-1, keepdim=True) + torch.arange(width)[None]
+        logits = lm.model(input_ids=a_ids.to(device), attention_mask=torch.cat([p_mask, a_mask], -1).to(device),
+                          position_ids=a_pos.to(device), cache=cache, use_cache=True).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()                      # [R*n, width, V]: tokens 2.. of each
+        for j, a in enumerate(answers):
+            total = float(first[j, a[0]])
+            if len(a) > 1:
+                total += float(logp[j, torch.arange(len(a) - 1), torch.tensor(a[1:])].sum())
+            if j % n == 0:
+                out.append([])
+            out[-1].append((total, len(a)))
+        advance(len(idx))
+    return out
+
+
 class DriftText:
     """Synthetic probe text from the base model (as `dowser probe` makes it), generated once per report."""
 
@@ -210,17 +264,26 @@ class DriftText:
 def drift_kl(base: LoadedModel, lm: LoadedModel, seqs: list[list[int]], batch_size: int, device: str,
              advance: Callable[[int], None]) -> float:
     """Mean over real positions of KL(p_base || p_model) of the next-token distributions."""
-    total, count = 0.0, 0
+    sums, counts = drift_kl_per_sequence(base, lm, seqs, batch_size, device, advance)
+    return sum(sums) / max(sum(counts), 1)
+
+
+@torch.no_grad()
+def drift_kl_per_sequence(base: LoadedModel, lm: LoadedModel, seqs: list[list[int]], batch_size: int, device: str,
+                          advance: Callable[[int], None]) -> tuple[list[float], list[int]]:
+    """Per sequence: the summed KL(p_base || p_model) over its real positions, and their count (the
+    units the drift's bootstrap interval resamples)."""
+    sums, counts = [], []
     for chunk in _batches(seqs, batch_size):
         ids, mask = pack_right(chunk, _pad_id(base))
         ids, mask = ids.to(device), mask.long().to(device)
         lp = torch.log_softmax(base.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         lq = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
-        total += float(kl[mask.bool()].sum())
-        count += int(mask.sum())
+        kl = (lp.exp() * (lp - lq)).sum(-1) * mask
+        sums += kl.sum(-1).cpu().tolist()
+        counts += mask.sum(-1).cpu().tolist()
         advance(len(chunk))
-    return total / max(count, 1)
+    return sums, counts
 
 
 def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRecord], cfg: EvalConfig,
@@ -229,9 +292,10 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
     if task.kind == "drift":
         if lm is base:
             advance(task.samples)
-            return {"score": 0.0, "n": task.samples}
+            return {"score": 0.0, "n": task.samples, "kl_sums": [0.0] * task.samples, "positions": [1] * task.samples}
         seqs = drift_text.get(base, task, device)
-        return {"score": drift_kl(base, lm, seqs, cfg.batch_size, device, advance), "n": len(seqs)}
+        sums, counts = drift_kl_per_sequence(base, lm, seqs, cfg.batch_size, device, advance)
+        return {"score": sum(sums) / max(sum(counts), 1), "n": len(seqs), "kl_sums": sums, "positions": counts}
     if task.kind == "likelihood":
         cands = [[task.answer_template.format(answer=a) for a in (r.options if task.metric == "choice_likelihood"
                                                                  else r.answers[:1])] for r in recs]
@@ -242,24 +306,27 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
             per = [float(max(range(len(lp)), key=lambda j, lp=lp: lp[j][0]) == r.answer_index) for lp, r in zip(lps, recs)]
         else:  # geometric-mean probability per token of the reference answer
             per = [math.exp(lp[0][0] / max(lp[0][1], 1)) for lp in lps]
-        return {"score": sum(per) / len(per), "n": len(per)}
+        return {"score": sum(per) / len(per), "n": len(per), "per_item": per}
     preds = generate_answers(lm, task, recs, cfg.batch_size, cfg.max_len, device, dtype, advance)
     if task.metric == "cider":
-        score, _ = metrics.cider_d({r.id: p for r, p in zip(recs, preds)}, {r.id: r.answers for r in recs})
+        score, by_id = metrics.cider_d({r.id: p for r, p in zip(recs, preds)}, {r.id: r.answers for r in recs})
+        per = [by_id[r.id] for r in recs]
     else:
         fn = {"vqa_accuracy": lambda p, r: metrics.vqa_accuracy(p, r.answers),
               "exact_match": lambda p, r: metrics.exact_match(p, r.answers),
               "contains": lambda p, r: metrics.contains_match(p, r.answers),
               "choice_accuracy": lambda p, r: metrics.choice_accuracy(p, r.options, r.answer_index)}[task.metric]
-        score = sum(fn(p, r) for p, r in zip(preds, recs)) / len(recs)
-    return {"score": score, "n": len(recs),
+        per = [fn(p, r) for p, r in zip(preds, recs)]
+        score = sum(per) / len(recs)
+    return {"score": score, "n": len(recs), "per_item": per,
             "predictions": [{"id": r.id, "prediction": p, "answers": r.answers[:3]} for r, p in zip(recs, preds)]}
 
 
 # ---- cache ------------------------------------------------------------------------------------------------
 
 def cache_key(subject: Subject, task: Task, cfg: EvalConfig) -> str:
-    return hashlib.sha256(f"{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}".encode()).hexdigest()[:24]
+    # "items": results hold per-item scores (the intervals need them); older cache entries do not
+    return hashlib.sha256(f"items|{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}".encode()).hexdigest()[:24]
 
 
 def _cache_get(cache: Path, key: str) -> dict | None:
@@ -382,6 +449,8 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
     base_u = rows[0]["U"]
     for row in rows:
         row["dU"] = round(row["U"] - base_u, 2)
+    for row, ci in zip(rows, _intervals(subjects, tasks, results, cfg)):
+        row["ci95"] = ci
     report = {
         **artifacts.sidecar_header("dowser.report", command),
         "base": base_spec, "suite": str(suite),
@@ -389,11 +458,40 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
                    "data": str(t.data) if t.data else None, "data_sha256": t.data_sha256,
                    "unit": "%" if t.metric in PERCENT_METRICS else "nats" if t.kind == "drift" else ""} for t in tasks],
         "config": asdict(cfg),
+        "intervals": {"level": 0.95, "method": "percentile bootstrap over each task's items (stratified by task), "
+                      "the same draw for every model (ΔU paired); drift resamples probe sequences",
+                      "replicates": cfg.bootstrap, "seed": cfg.bootstrap_seed},
+        "items": {t.name: results[subjects[0].label][t.name]["n"] for t in tasks},
         "rows": rows,
     }
     if drift and len(rows) > 2:
         report["drift_vs_dU"] = _drift_tracking(rows[1:])
     return report
+
+
+def _intervals(subjects: list[Subject], tasks: list[Task], results: dict, cfg: EvalConfig) -> list[dict]:
+    """Per model {task | D | U | H | dU | drift: [lo, hi]} in the report's units (percent, nats)."""
+    down = [t.name for t in tasks if t.role == "downstream"]
+    up = [t.name for t in tasks if t.in_u]
+    items = {}
+    for t in tasks:
+        if t.kind == "drift":
+            continue
+        per = [results[s.label][t.name]["per_item"] for s in subjects]
+        scale = 100.0 if t.metric in PERCENT_METRICS else 1.0
+        items[t.name] = torch.tensor(per, dtype=torch.float64) * scale
+    cis = metrics.bootstrap_report(items, down, up, cfg.bootstrap, cfg.bootstrap_seed)
+    out = []
+    for s, ci in zip(subjects, cis):
+        row = {k: [round(lo, 2), round(hi, 2)] for k, (lo, hi) in ci.items()}
+        for t in tasks:
+            if t.kind == "drift":
+                r = results[s.label][t.name]
+                lo, hi = metrics.ratio_interval(torch.tensor(r["kl_sums"]), torch.tensor(r["positions"]),
+                                                cfg.bootstrap, cfg.bootstrap_seed)
+                row[t.name] = [float(f"{lo:.4g}"), float(f"{hi:.4g}")]
+        out.append(row)
+    return out
 
 
 def _drift_tracking(rows: list[dict]) -> dict[str, float]:
@@ -411,15 +509,26 @@ def render_markdown(report: dict, tasks: list[Task]) -> str:
     drift = [t.name for t in tasks if t.kind == "drift"]
     head = ["model", "method", *[f"D: {n}" for n in down], "D", *[f"U: {n}" for n in up], "U", "H", "ΔU",
             *(["drift (KL)"] if drift else [])]
+    iv = report.get("intervals", {})
+    sizes = ", ".join(f"{n} {k}" for n, k in report.get("items", {}).items())
     lines = [f"# Forgetting report: base {report['base']}", "",
              f"Suite `{report['suite']}`; scores in % (CIDEr x100); U = mean of the upstream tasks, "
              f"H = 2UD/(U+D); ΔU against the base model." + (" Drift: mean KL(base || model) of next-token "
                                                               "distributions on synthetic probe text." if drift else ""),
+             f"Each score is followed by its 95 % interval [lo, hi]: a percentile bootstrap over the items "
+             f"({iv.get('replicates', '?')} replicates, seed {iv.get('seed', '?')}; ΔU paired with the base's "
+             f"items). Items: {sizes}.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
-        cells = [r["model"], r["method"], *[f"{r['scores'][n]:.2f}" for n in down], f"{r['D']:.2f}",
-                 *[f"{r['scores'][n]:.2f}" for n in up], f"{r['U']:.2f}", f"{r['H']:.2f}", f"{r['dU']:+.2f}",
-                 *([f"{r['drift']:.4g}"] if drift else [])]
+        ci = r.get("ci95", {})
+
+        def cell(value: float, key: str, fmt: str = ".2f") -> str:
+            lo_hi = ci.get(key)
+            return f"{value:{fmt}} [{lo_hi[0]:{fmt}}, {lo_hi[1]:{fmt}}]" if lo_hi else f"{value:{fmt}}"
+
+        cells = [r["model"], r["method"], *[cell(r["scores"][n], n) for n in down], cell(r["D"], "D"),
+                 *[cell(r["scores"][n], n) for n in up], cell(r["U"], "U"), cell(r["H"], "H"),
+                 cell(r["dU"], "dU", "+.2f"), *([cell(r["drift"], drift[0], ".3g")] if drift else [])]
         lines.append("| " + " | ".join(cells) + " |")
     if "drift_vs_dU" in report:
         d = report["drift_vs_dU"]
@@ -437,6 +546,10 @@ def write_chart(path: Path, report: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for r in report["rows"]:
         base = r["kind"] == "base"
+        ci = r.get("ci95", {})
+        if "D" in ci:  # 95 % intervals as error bars
+            ax.errorbar(r["D"], r["U"], xerr=[[r["D"] - ci["D"][0]], [ci["D"][1] - r["D"]]],
+                        yerr=[[r["U"] - ci["U"][0]], [ci["U"][1] - r["U"]]], fmt="none", alpha=0.5, zorder=2)
         ax.scatter(r["D"], r["U"], s=80 if base else 50, marker="*" if base else "o", zorder=3)
         ax.annotate(f"{r['model']} (H {r['H']:.1f})", (r["D"], r["U"]), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)

@@ -33,7 +33,7 @@ from dowser_cli.optim import MaskedAdamW
 from dowser_cli.probe import resolve_device, resolve_dtype
 from dowser_cli.progress import stderr_console
 from dowser_cli.resources import host_peak_since_reset_mb, peak_memory, reset_host_peak
-from dowser_cli.selection import TARGETS, layer_of, parse_layers
+from dowser_cli.selection import TARGETS, layer_of, parse_layers, parse_targets
 
 DELTA_KIND = "dowser.delta"
 CHECKPOINT_KIND = "dowser.checkpoint"
@@ -58,6 +58,7 @@ class FinetuneConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0    # 0 disables clipping
     tune_layers: str = ""         # "" = the mask's layers, or last:20 (all on smaller models) without one
+    targets: str = "attn,mlp"     # which linears of the tuned layers train (attn: q/k/v/o; mlp: gate/up/down)
     ratio: float = 0.1            # when --mask is a scores file
     train_projector: bool = False
     train_vision_tower: bool = False
@@ -72,6 +73,7 @@ class FinetuneConfig:
     lora_r: int = 8               # --method lora
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    osf_effective_rank: float = 0.5   # --method osf: frozen top singular directions (fraction, or a count if > 1)
     dtype: str = "auto"
     device: str = "auto"
     strategy: str = ""            # ddp | fsdp under torchrun / accelerate launch; "" = ddp there, none alone
@@ -104,12 +106,15 @@ def validate(cfg: FinetuneConfig) -> None:
         (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
         (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0"),
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
+        (cfg.osf_effective_rank > 0 and (cfg.osf_effective_rank < 1 or float(cfg.osf_effective_rank).is_integer()),
+         f"--osf-effective-rank {cfg.osf_effective_rank}: a fraction in (0, 1) or a whole number of directions"),
         (cfg.strategy in ("",) + distributed.STRATEGIES,
          f"--strategy {cfg.strategy!r}: expected one of {', '.join(distributed.STRATEGIES)}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    parse_targets(cfg.targets)
 
 
 # ---- setup: what trains -----------------------------------------------------------------------------------
@@ -179,7 +184,11 @@ def select_trainable(lm: LoadedModel, cfg: FinetuneConfig, layers: list[int],
     asked. Everything else is frozen (requires_grad False)."""
     model = lm.model
     model.requires_grad_(False)
-    chosen = {n: p for n, p in _layer_params(lm, layers).items() if not (cfg.freeze_norms and _is_norm(n, p))}
+    targets = parse_targets(cfg.targets)
+    # a linear of an untargeted kind (e.g. the MLP under --targets attn) stays frozen, bias included
+    untargeted = [TARGETS[t] for t in TARGETS if t not in targets]
+    chosen = {n: p for n, p in _layer_params(lm, layers).items() if not (cfg.freeze_norms and _is_norm(n, p))
+              and not any(rx.search(n) for rx in untargeted)}
     if cfg.train_projector:
         chosen.update(_part_params(lm, lm.parts.projector, "--train-projector"))
     if cfg.train_vision_tower:
@@ -192,17 +201,19 @@ def select_trainable(lm: LoadedModel, cfg: FinetuneConfig, layers: list[int],
         chosen.update({n: p for n, p in model.named_parameters() if head is not None and p is head.weight})
     missing = sorted(set(masks) - set(chosen))
     if missing:
-        raise UserError(f"--mask: {missing[0]} (and {len(missing) - 1} more) is masked but not in the tuned "
-                        f"layers; use --tune-layers matching the mask") if len(missing) > 1 else \
-            UserError(f"--mask: {missing[0]} is masked but not in the tuned layers")
+        raise UserError(f"--mask: {missing[0]} (and {len(missing) - 1} more) is masked but not tuned (--tune-layers "
+                        f"{cfg.tune_layers or '(default)'}, --targets {cfg.targets}); use the mask's layers and "
+                        f"targets") if len(missing) > 1 else \
+            UserError(f"--mask: {missing[0]} is masked but not tuned (--tune-layers "
+                      f"{cfg.tune_layers or '(default)'}, --targets {cfg.targets})")
     if masks:
         # a tuned layer's targeted linear without a mask would silently train densely
         uncovered = [n for n, p in chosen.items() if layer_of(n, lm.parts.layers_path) is not None and p.dim() == 2
                      and any(TARGETS[t].search(n) for t in TARGETS) and n not in masks]
         if uncovered:
             raise UserError(f"--tune-layers {cfg.tune_layers or '(default)'}: {uncovered[0]} is tuned but the mask "
-                            f"does not cover it ({len(uncovered)} such); tune the mask's layers or build a mask "
-                            f"for these layers")
+                            f"does not cover it ({len(uncovered)} such); tune the mask's layers and --targets, "
+                            f"or build a mask for these")
     for p in chosen.values():
         p.requires_grad_(True)
     return Trainable(chosen, masks, layers)
@@ -302,7 +313,7 @@ def prepare_mask(p: Plan, lm: LoadedModel, command: str):
         return None
     if p.mask.kind == artifacts.SCORES_KIND:
         scores = mask_mod.open_scores(p.mask.path)
-        mcfg = mask_mod.MaskConfig(ratio=p.cfg.ratio, layers=_ranges_spec(p.layers))
+        mcfg = mask_mod.MaskConfig(ratio=p.cfg.ratio, layers=_ranges_spec(p.layers), targets=p.cfg.targets)
         strategy = mask_mod.validate(mcfg)
         modules, layers = mask_mod.select_modules(scores, lm, mcfg)
         packed, params = mask_mod.build_masks(lm, scores, strategy, mcfg, modules, stderr_console())

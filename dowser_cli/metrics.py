@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import torch
+
 # ---- answer normalisation (the VQA benchmark's rules, written from its description) ---------------------
 
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
@@ -141,3 +143,55 @@ def h_score(upstream: float, downstream: float) -> float:
     if upstream + downstream == 0:
         return 0.0
     return 2 * upstream * downstream / (upstream + downstream)
+
+
+# ---- intervals ------------------------------------------------------------------------------------------
+
+def bootstrap_indices(n_items: int, replicates: int, seed: int) -> torch.Tensor:
+    """[replicates, n_items] item indices drawn with replacement (seeded: the same draw for every model,
+    which is what makes the ΔU interval paired)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(n_items, (replicates, n_items), generator=g)
+
+
+def percentile_interval(reps: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    """(lo, hi) percentile interval of bootstrap replicates [..., R] along the last axis."""
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=reps.dtype)
+    lo, hi = torch.quantile(reps, q, dim=-1)
+    return float(lo), float(hi)
+
+
+def bootstrap_report(items: dict[str, torch.Tensor], down: Sequence[str], up: Sequence[str], replicates: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> list[dict[str, tuple[float, float]]]:
+    """95 % bootstrap intervals of every task score, D, U, H and ΔU, for each model.
+
+    ``items[task]`` is [models, n_items]: each model's score per item of that task (row 0 the base).
+    Each task's items are resampled on their own (a stratified bootstrap: tasks keep their sizes); the
+    same draw serves every model, so ΔU = U_model - U_base is a paired interval. D and U are the means of
+    their tasks' replicate means and H = 2UD/(U+D) of each replicate, as the point estimates are.
+    Returns per model {task: (lo, hi), "D", "U", "H", "dU"}."""
+    means = {}
+    for k, (name, x) in enumerate(items.items()):
+        idx = bootstrap_indices(x.shape[1], replicates, seed + 7919 * k)
+        means[name] = x.double()[:, idx].mean(-1)                 # [models, R]
+    n_models = next(iter(items.values())).shape[0]
+    d = torch.stack([means[n] for n in down]).mean(0)
+    u = torch.stack([means[n] for n in up]).mean(0)
+    h = torch.where(u + d > 0, 2 * u * d / (u + d).clamp_min(1e-12), torch.zeros_like(u))
+    du = u - u[0:1]
+    out = []
+    for m in range(n_models):
+        row = {n: percentile_interval(v[m], level) for n, v in means.items()}
+        row.update(D=percentile_interval(d[m], level), U=percentile_interval(u[m], level),
+                   H=percentile_interval(h[m], level), dU=percentile_interval(du[m], level))
+        out.append(row)
+    return out
+
+
+def ratio_interval(num: torch.Tensor, den: torch.Tensor, replicates: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of sum(num) / sum(den) over units [n] (e.g. drift: per sequence the summed KL
+    and its position count), resampling whole units."""
+    idx = bootstrap_indices(num.shape[0], replicates, seed)
+    reps = num.double()[idx].sum(-1) / den.double()[idx].sum(-1).clamp_min(1e-12)
+    return percentile_interval(reps, level)

@@ -2,7 +2,7 @@
 # default's settings, a stage runner that reuses finished stages, and the data + scores stages.
 DOWSER=${DOWSER:-dowser}
 MODEL=${DEMO_MODEL:-smol-llava}
-STEPS=${DEMO_STEPS:-48}
+STEPS=${DEMO_STEPS:-64}
 PROBE_SAMPLES=${DEMO_PROBE_SAMPLES:-16}
 TASKS=${DEMO_TASKS:-configs/tasks/demo.yaml}
 RATIO=0.1
@@ -25,13 +25,20 @@ run_stage() {
     echo "$key" > "$OUT/.stamps/$name"
 }
 
-# the downstream task (scikit-learn digits: a training split and a held-out test split) and the
-# data-free importance scores, once per model
+# the downstream task (rendered shapes asked their colour: a training split and a held-out test split)
+# and the data-free importance scores of one probe seed (scores_for SEED), once per model and seed
 data_and_scores() {
     run_stage data "$OUT/data/train.json" "" \
-        $DOWSER make-data digits --out "$OUT/data"
-    run_stage probe "$OUT/scores.safetensors" "" \
-        $DOWSER probe "$MODEL" --samples "$PROBE_SAMPLES" --batch-size 4 --probes 8 --out "$OUT/scores.safetensors"
+        $DOWSER make-data shapes --out "$OUT/data"
+    scores_for 0
+}
+
+scores_for() {  # scores_for SEED: $OUT/scores.safetensors for seed 0 (the demo's), else scores-sSEED
+    local seed=$1 file="$OUT/scores.safetensors"
+    [[ $seed == 0 ]] || file="$OUT/scores-s$seed.safetensors"
+    run_stage "probe-s$seed" "$file" "" \
+        $DOWSER probe "$MODEL" --samples "$PROBE_SAMPLES" --batch-size 4 --probes 8 --seed "$seed" --out "$file"
+    SCORES=$file
 }
 
 # the same data, layers, steps and optimiser for every method. smol-llava's vision tower and projector

@@ -37,7 +37,7 @@ def _base():
 def test_registry_has_the_papers_training_time_methods():
     import dowser_cli.methods.finetuning  # noqa: F401  (registers them)
 
-    assert {"full-ft", "masked", "spider", "lora"} <= set(FINETUNE_METHODS.names())
+    assert {"full-ft", "masked", "spider", "lora", "osf", "supertuning"} <= set(FINETUNE_METHODS.names())
 
 
 def test_named_full_ft_is_the_default_without_a_mask(data, tmp_path):
@@ -102,8 +102,74 @@ def test_lora_trains_adapters_and_merges_them_into_the_delta_and_an_export(data,
         torch.testing.assert_close(plain(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_supertuning_trains_the_largest_magnitude_entries_through_peft(data, tmp_path):
+    out = tmp_path / "st"
+    side = _run(data, out, "supertuning", ratio=0.25)
+    base = _base()
+    delta = artifacts.read_tensors(out / "delta.safetensors")
+    assert side["method"] == "supertuning" and side["method_details"]["peft_tuner"] == "SupertuningConfig"
+    assert len(delta) == 21
+    for name, w in delta.items():
+        b = base[name].detach()
+        moved = w != b
+        k = round(0.25 * b.numel())
+        assert 0 < int(moved.sum()) <= k + 1, name
+        # every entry that moved is among the k largest |W| (PEFT's magnitude top-k support)
+        thresh = b.abs().flatten().kthvalue(b.numel() - k).values
+        assert bool((b.abs()[moved] >= thresh).all()), name
+
+
+def test_osf_keeps_the_top_singular_subspace_and_merges(data, tmp_path):
+    out = tmp_path / "osf"
+    side = _run(data, out, "osf", osf_effective_rank=0.5)
+    base = _base()
+    delta = artifacts.read_tensors(out / "delta.safetensors")
+    assert side["method"] == "osf" and side["method_details"]["effective_rank"] == 0.5 and len(delta) == 21
+    name = next(n for n in delta if n.endswith("q_proj.weight"))
+    w0, w1 = base[name].detach().double(), delta[name].double()
+    u, sv, vh = torch.linalg.svd(w0)
+    r = min(w0.shape) // 2
+    change = w1 - w0
+    assert float(change.norm()) > 0
+    # OSF's update lives in the low (trainable) subspace: nothing of it along the frozen top directions
+    top = u[:, :r].T @ change @ vh[:r].T
+    assert float(top.norm()) < 1e-3 * float(change.norm()) + 1e-9
+
+
+def test_targets_attn_trains_only_the_attention_linears(data, tmp_path):
+    out = tmp_path / "attn"
+    side = _run(data, out, "full-ft", targets="attn", freeze_norms=True)
+    delta = artifacts.read_tensors(out / "delta.safetensors")
+    assert side["config"]["targets"] == "attn"
+    assert delta and all(any(f".self_attn.{k}_proj." in n for k in "qkvo") for n in delta), sorted(delta)
+    base = _base()
+    ours = load_run(open_run(out)).model
+    for n, p in ours.named_parameters():
+        if ".mlp." in n or "norm" in n:
+            assert torch.equal(p, base[n]), n
+
+
+def test_a_mask_over_the_attention_alone_trains_with_targets_attn(data, tmp_path):
+    from dowser_cli import mask as mask_mod
+    from dowser_cli import probe
+
+    scores = tmp_path / "s.safetensors"
+    probe.run("tiny-llava", scores, probe.ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
+    m = tmp_path / "attn-mask.safetensors"
+    mask_mod.run(scores, m, mask_mod.MaskConfig(ratio=0.2, targets="attn"))
+    r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "refused", "--mask", m, "--max-steps", "1")
+    assert r.returncode == 2 and "is tuned but the mask does not cover it" in r.stderr, r.stderr
+    side = finetune.run("tiny-llava", data, tmp_path / "masked",
+                        FinetuneConfig(lr=1e-3, max_steps=2, batch_size=4, targets="attn"), mask_path=m)
+    assert side["method"] == "dowser-mask"
+    delta = artifacts.read_tensors(tmp_path / "masked" / "delta.safetensors")
+    assert not any(".mlp." in n for n in delta)
+
+
 @pytest.mark.parametrize("args,want", [
-    (["--method", "dare"], "unknown fine-tuning method; available: full-ft, masked, spider, lora"),
+    (["--method", "dare"], "unknown fine-tuning method; available: full-ft, masked, spider, lora, osf, supertuning"),
+    (["--targets", "attn,conv"], "--targets 'attn,conv': unknown target(s) conv; available: attn, mlp"),
+    (["--method", "osf", "--osf-effective-rank", "2.5"], "--osf-effective-rank 2.5: a fraction in (0, 1)"),
     (["--method", "spider", "--mask", "m.safetensors"], "--method spider: takes no --mask"),
     (["--method", "masked"], "--method masked: needs --mask"),
     (["--method", "lora", "--lora-r", "0"], "--lora-r 0: must be >= 1"),

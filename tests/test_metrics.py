@@ -66,3 +66,57 @@ def test_h_score():
     assert metrics.h_score(50, 50) == 50
     assert metrics.h_score(80, 20) == pytest.approx(32.0)       # 2 * 80 * 20 / 100
     assert metrics.h_score(0, 0) == 0.0
+
+
+def test_bootstrap_intervals_against_a_brute_force_loop():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    items = {"d": (torch.rand(2, 30, generator=g) > 0.5).double() * 100,
+             "u1": (torch.rand(2, 40, generator=g) > 0.3).double() * 100,
+             "u2": torch.rand(2, 25, generator=g) * 100}
+    got = metrics.bootstrap_report(items, ["d"], ["u1", "u2"], replicates=200, seed=5)
+    # the same draws by hand: per task its own seeded indices, shared by both models
+    idx = {n: metrics.bootstrap_indices(x.shape[1], 200, 5 + 7919 * k) for k, (n, x) in enumerate(items.items())}
+    reps = {m: {"D": [], "U": [], "H": [], "dU": []} for m in range(2)}
+    for r in range(200):
+        u_base = None
+        for m in range(2):
+            mean = {n: sum(float(items[n][m, int(i)]) for i in idx[n][r]) / items[n].shape[1] for n in items}
+            d, u = mean["d"], (mean["u1"] + mean["u2"]) / 2
+            u_base = u if m == 0 else u_base
+            reps[m]["D"].append(d)
+            reps[m]["U"].append(u)
+            reps[m]["H"].append(2 * u * d / (u + d) if u + d else 0.0)
+            reps[m]["dU"].append(u - u_base)
+    for m in range(2):
+        for key in ("D", "U", "H", "dU"):
+            v = torch.tensor(reps[m][key], dtype=torch.float64)
+            want = (float(torch.quantile(v, 0.025)), float(torch.quantile(v, 0.975)))
+            assert got[m][key] == pytest.approx(want, abs=1e-9), (m, key)
+    assert got[0]["dU"] == (0.0, 0.0)                        # the base against itself, paired
+    point_u = float((items["u1"][1].mean() + items["u2"][1].mean()) / 2)
+    assert got[1]["U"][0] < point_u < got[1]["U"][1]
+
+
+def test_paired_interval_is_narrower_than_unpaired_for_correlated_models():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(300, generator=g) > 0.4).double()
+    run = base.clone()
+    run[:15] = 0.0                                            # the run forgets 15 of the base's items
+    items = {"d": torch.stack([base, run]) * 100, "u": torch.stack([base, run]) * 100}
+    ci = metrics.bootstrap_report(items, ["d"], ["u"], replicates=500, seed=0)
+    lo, hi = ci[1]["dU"]
+    width_unpaired = (ci[1]["U"][1] - ci[1]["U"][0]) + (ci[0]["U"][1] - ci[0]["U"][0])
+    assert hi < 0 and (hi - lo) < 0.5 * width_unpaired
+
+
+def test_ratio_interval_resamples_whole_sequences():
+    import torch
+
+    num = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    den = torch.tensor([1, 1, 1, 2])
+    lo, hi = metrics.ratio_interval(num, den, replicates=400, seed=0)
+    assert lo <= 16 / 5 <= hi and 1.0 <= lo and hi <= 5.0

@@ -9,8 +9,10 @@ so methods differ only where their papers differ.
 - ``masked``: inside a mask from `dowser mask` (dowser, magnitude, wanda, random, inverse) only.
 - ``spider``: SPIDER's soft masking (training-time): after every step each entry is pulled back
   towards theta_0 by a coefficient from its pretrained vs fine-tuning importance (scoring.spider_*).
-- ``lora``: low-rank adapters through PEFT on the tuned layers' linears, merged into the weights at
-  the end (the delta holds the merged matrices; the adapter is kept in RUN/adapter/)."""
+- ``lora``, ``osf``, ``supertuning``: PEFT's LoRA, OSF (orthogonal subspace fine-tuning) and
+  Super-Tuning (magnitude top-k sparse entries) on the tuned layers' linears, built by PEFT itself and
+  merged into the weights at the end (the delta holds the merged matrices; the adapter is kept in
+  RUN/adapter/)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +24,7 @@ from dowser_cli import scoring
 from dowser_cli.finetune import FinetuneConfig, Trainable, select_trainable
 from dowser_cli.methods import FINETUNE_METHODS, FinetuneMethod
 from dowser_cli.models import LoadedModel
-from dowser_cli.selection import TARGETS, layer_of
+from dowser_cli.selection import TARGETS, layer_of, parse_targets
 
 
 class MethodRun:
@@ -115,23 +117,27 @@ class Spider(MethodRun):
                 "blended_tensors": len(self.params)}
 
 
-class Lora(MethodRun):
-    """PEFT LoRA on the tuned layers' attention/MLP linears (rank --lora-r, alpha --lora-alpha); the
-    layers' norms stay frozen (the usual LoRA setting); projector/vision tower/embeddings/lm_head train
-    densely when asked, as for every method."""
+class Peft(MethodRun):
+    """A PEFT tuner on the tuned layers' targeted linears (``--targets``), built by PEFT itself and
+    merged into the weights at the end (the delta holds the merged matrices; the adapter is kept in
+    RUN/adapter/). The layers' norms stay frozen (the usual adapter setting); projector / vision
+    tower / embeddings / lm_head train densely when asked, as for every method.
+    Subclasses give ``peft_config(targets)`` and ``describe``."""
+
+    def peft_config(self, targets: list[str]):
+        raise NotImplementedError
 
     def trainable(self, layers, masks):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         cfg, lm = self.cfg, self.lm
         self.extras = select_trainable(lm, cfg, [], {}).params
         prefix = lm.parts.layers_path
         self.targets = [n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)
-                        and layer_of(n, prefix) in layers and any(TARGETS[t].search(n) for t in TARGETS)]
-        torch.manual_seed(cfg.seed)  # lora_A's random init; --resume rebuilds the same, then loads values
-        self.peft = get_peft_model(lm.model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                        lora_dropout=cfg.lora_dropout, target_modules=self.targets,
-                                                        bias="none"))
+                        and layer_of(n, prefix) in layers
+                        and any(TARGETS[t].search(n) for t in parse_targets(cfg.targets))]
+        torch.manual_seed(cfg.seed)  # any random init (lora_A); --resume rebuilds the same, then loads values
+        self.peft = get_peft_model(lm.model, self.peft_config(self.targets))
         for p in self.extras.values():  # get_peft_model froze everything but the adapters
             p.requires_grad_(True)
         params = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
@@ -140,14 +146,58 @@ class Lora(MethodRun):
 
     def finish(self, tr, out):
         self.peft.save_pretrained(out / "adapter")
-        self.peft.merge_and_unload()  # W + (alpha / r) B A, modules back to plain linears and names
+        self.peft.merge_and_unload()  # W + the tuner's delta, modules back to plain linears and names
         params = {f"{t}.weight": self.lm.model.get_parameter(f"{t}.weight") for t in self.targets}
         params.update(self.extras)
         return Trainable(params, {}, tr.layers)
 
     def describe(self):
-        return {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha, "dropout": self.cfg.lora_dropout,
-                "target_linears": len(self.targets), "adapter_params": self.adapter_numel, "adapter_dir": "adapter"}
+        return {"peft_tuner": type(self.peft.peft_config["default"]).__name__, "target_linears": len(self.targets),
+                "adapter_params": self.adapter_numel, "adapter_dir": "adapter", **self.settings()}
+
+    def settings(self) -> dict:
+        return {}
+
+
+class Lora(Peft):
+    """LoRA: W + (alpha / r) B A, rank --lora-r, alpha --lora-alpha."""
+
+    def peft_config(self, targets):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                          target_modules=targets, bias="none")
+
+    def settings(self):
+        return {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha, "dropout": self.cfg.lora_dropout}
+
+
+class Osf(Peft):
+    """PEFT's OSF (orthogonal subspace fine-tuning, for continual learning): each matrix's top singular
+    directions (--osf-effective-rank of the smaller dimension) are frozen and the rest of its SVD
+    trains, with gradients projected orthogonally to the frozen subspace."""
+
+    def peft_config(self, targets):
+        from peft import OSFConfig
+
+        rank = self.cfg.osf_effective_rank
+        return OSFConfig(target_modules=targets, effective_rank=int(rank) if rank >= 1 else rank)
+
+    def settings(self):
+        return {"effective_rank": self.cfg.osf_effective_rank}
+
+
+class Supertuning(Peft):
+    """PEFT's Super-Tuning: a sparse support of each matrix's largest-magnitude entries trains (the
+    paper's default magnitude top-k); its size is --ratio of the entries, the budget of the masks."""
+
+    def peft_config(self, targets):
+        from peft import SupertuningConfig
+
+        return SupertuningConfig(target_modules=targets, sparsity=1.0 - self.cfg.ratio, select_top=True)
+
+    def settings(self):
+        return {"trainable_fraction": self.cfg.ratio, "select_top": True}
 
 
 for method in (
@@ -159,5 +209,9 @@ for method in (
                    "SPIDER soft masking: pull entries back to theta_0 by importance after each step"),
     FinetuneMethod("lora", lambda lm, cfg: Lora("lora", lm, cfg), "forbidden", False,
                    "PEFT LoRA adapters on the tuned linears, merged at the end"),
+    FinetuneMethod("osf", lambda lm, cfg: Osf("osf", lm, cfg), "forbidden", False,
+                   "PEFT OSF: train each tuned linear's low singular subspace, the top one frozen"),
+    FinetuneMethod("supertuning", lambda lm, cfg: Supertuning("supertuning", lm, cfg), "forbidden", False,
+                   "PEFT Super-Tuning: the --ratio largest-magnitude entries of each tuned linear train"),
 ):
     FINETUNE_METHODS.register(method.name, method)
