@@ -1,6 +1,9 @@
 # Shared by demo.sh, compare_methods.sh and the sweeps (source it after setting OUT): the embedded
 # default's settings, a stage runner that reuses finished stages, and the data + scores stages.
-DOWSER=${DOWSER:-dowser}
+# the project's venv when there is one (scripts run from the repository root), else dowser on PATH
+if [[ -z ${DOWSER:-} ]]; then
+    if [[ -x .venv/bin/dowser ]]; then DOWSER=.venv/bin/dowser; else DOWSER=dowser; fi
+fi
 MODEL=${DEMO_MODEL:-smol-llava}
 STEPS=${DEMO_STEPS:-64}
 PROBE_SAMPLES=${DEMO_PROBE_SAMPLES:-16}
@@ -33,11 +36,15 @@ data_and_scores() {
     scores_for 0
 }
 
-scores_for() {  # scores_for SEED: $OUT/scores.safetensors for seed 0 (the demo's), else scores-sSEED
+declare -A SCORES_DONE=()
+scores_for() {  # scores_for SEED: $OUT/scores.safetensors for seed 0 (the demo's), else scores-sSEED -> $SCORES
     local seed=$1 file="$OUT/scores.safetensors"
     [[ $seed == 0 ]] || file="$OUT/scores-s$seed.safetensors"
-    run_stage "probe-s$seed" "$file" "" \
-        $DOWSER probe "$MODEL" --samples "$PROBE_SAMPLES" --batch-size 4 --probes 8 --seed "$seed" --out "$file"
+    if [[ -z ${SCORES_DONE[$seed]:-} ]]; then
+        run_stage "probe-s$seed" "$file" "" \
+            $DOWSER probe "$MODEL" --samples "$PROBE_SAMPLES" --batch-size 4 --probes 8 --seed "$seed" --out "$file"
+        SCORES_DONE[$seed]=1
+    fi
     SCORES=$file
 }
 

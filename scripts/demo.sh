@@ -19,7 +19,9 @@
 # Re-running reuses every finished stage whose inputs (files and command) are unchanged.
 set -euo pipefail
 OUT=${1:-${DEMO_OUT:-demo-out}}
-export METHODS=${DEMO_METHODS:-"full-ft dowser random attn-only"}
+# the two peers with the highest H in compare_methods.sh's seed-0 run (2026-12-01): the random mask and
+# PEFT's Super-Tuning, both at rho 0.1
+export METHODS=${DEMO_METHODS:-"full-ft dowser random supertuning"}
 export SEEDS=${SEEDS:-0}
 bash "$(dirname "$0")/compare_methods.sh" "$OUT"
 echo "everything is under $OUT/: report $OUT/report/report.md (+ .yaml, chart report.png), runs $OUT/runs/,"

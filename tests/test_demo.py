@@ -15,12 +15,12 @@ pytestmark = pytest.mark.slow
 
 SUITE = f"""
 tasks:
-  - {{name: digits, role: downstream, kind: vqa, metric: exact_match, data: "builtin:digits/test.jsonl", limit: 4,
+  - {{name: shapes, role: downstream, kind: vqa, metric: exact_match, data: "builtin:shapes/test.jsonl", limit: 4,
      prompt: "{{question}}", max_new_tokens: 3}}
   - {{name: facts-qa, role: upstream, kind: exact, metric: contains, data: {ROOT}/configs/tasks/data/facts.jsonl,
      limit: 4, max_new_tokens: 8}}
-  - {{name: facts-choice, role: upstream, kind: likelihood, metric: choice_likelihood,
-     data: {ROOT}/configs/tasks/data/facts.jsonl, limit: 4, answer_template: "The answer is {{answer}}."}}
+  - {{name: words, role: upstream, kind: likelihood, metric: choice_likelihood,
+     data: {ROOT}/configs/tasks/data/words.jsonl, limit: 5, answer_template: "The answer is {{answer}}."}}
   - {{name: drift, role: upstream, kind: drift, samples: 2, seq_len: 16}}
 """
 
@@ -42,37 +42,43 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
 
     report = artifacts.read_yaml(out / "report" / "report.yaml")
     rows = {row["model"]: row for row in report["rows"]}
-    methods = ("full-ft", "dowser", "spider", "lora", "dare", "tailor")
+    methods = ("full-ft-s0", "dowser-s0", "random-s0", "supertuning-s0")
     assert set(rows) == {"base (smol-llava)", *methods}
-    assert {rows[m]["method"] for m in methods} == {"full-ft", "dowser-mask", "spider", "lora", "dare", "tailor"}
+    assert [rows[m]["method"] for m in methods] == ["full-ft", "dowser-mask", "random-mask", "supertuning"]
+    assert report["items"] == {"shapes": 4, "facts-qa": 4, "words": 5, "drift": 2}
+    assert report["intervals"]["level"] == 0.95 and report["intervals"]["replicates"] == 1000
     for row in rows.values():
-        assert {"D", "U", "H", "dU", "drift"} <= set(row)
-    assert (out / "report" / "report.png").is_file()
-    assert "| tailor | tailor |" in r.stdout and "peak RSS in training MB" in r.stdout   # the cost table
+        assert {"D", "U", "H", "dU", "drift", "ci95"} <= set(row)
+        for key in ("D", "U", "H", "dU", "shapes", "facts-qa", "words", "drift"):
+            lo, hi = row["ci95"][key]
+            value = row["scores"].get(key, row.get(key))
+            assert lo <= value + 1e-6 and value - 1e-6 <= hi, (row["model"], key, lo, value, hi)
+    assert rows["base (smol-llava)"]["ci95"]["dU"] == [0.0, 0.0]
+    assert (out / "report" / "report.png").is_file() and (out / "report" / "seeds.png").is_file()
+    assert "| supertuning-s0 | supertuning |" in r.stdout and "peak RSS in training MB" in r.stdout   # costs
+    assert "| dowser | 1 |" in (out / "report" / "seeds.md").read_text()           # the seeds' summary
+    st = artifacts.read_yaml(out / "runs" / "supertuning-s0" / "run.yaml")
+    assert st["method_details"]["trainable_fraction"] == 0.1 and (out / "runs" / "supertuning-s0" / "adapter").is_dir()
 
     # every stage's artifacts name the one before them by hash
     scores_sha = artifacts.sha256_file(out / "scores.safetensors")
-    for strategy in ("dowser",):
-        m = out / f"mask-{strategy}.safetensors"
+    for strategy in ("dowser", "random"):
+        m = out / f"mask-{strategy}-s0.safetensors"
         assert artifacts.read_yaml(m.with_suffix(".yaml"))["inputs"]["scores"]["sha256"] == scores_sha
-        run = open_run(out / "runs" / strategy)          # checks delta <-> its own mask copy <-> run.yaml
+        run = open_run(out / "runs" / f"{strategy}-s0")   # checks delta <-> its own mask copy <-> run.yaml
         assert run.meta["mask_sha256"] == artifacts.sha256_file(m)
         side = run.sidecar
         assert side["inputs"]["mask"]["sha256"] == artifacts.sha256_file(m)
         assert side["inputs"]["data"]["sha256"] == artifacts.sha256_file(out / "data" / "train.json")
         assert side["steps"] == 2 and side["tuned_layers"] == list(range(10, 30))
-    full = open_run(out / "runs" / "full-ft")
+    full = open_run(out / "runs" / "full-ft-s0")
     assert full.mask is None and full.sidecar["tuned_layers"] == list(range(10, 30))
-    full_sha = artifacts.sha256_file(out / "runs" / "full-ft" / "delta.safetensors")
-    for merged in ("dare", "tailor"):     # the post-hoc baselines name the Full-FT delta they edit
-        side = open_run(out / "runs" / merged).sidecar
-        assert side["inputs"]["source_delta"]["sha256"] == full_sha, side["inputs"]
     assert artifacts.read_yaml(out / "scores.yaml")["model"]["fingerprint"] == full.meta["model_fingerprint"]
 
     # a second run changes nothing and evaluates nothing
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("delta.safetensors")}
     r = _demo(out, suite)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("reusing") == 9                # data, probe, 1 mask, 4 runs, 2 merges
+    assert r.stderr.count("reusing") == 8                # data, probe, 2 masks, 4 runs
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert artifacts.read_yaml(out / "report" / "report.yaml")["cache"]["evaluated"] == 0

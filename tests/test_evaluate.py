@@ -58,6 +58,37 @@ def test_report_for_two_runs_then_cache_hits(setup, tmp_path):
     assert "| run-b | full-ft |" in md and "D: digits" in md and "U: facts-choice" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert artifacts.read_yaml(out / "report.yaml")["rows"] == rows
+    # every score carries its 95 % interval, recomputed from the cached per-item scores
+    for r in rows:
+        for key in ("digits", "facts", "facts-choice", "drift", "D", "U", "H", "dU"):
+            lo, hi = r["ci95"][key]
+            v = r["scores"][key] if key in r["scores"] else r[key]
+            assert lo - 1e-6 <= v <= hi + 1e-6, (r["model"], key)
+    assert rows[0]["ci95"]["dU"] == [0.0, 0.0] and rep["items"]["facts"] == 5
+    assert f"| {rows[2]['D']:.2f} [{rows[2]['ci95']['D'][0]:.2f}, {rows[2]['ci95']['D'][1]:.2f}] |" in md
+
+
+def test_choice_likelihood_with_a_shared_prompt_cache_equals_one_sequence_per_option(setup):
+    """The text-only fast path (one prompt pass, its cache repeated per option) against the plain one."""
+    from dowser_cli.data import Encoder
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source("tiny-llava")
+    lm = load_model(src, load_config(src), torch.float32, "cpu")
+    task = [t for t in tasks.load_suite(setup / "suite.yaml") if t.name == "facts-choice"][0]
+    recs = tasks.read_records(task)
+    cands = [[task.answer_template.format(answer=o) for o in r.options] for r in recs]
+    cands[2] = cands[2][:3]                                        # unequal counts split the batch
+    enc = Encoder(lm.tokenizer, lm.processor, 512)
+    fast = evaluate._shared_prompt_logprobs(lm, task, recs, cands, enc, 8, "cpu", lambda k: None)
+    for rec, cs, got in zip(recs, cands, fast):
+        ids = evaluate.prompt_ids(enc, tasks.render_prompt(task, rec), None)
+        for c, (lp, n) in zip(cs, got):
+            a = lm.tokenizer(c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([ids + a])).logits[0].double()
+            want = float(torch.log_softmax(logits, -1)[len(ids) - 1:-1].gather(-1, torch.tensor(a)[:, None]).sum())
+            assert n == len(a) and lp == pytest.approx(want, abs=1e-4)
 
 
 def test_drift_is_the_kl_of_next_token_distributions(setup):
