@@ -7,7 +7,8 @@
 Per method: D, U, H, ΔU and drift as mean ± sample standard deviation over its seeds, the range
 [min, max], and the mean half-width of the per-run 95 % bootstrap intervals (item noise within one run;
 the seeds' spread is the training noise across runs). The chart's error bars are ± one standard
-deviation over seeds; the base is a star with its bootstrap interval."""
+deviation over seeds (a method run with one seed: its 95 % bootstrap interval); the base is a star with
+its bootstrap interval."""
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,37 @@ def fmt(s: dict | None, signed: bool = False, drift: bool = False) -> str:
     return f"{s['mean']:{f}} ± {s['sd']:.2f} [{s['min']:{f}}, {s['max']:{f}}]{ci}"
 
 
+def per_run(rows: list[dict]) -> None:
+    has_drift = any("drift" in r for r in rows)
+    head = ["run", "method", "D", "U", "H", "ΔU"] + (["drift (KL)"] if has_drift else [])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        ci = r.get("ci95", {})
+
+        def cell(key: str, f: str = ".2f") -> str:
+            v = r[key]
+            return f"{v:{f}} [{ci[key][0]:{f}}, {ci[key][1]:{f}}]" if key in ci else f"{v:{f}}"
+
+        cells = [r["model"], r["method"], cell("D"), cell("U"), cell("H"), cell("dU", "+.2f")]
+        if has_drift:
+            cells.append(cell("drift", ".4f"))
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("value [95 % bootstrap interval over the items; ΔU paired with the base]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path)
     ap.add_argument("--out", type=Path, help="PNG chart of U against D with error bars")
+    ap.add_argument("--per-run", action="store_true",
+                    help="print instead one line per run: D, U, H, ΔU and drift with their 95 %% intervals")
     a = ap.parse_args()
     rows = yaml.safe_load((a.report / "report.yaml").read_text())["rows"]
+    if a.per_run:
+        per_run(rows)
+        return
     base, g = rows[0], groups(rows)
     has_drift = any("drift" in r for r in rows)
     head = ["method", "seeds", "D", "U", "H", "ΔU"] + (["drift (KL)"] if has_drift else [])
@@ -84,11 +110,18 @@ def main() -> None:
         ax.errorbar(base["D"], base["U"], xerr=[[base["D"] - bci["D"][0]], [bci["D"][1] - base["D"]]] if "D" in bci else None,
                     yerr=[[base["U"] - bci["U"][0]], [bci["U"][1] - base["U"]]] if "U" in bci else None,
                     fmt="*", ms=12, color="black", label="base", capsize=3)
-        for method, s in stats.items():
-            ax.errorbar(s["D"]["mean"], s["U"]["mean"], xerr=s["D"]["sd"], yerr=s["U"]["sd"], fmt="o", capsize=3,
-                        label=f"{method} (n={s['D']['n']})")
-        ax.set_xlabel("downstream D (learnt), mean ± sd over seeds")
-        ax.set_ylabel("upstream U (kept), mean ± sd over seeds")
+        cmap = plt.get_cmap("tab20")
+        for k, (method, s) in enumerate(stats.items()):
+            if s["D"]["n"] > 1:   # the spread over seeds
+                xerr, yerr, how = s["D"]["sd"], s["U"]["sd"], f"n={s['D']['n']}, ± sd"
+            else:                 # one seed: its 95 % bootstrap interval
+                xerr, yerr, how = s["D"]["ci_half"], s["U"]["ci_half"], "n=1, 95 % interval"
+            ax.errorbar(s["D"]["mean"], s["U"]["mean"], xerr=xerr, yerr=yerr, fmt="os^vDP*X"[k % 8], capsize=3,
+                        color=cmap(k % 20), label=f"{method} ({how})")
+            ax.annotate(method, (s["D"]["mean"], s["U"]["mean"]), textcoords="offset points", xytext=(5, 3),
+                        fontsize=7)
+        ax.set_xlabel("downstream D (learnt), mean over seeds")
+        ax.set_ylabel("upstream U (kept), mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()

@@ -46,6 +46,11 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
     assert set(rows) == {"base (smol-llava)", *methods}
     assert [rows[m]["method"] for m in methods] == ["full-ft", "dowser-mask", "random-mask", "supertuning"]
     assert report["items"] == {"shapes": 4, "facts-qa": 4, "words": 5, "drift": 2}
+    # the demo's own suite (the test runs a cut-down copy of it): 300+ upstream items
+    from dowser_cli.tasks import load_suite, read_records
+
+    shipped = load_suite(ROOT / "configs" / "tasks" / "demo.yaml")
+    assert sum(len(read_records(t)) for t in shipped if t.in_u) >= 300
     assert report["intervals"]["level"] == 0.95 and report["intervals"]["replicates"] == 1000
     for row in rows.values():
         assert {"D", "U", "H", "dU", "drift", "ci95"} <= set(row)
