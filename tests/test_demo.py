@@ -57,7 +57,7 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
         for key in ("D", "U", "H", "dU", "shapes", "facts-qa", "words", "drift"):
             lo, hi = row["ci95"][key]
             value = row["scores"].get(key, row.get(key))
-            assert lo <= value + 1e-6 and value - 1e-6 <= hi, (row["model"], key, lo, value, hi)
+            assert lo - 0.02 <= value <= hi + 0.02, (row["model"], key, lo, value, hi)   # values are rounded
     assert rows["base (smol-llava)"]["ci95"]["dU"] == [0.0, 0.0]
     assert (out / "report" / "report.png").is_file() and (out / "report" / "seeds.png").is_file()
     assert "| supertuning-s0 | supertuning |" in r.stdout and "peak RSS in training MB" in r.stdout   # costs
