@@ -5,7 +5,7 @@ exactly what this writes. None of the words is a colour or a shape (the downstre
 
     python scripts/make_upstream_suite.py [OUT_DIR]      (default configs/tasks/data)
 
-  words      100 items: "Which of these is a kind of <category>?" with 4 options (1 of the category,
+  words      100 items: "Which of these is a/an <category>?" with 4 options (1 of the category,
              3 from other categories), scored by likelihood (chance 25 %).
   opposites  100 items: "What is the opposite of <word>?" with 4 options, by likelihood (chance 25 %).
   reading    100 items: a two-sentence passage about a person, then a question answered from it,
