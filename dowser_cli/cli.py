@@ -409,10 +409,16 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-def _click_exception():
+def _click_exception() -> tuple[type, ...]:
+    """The usage-error base classes: typer >= 0.29 raises its vendored click's (typer._click), older
+    typer the standalone click's; both print click's one-line usage error."""
     import click
 
-    return click.ClickException
+    try:
+        from typer import _click as vendored
+    except ImportError:
+        return (click.ClickException,)
+    return (click.ClickException, vendored.ClickException)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """One CLI chain over all stages that exist, in a temporary directory, as a user runs them."""
 import json
 
+import pytest
+
 from dowser_cli import artifacts
 
 from conftest import run_cli
@@ -48,3 +50,16 @@ def test_probe_mask_finetune_export_inspect_compare_combine_chain(tmp_path):
                 "make-data"):
         assert "Example: dowser" in ok(cmd, "--help").stdout
     assert "[auto: bf16 on GPU]" in " ".join(ok("finetune", "--help").stdout.split())
+
+
+@pytest.mark.parametrize("args,want", [
+    (["mask", "--bogus"], "No such option: --bogus"),
+    (["mask"], "Missing argument 'scores'"),
+    (["mask", "S", "--ratio", "abc", "--out", "M"], "Invalid value for '--ratio'"),
+    (["nosuchcmd"], "No such command 'nosuchcmd'"),
+    (["finetune", "M", "--out", "r", "--data"], "Option '--data' requires an argument"),
+])
+def test_usage_errors_are_clicks_short_message_and_exit_2(args, want, tmp_path):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 4 and not list(tmp_path.iterdir())
