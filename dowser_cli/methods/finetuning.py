@@ -15,6 +15,8 @@ so methods differ only where their papers differ.
   RUN/adapter/)."""
 from __future__ import annotations
 
+import abc
+
 from pathlib import Path
 
 import torch
@@ -117,15 +119,16 @@ class Spider(MethodRun):
                 "blended_tensors": len(self.params)}
 
 
-class Peft(MethodRun):
+class Peft(MethodRun, abc.ABC):
     """A PEFT tuner on the tuned layers' targeted linears (``--targets``), built by PEFT itself and
     merged into the weights at the end (the delta holds the merged matrices; the adapter is kept in
     RUN/adapter/). The layers' norms stay frozen (the usual adapter setting); projector / vision
     tower / embeddings / lm_head train densely when asked, as for every method.
     Subclasses give ``peft_config(targets)`` and ``describe``."""
 
+    @abc.abstractmethod
     def peft_config(self, targets: list[str]):
-        raise NotImplementedError
+        """The PEFT config of this tuner over the given module names."""
 
     def trainable(self, layers, masks):
         from peft import get_peft_model
