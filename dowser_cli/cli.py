@@ -60,6 +60,13 @@ def probe(
     device_map: Optional[str] = typer.Option(None, help="auto | balanced | sequential: a model larger than one "
                                              "GPU, its layers spread over the GPUs by accelerate [off]."),
     seed: Optional[int] = typer.Option(None, help="Seed for probe text and Rademacher vectors [0]."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the probe text [0.9]."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus (top-p) sampling of the probe text [0.9]."),
+    top_k: Optional[int] = typer.Option(None, help="Top-k sampling of the probe text; 0 = off [50, "
+                                        "transformers' default, as the authors]."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty of the probe text [1.05]."),
+    suppress: Optional[str] = typer.Option(None, help="Ids never sampled: multimodal (image/video placeholders) | "
+                                           "special (every special and added token) [multimodal]."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as options; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build from the shipped config, no weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted probe from OUT.partial."),
@@ -73,7 +80,8 @@ def probe(
         samples=samples, batch_size=batch_size, probes=probes, seq_len=seq_len, prefix_len=prefix_len,
         images=images, texts=str(texts) if texts else None, layers=layers, targets=targets,
         include_lm_head=include_lm_head, include_projector=include_projector, dtype=dtype, device=device,
-        device_map=device_map, seed=seed))
+        device_map=device_map, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, suppress=suppress))
     sidecar = probe_mod.run(model, out, cfg, random_init=random_init, resume=resume, command=_command_line())
     if _rank0():
         typer.echo(str(out))

@@ -29,6 +29,11 @@ from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_
 
 PARTIAL_KIND = "dowser.scores.partial"
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
+SUPPRESS = ("multimodal", "special")
+# config keys of ids whose presence in input_ids makes a multimodal model expect image/video features
+MULTIMODAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index",
+                      "vision_start_token_id", "vision_end_token_id", "vision_token_id", "audio_token_id",
+                      "audio_token_index")
 
 
 @dataclass
@@ -47,9 +52,17 @@ class ProbeConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
+    # Sampling of the probe text, as the authors' script: temperature 0.9, top-p 0.9, repetition
+    # penalty 1.05 and transformers' default top-k 50 (0 turns top-k off).
     temperature: float = 0.9
     top_p: float = 0.9
+    top_k: int = 50
     repetition_penalty: float = 1.05
+    # Ids generation may never sample. multimodal: only image/video placeholders and the other
+    # multimodal ids, which would make the next forward ask for features it was not given (the
+    # authors suppress nothing; their LLaVA's image index -200 is not in the vocabulary). special:
+    # every special and added token id too (EOS excepted), the behaviour before 0.6.
+    suppress: str = "multimodal"
     gen_batch_size: int = 64   # samples generated per generate() call (decoding is weight-bandwidth
                                # bound, so one call for many samples costs about as much as for a few)
     # auto | on | off: run the M backward passes of a batch as one vmapped pass. Same numbers; on a GPU
@@ -106,8 +119,16 @@ def validate(cfg: ProbeConfig) -> None:
         raise UserError(f"--device-map {cfg.device_map!r}: expected one of {', '.join(m for m in DEVICE_MAPS if m)}")
     if cfg.images not in ("off", "noise"):
         raise UserError(f"--images {cfg.images!r}: expected off or noise")
-    if not 0 < cfg.top_p <= 1 or cfg.temperature <= 0:
-        raise UserError("--top-p must be in (0, 1] and --temperature > 0")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top-p {cfg.top_p}: must be in (0, 1]")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature {cfg.temperature}: must be > 0")
+    if cfg.top_k < 0:
+        raise UserError(f"--top-k {cfg.top_k}: must be >= 0 (0 turns top-k off)")
+    if cfg.repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty {cfg.repetition_penalty}: must be > 0 (1 = none)")
+    if cfg.suppress not in SUPPRESS:
+        raise UserError(f"--suppress {cfg.suppress!r}: expected one of {', '.join(SUPPRESS)}")
     parse_targets(cfg.targets)
 
 
@@ -142,7 +163,13 @@ class TokenIds:
     eos: list[int]
     pad: int
     vocab: int          # random prefix ids are drawn from [0, vocab)
-    special: set[int]   # replaced by BOS when drawn
+    special: set[int]   # replaced by BOS when drawn into a random prefix (the authors' --avoid-special)
+    multimodal: set[int]  # image/video placeholders and other multimodal ids (a subset of special)
+
+    def suppressed(self, mode: str) -> list[int]:
+        """Ids generation never samples under ``--suppress mode`` (EOS never: it ends a sample)."""
+        ids = self.multimodal if mode == "multimodal" else self.special
+        return sorted(ids - set(self.eos))
 
 
 def token_ids(lm: LoadedModel) -> TokenIds:
@@ -163,17 +190,19 @@ def token_ids(lm: LoadedModel) -> TokenIds:
     pad = first(getattr(tok, "pad_token_id", None) if tok is not None else None,
                 getattr(lm.config, "pad_token_id", None), tc.pad_token_id, eos, 0)
     eos_list = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-    special = {bos, pad, *eos_list}
-    for key in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
-                "vision_end_token_id"):
-        if getattr(lm.config, key, None) is not None:
-            special.add(int(getattr(lm.config, key)))
+    multimodal = set()
+    for owner in (lm.config, tok):
+        for key in MULTIMODAL_ID_KEYS:
+            value = getattr(owner, key, None) if owner is not None else None
+            if isinstance(value, int) and value >= 0:  # LLaVA's original code uses -200, outside the vocabulary
+                multimodal.add(int(value))
+    special = {bos, pad, *eos_list, *multimodal}
     vocab = int(tc.vocab_size)
     if tok is not None:
         special.update(int(i) for i in tok.all_special_ids)
         special.update(int(i) for i in getattr(tok, "added_tokens_decoder", {}))
         vocab = min(vocab, len(tok))
-    return TokenIds(bos=bos, eos=eos_list, pad=pad, vocab=vocab, special=special)
+    return TokenIds(bos=bos, eos=eos_list, pad=pad, vocab=vocab, special=special, multimodal=multimodal)
 
 
 def image_segment(lm: LoadedModel, gen: torch.Generator) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -234,12 +263,12 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], n_text_prefix: lis
         input_ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
     new = cfg.seq_len - min(n_text_prefix)
-    gcfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+    gcfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             repetition_penalty=cfg.repetition_penalty, max_new_tokens=new, min_new_tokens=0,
                             pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos,
                             # a sampled image/video placeholder would ask the model for image features it
-                            # was not given; the prefixes hold no special ids either (random_prefix)
-                            suppress_tokens=sorted(ids.special - set(ids.eos)) or None)
+                            # was not given (--suppress multimodal); the prefixes hold no special ids
+                            suppress_tokens=ids.suppressed(cfg.suppress) or None)
     torch.manual_seed(seed)  # generate() samples from the global RNG
     kwargs = {**image_kwargs, **sequence_kwargs(lm, input_ids, bool(image_kwargs))}
     out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
@@ -458,7 +487,7 @@ def plan(model_spec: str, cfg: ProbeConfig, out: Path, random_init: bool = False
 
 
 def scored_modules(lm: LoadedModel, cfg: ProbeConfig, layers: list[int]) -> "Scored":
-    """name -> linear, plus the boundary-rule sets: act == 1 (projector input side), psi == 1 (lm_head),
+    """name -> linear, plus the boundary-rule sets: act == 1 (projector linears), psi == 1 (lm_head),
     the modules whose inputs are token positions (padding is excluded there), and act sources."""
     parts = lm.parts
     mods = decoder_linears(lm.model, parts.layers_path, layers, parse_targets(cfg.targets))
@@ -478,8 +507,9 @@ def scored_modules(lm: LoadedModel, cfg: ProbeConfig, layers: list[int]) -> "Sco
             if isinstance(mod, nn.Linear):
                 name = f"{parts.projector}.{sub}"
                 mods[name] = mod
-                if name in parts.projector_input:
-                    act_one.add(name)
+                # a = 1 on EVERY projector linear, as the authors' script (its boundary rule matches
+                # the "proj." prefix, so the second linear's real input is not used either)
+                act_one.add(name)
     if not mods:
         raise UserError("nothing to score: no linear layers match --layers/--targets")
     sources = {}
@@ -743,7 +773,7 @@ def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_i
         if not dist.main:  # rank 0 writes the scores once
             return {}
     sidecar = _sidecar(p, s.lm, cfg, s.fingerprint, s.weights_digest, s.scored.modules, s.store, timings, command,
-                       random_init)
+                       random_init, s.batches.ids)
     if dist is not None:
         sidecar["distributed"] = {"world_size": dist.world, "backend": dist.backend, "ranks": ranks}
     store, meta = s.store, artifacts.base_metadata(artifacts.SCORES_KIND, s.fingerprint, probes=cfg.total_probes,
@@ -773,8 +803,16 @@ def _resume_from(partial: Path, cfg: ProbeConfig, fingerprint: str, store: Facto
     return int(meta["batches_done"])
 
 
+def sampling_record(cfg: ProbeConfig, ids: TokenIds) -> dict[str, Any]:
+    """How the probe text was sampled, for scores.yaml: the settings and the exact ids involved."""
+    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+            "repetition_penalty": cfg.repetition_penalty, "suppress": cfg.suppress,
+            "suppressed_ids": ids.suppressed(cfg.suppress),
+            "prefix_replaced_ids": len(ids.special), "prefix_replaced_by": ids.bos}
+
+
 def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, weights_digest: str, mods: dict, store: FactorStore,
-             timings: dict, command: str, random_init: bool) -> dict[str, Any]:
+             timings: dict, command: str, random_init: bool, ids: TokenIds) -> dict[str, Any]:
     modules = {}
     for name, mod in mods.items():
         psi, act = store.psi[name], store.act[name]
@@ -795,6 +833,7 @@ def _sidecar(p: Plan, lm: LoadedModel, cfg: ProbeConfig, fingerprint: str, weigh
                   **({"device_map": _placement(lm.model)} if cfg.device_map else {})},
         "inputs": ({"texts": {"path": str(cfg.texts), "sha256": p.texts_sha256}} if cfg.texts else {}),
         "seed": cfg.seed, "probes": cfg.total_probes, "layers": p.layers,
+        "sampling": sampling_record(cfg, ids) if cfg.texts is None else None,
         "timings": timings, "modules": modules,  # peak_memory is added once the artifact is written
     }
 

@@ -216,30 +216,37 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- SPIDER (training-time soft masking, a baseline) -------------------------------------------------
 
 def spider_importance(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(zscore(|x|)) within the tensor: SPIDER's importance transform, applied to the pretrained
-    weights theta_0 (pretrained importance) and to the accumulated gradients (fine-tuning importance).
-    x any shape -> same shape, fp32 in (0, 1). A constant tensor gives 0.5 everywhere."""
+    """sigmoid(zscore(|x|)) within the tensor: SPIDER's importance transform (the authors'
+    ``calculate_rank``), applied to the pretrained weights theta_0 (pretrained importance) and to the
+    accumulated gradients (fine-tuning importance). x any shape -> same shape, fp32 in [0, 1).
+    The z-score uses the unbiased standard deviation (torch.std's default, as the authors). An all-zero
+    tensor gives 0 everywhere (their special case); a constant nonzero one, where the authors' division
+    by a zero deviation gives NaN, gives 0.5 everywhere (z = 0)."""
     a = x.float().abs()
-    std = a.std(unbiased=False) if a.numel() > 1 else a.new_zeros(())
+    if not bool(a.any()):
+        return torch.zeros_like(a)
+    std = a.std(unbiased=True) if a.numel() > 1 else a.new_zeros(())
     return torch.sigmoid((a - a.mean()) / std.clamp_min(1e-12))
 
 
 def spider_coefficients(theta0: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
-    """Blend coefficients c in [0, 1], same shape as theta0: an entry may move only where the
-    fine-tuning importance exceeds the pretrained one, c = relu(I_ft - I_pre), normalised by the mean of
-    the nonzero coefficients and clipped to 1 (so a typical moving entry keeps its whole update)."""
-    c = (spider_importance(grad_sum) - spider_importance(theta0)).clamp_min(0)
-    nz = c > 0
+    """Blend coefficients c in [0, 1], same shape as theta0 (SPIDER's "challenge rank"): where the
+    fine-tuning importance wins, I_pre < I_ft, c = I_ft / (I_pre + I_ft), elsewhere 0; then divided by
+    the mean of the nonzero c and clipped to 1 (so a typical moving entry keeps its whole update)."""
+    i_pre, i_ft = spider_importance(theta0), spider_importance(grad_sum)
+    wins = i_pre < i_ft
+    c = torch.where(wins, i_ft / torch.where(wins, i_pre + i_ft, torch.ones_like(i_ft)), torch.zeros_like(i_ft))
+    nz = c != 0
     if nz.any():
         c = (c / c[nz].mean()).clamp_max(1)
     return c
 
 
 def spider_blend_(theta: torch.Tensor, theta0: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
-    """theta <- theta_0 + c * (theta - theta_0) in place (after an optimiser step); entries whose
-    pretrained importance dominates (c = 0) return exactly to theta_0. Returns c."""
-    c = spider_coefficients(theta0, grad_sum)
+    """theta <- theta_0 (1 - c) + theta c in place (after an optimiser step, the authors' form); entries
+    whose pretrained importance dominates (c = 0) return exactly to theta_0, c = 1 keeps theta exactly.
+    Returns c."""
+    c = spider_coefficients(theta0, grad_sum).to(theta.dtype)
     t0 = theta0.to(theta.dtype)
-    # where c == 0, write theta_0 itself: t0 + 0 * d is theta_0 only up to rounding of -0/inf cases
-    theta.copy_(torch.where(c > 0, t0 + c.to(theta.dtype) * (theta - t0), t0))
+    theta.copy_(t0 * (1 - c) + theta * c)
     return c

@@ -114,33 +114,83 @@ def test_average_ranks_and_spearman():
     assert scoring.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([2.0, 1, 4, 3])) == pytest.approx(0.6)
 
 
-def test_spider_importance_is_sigmoid_of_the_z_scored_magnitude():
+def _spider_reference(theta0, grads, theta):
+    """SPIDER's blend written out entry by entry in Python floats, from the published description and
+    the authors' SPIDER.py: I = sigmoid((|x| - mean) / std) with the unbiased std (all-zero -> 0);
+    c = I_ft / (I_pre + I_ft) where I_pre < I_ft else 0; c / mean(nonzero c), clipped to 1;
+    theta_0 (1 - c) + theta c."""
+    import math
+
+    def importance(x):
+        a = [abs(v) for v in x]
+        if not any(a):
+            return [0.0] * len(a)
+        m = sum(a) / len(a)
+        sd = math.sqrt(sum((v - m) ** 2 for v in a) / (len(a) - 1))
+        return [1 / (1 + math.exp(-(v - m) / sd)) for v in a]
+
+    t0, g, t = theta0.flatten().tolist(), grads.flatten().tolist(), theta.flatten().tolist()
+    pre, ft = importance(t0), importance(g)
+    c = [f / (p + f) if p < f else 0.0 for p, f in zip(pre, ft)]
+    nz = [v for v in c if v != 0]
+    if nz:
+        m = sum(nz) / len(nz)
+        c = [min(v / m, 1.0) for v in c]
+    out = [a * (1 - k) + b * k for a, b, k in zip(t0, t, c)]
+    return torch.tensor(c, dtype=torch.float64).reshape(theta0.shape), torch.tensor(out, dtype=torch.float64).reshape(theta0.shape)
+
+
+def test_spider_importance_is_sigmoid_of_the_unbiased_z_scored_magnitude():
+    import math
+
     x = torch.tensor([[1.0, -2.0], [3.0, -6.0]])
     a = [1.0, 2.0, 3.0, 6.0]
     mean = sum(a) / 4
-    std = (sum((v - mean) ** 2 for v in a) / 4) ** 0.5
-    want = torch.tensor([1 / (1 + torch.exp(torch.tensor(-(v - mean) / std)).item()) for v in a]).reshape(2, 2)
+    std = math.sqrt(sum((v - mean) ** 2 for v in a) / 3)   # unbiased, as torch.std and the authors
+    want = torch.tensor([1 / (1 + math.exp(-(v - mean) / std)) for v in a]).reshape(2, 2)
     torch.testing.assert_close(scoring.spider_importance(x), want)
+    biased = math.sqrt(sum((v - mean) ** 2 for v in a) / 4)
+    assert abs(1 / (1 + math.exp(-(6 - mean) / biased)) - float(want[1, 1])) > 1e-3  # the old std differed
+    assert torch.equal(scoring.spider_importance(torch.zeros(3)), torch.zeros(3))        # all-zero -> 0
     assert torch.equal(scoring.spider_importance(torch.full((3,), 7.0)), torch.full((3,), 0.5))
 
 
-def test_spider_blend_keeps_entries_whose_pretrained_importance_dominates_at_theta0():
-    g = torch.Generator().manual_seed(0)
-    theta0 = torch.randn(64, 32, generator=g)
-    grads = torch.randn(64, 32, generator=g)
-    theta = theta0 + 0.01 * torch.randn(64, 32, generator=g)
+def test_spider_blend_matches_the_official_formula_on_a_hand_built_case():
+    # 2 x 3 values chosen so the official c = I_ft / (I_pre + I_ft) and the old relu(I_ft - I_pre)
+    # disagree on which entries reach c = 1 after the mean normalisation
+    theta0 = torch.tensor([[0.1, -2.0, 0.5], [3.0, -0.2, 1.0]])
+    grads = torch.tensor([[0.9, 0.1, -0.4], [0.05, -0.7, 0.3]])
+    theta = theta0 + torch.tensor([[0.01, -0.02, 0.03], [-0.04, 0.05, -0.06]])
+    want_c, want = _spider_reference(theta0, grads, theta)
     moved = theta.clone()
     c = scoring.spider_blend_(moved, theta0, grads)
-    pre, ft = scoring.spider_importance(theta0), scoring.spider_importance(grads)
-    dominated = pre >= ft
-    assert 0.2 < dominated.float().mean() < 0.8
-    assert torch.equal(moved[dominated], theta0[dominated])        # exactly back at theta_0
-    assert torch.equal(c[dominated], torch.zeros(int(dominated.sum())))
-    # the rest: c = relu(I_ft - I_pre) / mean of the nonzero ones, clipped to 1, blended linearly
-    raw = (ft - pre).clamp_min(0)
-    want_c = (raw / raw[raw > 0].mean()).clamp_max(1)
-    torch.testing.assert_close(c, want_c)
-    torch.testing.assert_close(moved, theta0 + want_c * (theta - theta0))
-    assert (c == 1).any() and ((c > 0) & (c < 1)).any()
-    full = c == 1
-    torch.testing.assert_close(moved[full], theta[full])           # strongest entries keep their update
+    torch.testing.assert_close(c.double(), want_c, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(moved.double(), want, rtol=1e-6, atol=1e-7)
+    dominated = want_c == 0
+    assert dominated.any() and torch.equal(moved[dominated], theta0[dominated])   # exactly back at theta_0
+    full = want_c == 1
+    assert full.any() and torch.equal(moved[full], theta[full])                   # whole update kept
+    # the old formula (relu(I_ft - I_pre), biased std) gives different coefficients here
+    def old_imp(x):
+        a = x.abs()
+        return torch.sigmoid((a - a.mean()) / a.std(unbiased=False))
+    raw = (old_imp(grads) - old_imp(theta0)).clamp_min(0)
+    old_c = (raw / raw[raw > 0].mean()).clamp_max(1)
+    assert (old_c - want_c.float()).abs().max() > 0.05
+
+
+def test_spider_blend_matches_the_reference_on_random_tensors():
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(16, 8, generator=g)
+    grads = torch.randn(16, 8, generator=g)
+    theta = theta0 + 0.01 * torch.randn(16, 8, generator=g)
+    want_c, want = _spider_reference(theta0, grads, theta)
+    moved = theta.clone()
+    c = scoring.spider_blend_(moved, theta0, grads)
+    torch.testing.assert_close(c.double(), want_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moved.double(), want, rtol=1e-5, atol=1e-6)
+    assert 0.2 < float((c == 0).float().mean()) < 0.8 and (c == 1).any() and ((c > 0) & (c < 1)).any()
+    # an all-zero accumulated gradient (nothing reached the tensor): I_ft = 0 < I_pre nowhere -> c = 0
+    back = theta.clone()
+    assert torch.equal(scoring.spider_blend_(back, theta0, torch.zeros_like(grads)), torch.zeros_like(c))
+    assert torch.equal(back, theta0)

@@ -73,14 +73,14 @@ class Masked(MethodRun):
 
 
 class Spider(MethodRun):
-    """Extra state, full size per tuned decoder parameter: theta_0 (model dtype) and the accumulated
-    gradient (fp32). Parts outside the decoder layers (a trained projector) train plainly: SPIDER
-    protects pretrained knowledge, and the method is defined on the tuned layers."""
+    """Extra state, full size per trained parameter: theta_0 (model dtype) and the accumulated
+    gradient (fp32). Every trained tensor is blended, a trained projector or lm_head included, as the
+    authors' trainer does for every parameter that requires a gradient. The gradient accumulated is
+    the clipped one (before_step runs after clipping, as their read after clip_grad_norm_)."""
 
     def trainable(self, layers, masks):
         tr = super().trainable(layers, masks)
-        prefix = self.lm.parts.layers_path
-        self.params = {n: p for n, p in tr.params.items() if layer_of(n, prefix) is not None}
+        self.params = dict(tr.params)
         # taken before --resume writes the checkpoint's values: theta_0 is the base model
         self.theta0 = {n: p.detach().clone() for n, p in self.params.items()}
         self.grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
@@ -114,8 +114,10 @@ class Spider(MethodRun):
         return sum(t.numel() * t.element_size() for d in (self.theta0, self.grad_sum) for t in d.values())
 
     def describe(self):
-        return {"importance": "sigmoid(zscore(|x|)) of theta_0 and of the accumulated gradient",
-                "coefficient": "relu(I_ft - I_pre) / mean(nonzero), clipped to 1",
+        return {"importance": "sigmoid(zscore(|x|)) of theta_0 and of the accumulated clipped gradient "
+                              "(unbiased std; all-zero -> 0)",
+                "coefficient": "I_ft / (I_pre + I_ft) where I_pre < I_ft else 0; / mean(nonzero), clipped to 1",
+                "blend": "theta_0 (1 - c) + theta c after every optimiser step (fp32 master when bf16)",
                 "blended_tensors": len(self.params)}
 
 

@@ -29,7 +29,6 @@ class Adapter:
     auto_class: str = "AutoModelForImageTextToText"
     # (model, config, n_images, generator, image_mean, image_std) -> (image segment ids [T_img], model kwargs)
     noise_images: Callable | None = field(default=None, compare=False)
-    projector_input: tuple[str, ...] = ()  # projector linears fed by the vision tower (a = 1)
     # (config, input_ids [B, T]) -> extra model kwargs that depend on the token layout
     sequence_kwargs: Callable | None = field(default=None, compare=False)
 
@@ -44,7 +43,6 @@ class Parts:
     final_norm: str | None
     vision_tower: str | None
     projector: str | None
-    projector_input: tuple[str, ...]
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -103,7 +101,6 @@ def resolve_parts(adapter: Adapter, model: nn.Module) -> Parts:
         final_norm=_first_module(model, adapter.final_norm),
         vision_tower=_first_module(model, adapter.vision_tower),
         projector=projector,
-        projector_input=tuple(f"{projector}.{p}" for p in adapter.projector_input) if projector else (),
     )
 
 
@@ -147,7 +144,7 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
-    projector_input=("linear_1",), noise_images=_llava_noise,
+    noise_images=_llava_noise,
 ))
 register(Adapter(
     name="llava-next", model_types=("llava_next", "llava_onevision"),
@@ -155,7 +152,6 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
-    projector_input=("linear_1",),
 ))
 register(Adapter(
     name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
@@ -163,7 +159,7 @@ register(Adapter(
     final_norm=("model.language_model.norm", "model.norm"),
     vision_tower=("model.visual", "visual"),
     projector=("model.visual.merger", "visual.merger"),
-    projector_input=("mlp.0",), noise_images=_qwen2_vl_noise, sequence_kwargs=_mm_token_types,
+    noise_images=_qwen2_vl_noise, sequence_kwargs=_mm_token_types,
 ))
 register(Adapter(
     name="idefics3", model_types=("idefics3", "smolvlm"),
@@ -171,7 +167,6 @@ register(Adapter(
     final_norm=("model.text_model.norm",),
     vision_tower=("model.vision_model",),
     projector=("model.connector",),
-    projector_input=("modality_projection.proj",),
 ))
 register(Adapter(
     name="internvl", model_types=("internvl", "internvl_chat"),
@@ -179,7 +174,6 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_model"),
     projector=("model.multi_modal_projector", "mlp1"),
-    projector_input=("linear_1", "1"),
 ))
 register(Adapter(
     name="nvila", model_types=("vila", "nvila", "llava_llama"),
