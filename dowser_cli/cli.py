@@ -201,28 +201,40 @@ def merge(
                                         "tailor (calibration) and graft (loss)."),
     image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
     p: Optional[float] = typer.Option(None, "--p", help="DARE: drop probability of each delta entry [0.9]."),
-    keep: Optional[float] = typer.Option(None, help="Tailor: fraction of each matrix's delta kept [0.1]."),
+    keep: Optional[float] = typer.Option(None, help="Tailor: fraction of each 128-column block that keeps its "
+                                         "change [0.1]."),
+    block: Optional[int] = typer.Option(None, help="Tailor: columns per block [128]."),
+    compensation: Optional[str] = typer.Option(None, help="Tailor: official (the authors' += update) | sparsegpt "
+                                               "(the textbook -=) [official]."),
     calib_samples: Optional[int] = typer.Option(None, help="Tailor: calibration examples from --data [128]."),
     damp: Optional[float] = typer.Option(None, help="Tailor: Hessian damping, fraction of mean diag [0.01]."),
-    budget: Optional[float] = typer.Option(None, help="Graft: fraction of each matrix's delta in the region [0.1]."),
-    steps: Optional[int] = typer.Option(None, help="Graft: gradient steps on the relaxed mask [100]."),
-    lr: Optional[float] = typer.Option(None, help="Graft: Adam learning rate of the mask logits [0.1]."),
+    budget: Optional[float] = typer.Option(None, help="Graft: base region, fraction of all tuned entries "
+                                           "together [0.1]."),
+    steps: Optional[int] = typer.Option(None, help="Graft: SGD steps on the relaxed mask [100]."),
+    lr: Optional[float] = typer.Option(None, help="Graft: SGD learning rate of the mask logits [1e7]."),
+    grad_accum: Optional[int] = typer.Option(None, help="Graft: batches averaged per step [1]."),
+    sigmoid_bias: Optional[float] = typer.Option(None, help="Graft: bias inside the relaxation's sigmoid [10]."),
+    binarise: Optional[str] = typer.Option(None, help="Graft: round (the authors') | topk (exactly the budget) "
+                                           "[round]."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per forward pass [4]."),
     max_len: Optional[int] = typer.Option(None, help="Longest record in tokens [2048]."),
     seed: Optional[int] = typer.Option(None, help="Seed of DARE's drops, the calibration subset, graft batches [0]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]; dtype is the run's."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `merge`; CLI wins)."),
 ):
-    """Post-hoc baselines of the paper on a fine-tuned run: DARE (drop and rescale the delta), Model
-    Tailor (salient patch + OBS compensation on calibration data), Grafting (a learnt sparse region of
-    the delta). Only the tuned decoder layers' linear weights are merged; other trained tensors keep
-    their delta. Writes OUT as a run directory that export / eval-forgetting / inspect read."""
+    """Post-hoc baselines of the paper on a fine-tuned run, as their authors' code: DARE (drop and
+    rescale the delta), Model Tailor (per-block patch + compensation, calibrated layer by layer),
+    Grafting (the largest changes of the tuned layers, moved by SGD on the downstream loss). DARE and
+    Tailor merge the tuned decoder layers' linear weights, Grafting every tensor trained in those
+    layers; other trained tensors keep their delta. Writes OUT as a run directory that export /
+    eval-forgetting / inspect read."""
     from dowser_cli import config as cfgmod
     from dowser_cli import merge as merge_mod
 
     cfg = cfgmod.resolve(merge_mod.MergeConfig(), config, "merge", dict(
-        method=method, p=p, keep=keep, calib_samples=calib_samples, damp=damp, budget=budget, steps=steps, lr=lr,
-        batch_size=batch_size, max_len=max_len, seed=seed, device=device))
+        method=method, p=p, keep=keep, block=block, compensation=compensation, calib_samples=calib_samples,
+        damp=damp, budget=budget, steps=steps, lr=lr, grad_accum=grad_accum, sigmoid_bias=sigmoid_bias,
+        binarise=binarise, batch_size=batch_size, max_len=max_len, seed=seed, device=device))
     merge_mod.run(run, out, cfg, data_path=data, image_folder=image_folder, command=_command_line())
     typer.echo(str(out))
 

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -36,14 +36,19 @@ from dowser_cli.selection import TARGETS, layer_of
 class MergeConfig:
     method: str = "dare"
     p: float = 0.9                 # DARE drop probability
-    keep: float = 0.1              # Model Tailor: fraction of each matrix's delta kept as the patch
-    budget: float = 0.1            # Grafting: fraction of each matrix's delta in the region
-    steps: int = 100               # Grafting: gradient steps on the mask logits
-    lr: float = 0.1                # Grafting: Adam learning rate of the mask logits
-    calib_samples: int = 128       # Model Tailor: calibration examples from --data
-    batch_size: int = 4            # examples per forward pass (calibration, grafting steps)
+    keep: float = 0.1              # Model Tailor: fraction of each 128-column block that keeps its change
+    block: int = 128               # Model Tailor: columns per block (selection and lazy compensation)
+    compensation: str = "official"  # Model Tailor: official (the authors' `+=`) | sparsegpt (textbook `-=`)
+    magnitude_weight: float = 0.8  # Model Tailor: score = w z(|delta|) + (1 - w) z(W^2 / U_jj^2)
     damp: float = 0.01             # Model Tailor: Hessian damping, fraction of mean(diag H)
-    magnitude_weight: float = 0.8  # Model Tailor: salience = w * |delta| + (1 - w) * OBS sensitivity
+    calib_samples: int = 128       # Model Tailor: calibration examples from --data
+    budget: float = 0.1            # Grafting: base region, a fraction of all tuned entries together
+    steps: int = 100               # Grafting: SGD steps on the mask logits
+    lr: float = 1e7                # Grafting: SGD learning rate of the mask logits (the authors' 1e7)
+    grad_accum: int = 1            # Grafting: batches whose gradients each step averages
+    sigmoid_bias: float = 10.0     # Grafting: frac = base + (1 - 2 base) sigmoid(S - bias)
+    binarise: str = "round"        # Grafting: round (the authors') | topk (exactly the budget)
+    batch_size: int = 4            # examples per forward pass (calibration, grafting steps)
     max_len: int = 2048
     seed: int = 0
     device: str = "auto"
@@ -54,9 +59,14 @@ def validate(cfg: MergeConfig) -> MergeMethod:
     checks = [
         (0 <= cfg.p < 1, f"--p {cfg.p}: must be in [0, 1)"),
         (0 < cfg.keep <= 1, f"--keep {cfg.keep}: must be in (0, 1]"),
+        (cfg.block >= 1, f"--block {cfg.block}: must be >= 1"),
+        (cfg.compensation in merging.COMPENSATION_SIGNS,
+         f"--compensation {cfg.compensation!r}: expected one of {', '.join(merging.COMPENSATION_SIGNS)}"),
         (0 < cfg.budget <= 1, f"--budget {cfg.budget}: must be in (0, 1]"),
         (cfg.steps >= 0, f"--steps {cfg.steps}: must be >= 0"),
         (cfg.lr > 0, f"--lr {cfg.lr}: must be > 0"),
+        (cfg.grad_accum >= 1, f"--grad-accum {cfg.grad_accum}: must be >= 1"),
+        (cfg.binarise in ("round", "topk"), f"--binarise {cfg.binarise!r}: expected round or topk"),
         (cfg.calib_samples >= 1, f"--calib-samples {cfg.calib_samples}: must be >= 1"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
         (cfg.damp > 0, f"--damp {cfg.damp}: must be > 0"),
@@ -87,6 +97,7 @@ class MergeContext:
     base: dict[str, torch.Tensor]
     tuned: dict[str, torch.Tensor]
     targets: list[str]              # tuned decoder layers' 2-D linear weights, name order
+    layer_tensors: list[str]        # every trained tensor inside the decoder layers, name order
     dataset: data.Dataset | None
     device: str
     console: Any
@@ -109,14 +120,64 @@ class MergeContext:
             yield to_device(data.collate(chunk, data.pad_id(lm.tokenizer), lm.processor), self.device,
                             next(lm.model.parameters()).dtype)
 
-    def input_grams(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """Per target: (X^T X [in, in] float32, n) over the real (non-padding) token positions of
-        --calib-samples examples (a seeded subset of --data) as the FINE-TUNED model sees them.
-        One [in, in] fp32 accumulator per target on the model's device (targets that share an input,
-        q/k/v and gate/up, each keep their own: ~18 GB for LLaVA-1.5-7B's last 20 layers)."""
+    def calibration_indices(self) -> list[int]:
+        """--calib-samples examples of --data, a subset seeded by --seed."""
         n_ex = len(self.dataset.examples)
         order = torch.randperm(n_ex, generator=torch.Generator().manual_seed(self.cfg.seed)).tolist()
-        chosen = order[:min(self.cfg.calib_samples, n_ex)]
+        return order[:min(self.cfg.calib_samples, n_ex)]
+
+    def layerwise(self, on_layer: Callable[[list[str], dict[str, tuple[torch.Tensor, int]]], None]) -> int:
+        """Model Tailor's calibration flow (the authors' main_model_tailor.py): the calibration examples
+        go through the FINE-TUNED model up to the first tuned layer once (its inputs are kept); then,
+        layer by layer, the inputs X of that layer's targets are gathered from the layer as it stands
+        (X^T X [in, in] fp32 and the count of real, non-padding positions per target), ``on_layer(names,
+        grams)`` tailors them (writing the new weights into the model), and the TAILORED layer's
+        outputs become the next layer's inputs. Returns the calibration positions per target."""
+        lm = self.lm
+        stack = lm.model.get_submodule(lm.parts.layers_path)
+        by_layer: dict[int, list[str]] = {}
+        for n in self.targets:
+            by_layer.setdefault(layer_of(n, lm.parts.layers_path), []).append(n)
+        first, last = min(by_layer), max(by_layer)
+        chosen = self.calibration_indices()
+        captured: list[list] = []    # per batch: [hidden, args after it, kwargs, real-position mask]
+
+        def grab(module, args, kwargs):
+            captured.append([args[0].detach(), args[1:], dict(kwargs)])
+            raise _ReachedLayer
+
+        loss_head = LossHead(lm)
+        handle = stack[first].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in self._batches(chosen):
+                    try:
+                        loss_head(batch)
+                    except _ReachedLayer:
+                        pass
+                    captured[-1].append(batch["attention_mask"].bool())
+        finally:
+            handle.remove()
+        positions = 0
+        with torch.no_grad(), progress_bar(self.console) as bar:
+            task = bar.add_task(f"tailor: layers {first}-{last} ({len(chosen)} calibration examples)",
+                                total=last - first + 1)
+            for index in range(first, last + 1):
+                layer, names = stack[index], by_layer.get(index, [])
+                if names:
+                    grams = self._layer_grams(layer, names, captured)
+                    positions = max(positions, *(n for _, n in grams.values()))
+                    on_layer(names, grams)
+                for item in captured:
+                    out = layer(item[0], *item[1], **item[2])
+                    item[0] = out[0] if isinstance(out, (tuple, list)) else out
+                bar.advance(task)
+        return positions
+
+    def _layer_grams(self, layer: torch.nn.Module, names: list[str], captured: list[list]
+                     ) -> dict[str, tuple[torch.Tensor, int]]:
+        """X^T X and position counts of ``names`` (targets inside ``layer``) over the captured batches,
+        from one pass of the layer as it stands."""
         grams: dict[str, list] = {}
         state: dict[str, torch.Tensor] = {}
 
@@ -126,44 +187,39 @@ class MergeContext:
                 pos = state["mask"]
                 # a module whose input is not [B, T, in] over the batch's tokens (none of the adapters'
                 # decoder linears so far) is calibrated over all its rows rather than not at all
-                rows = x[pos] if pos.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-                rows = rows.float()
+                rows = (x[pos] if pos.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])).float()
                 g = grams.setdefault(name, [torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0])
                 g[0].addmm_(rows.T, rows)
                 g[1] += rows.shape[0]
             return hook
 
         handles = [self.lm.model.get_submodule(n.rsplit(".", 1)[0]).register_forward_pre_hook(hook_for(n))
-                   for n in self.targets]
-        loss_head = LossHead(self.lm)
+                   for n in names]
         try:
-            with torch.no_grad(), progress_bar(self.console) as bar:
-                task = bar.add_task(f"calibration ({len(chosen)} examples)", total=len(chosen))
-                for batch in self._batches(chosen):
-                    state["mask"] = batch["attention_mask"].bool()
-                    loss_head(batch)
-                    bar.advance(task, len(batch["input_ids"]))
+            for item in captured:
+                state["mask"] = item[3].to(item[0].device)
+                layer(item[0], *item[1], **item[2])
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in self.targets if n not in grams]
+        missing = [n for n in names if n not in grams]
         if missing:
             raise UserError(f"--data: {missing[0]} saw no calibration input ({len(missing)} such modules)")
         return {n: (g[0], g[1]) for n, g in grams.items()}
 
-    def learn_region(self, logits: dict[str, torch.Tensor]) -> list[dict]:
-        """Grafting's optimisation, in place on ``logits`` (S, float32 [shape] per target): each step sets
-        theta = theta_0 + sigmoid(S) * delta, takes the mean token loss of --batch-size seeded random
-        examples (finetune's LossHead), and moves S by Adam on dL/dS = dL/dtheta * delta * sigmoid'(S).
-        The other trained tensors hold their fine-tuned values throughout. Beyond the model, memory is
-        S, Adam's two moments of S (fp32, three copies of the targets) and the targets' gradients; the
-        deltas are recomputed each step rather than kept (a fourth copy). Returns the loss curve."""
+    def learn_region(self, names: list[str], base_region: dict[str, torch.Tensor],
+                     logits: dict[str, torch.Tensor]) -> list[dict]:
+        """Grafting's optimisation (the authors' graft_trainer.train_graft), in place on ``logits`` (S,
+        float32 [shape] per tensor): each step sets theta = theta_0 + frac(S) * delta with
+        frac = base + (1 - 2 base) sigmoid(S - bias), averages dL/dtheta over --grad-accum batches of
+        --batch-size seeded random examples (mean token loss each, finetune's LossHead), and takes a
+        plain SGD step S -= lr * dL/dtheta * delta * (1 - 2 base) * sigmoid'(S - bias). The other
+        trained tensors keep their fine-tuned values throughout. Returns the loss curve."""
         cfg, lm = self.cfg, self.lm
-        params = {n: lm.model.get_parameter(n) for n in self.targets}
+        params = {n: lm.model.get_parameter(n) for n in names}
         lm.model.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        opt = torch.optim.Adam(list(logits.values()), lr=cfg.lr)
         loss_head, n_ex, curve = LossHead(lm), len(self.dataset.examples), []
         gen = torch.Generator().manual_seed(cfg.seed)
         lm.model.train()
@@ -173,20 +229,24 @@ class MergeContext:
                 for step in range(cfg.steps):
                     with torch.no_grad():
                         for n, p in params.items():
-                            p.copy_(self.base[n].float() + torch.sigmoid(logits[n]) * self.delta(n))
-                    idx = torch.randperm(n_ex, generator=gen)[:cfg.batch_size].tolist()
-                    batch = next(iter(self._batches(idx)))
-                    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) depends only on the step
-                    n_tok = int((batch["labels"][:, 1:] != data.IGNORE).sum())
-                    loss = loss_head(batch) / max(n_tok, 1)
-                    loss.backward()
-                    for n, p in params.items():
-                        g = p.grad if p.grad is not None else torch.zeros_like(p)  # a module the loss never reached
-                        logits[n].grad = merging.graft_grad(g, self.delta(n), logits[n].detach())
-                        p.grad = None
-                    opt.step()
-                    opt.zero_grad()
-                    curve.append({"step": step + 1, "loss": round(float(loss.detach()), 6)})
+                            frac = merging.graft_frac(logits[n], base_region[n], cfg.sigmoid_bias)
+                            p.copy_(self.base[n].float() + frac * self.delta(n))
+                    total = 0.0
+                    for micro in range(cfg.grad_accum):
+                        idx = torch.randperm(n_ex, generator=gen)[:cfg.batch_size].tolist()
+                        batch = next(iter(self._batches(idx)))
+                        torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)  # dropout, if any
+                        n_tok = int((batch["labels"][:, 1:] != data.IGNORE).sum())
+                        loss = loss_head(batch) / max(n_tok, 1)
+                        loss.backward()
+                        total += float(loss.detach())
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            g = p.grad / cfg.grad_accum if p.grad is not None else torch.zeros_like(p)
+                            logits[n] -= cfg.lr * merging.graft_grad(g, self.delta(n), logits[n], base_region[n],
+                                                                     cfg.sigmoid_bias)
+                            p.grad = None
+                    curve.append({"step": step + 1, "loss": round(total / cfg.grad_accum, 6)})
                     bar.advance(task)
         finally:
             lm.model.eval()
@@ -195,6 +255,15 @@ class MergeContext:
                 for n, p in params.items():
                     p.copy_(self.tuned[n])
         return curve
+
+    def restore_tuned(self, names: Iterable[str]) -> None:
+        with torch.no_grad():
+            for n in names:
+                self.lm.model.get_parameter(n).copy_(self.tuned[n])
+
+
+class _ReachedLayer(Exception):
+    """Raised by the hook that captures the first tuned layer's inputs: the rest of the pass is not needed."""
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
@@ -205,6 +274,13 @@ def targets_of(run: RunDir, lm: LoadedModel) -> list[str]:
     return sorted(n for n, info in run.params.items()
                   if len(info["shape"]) == 2 and n.endswith(".weight") and layer_of(n, path) is not None
                   and any(t.search(n) for t in TARGETS.values()))
+
+
+def layer_tensors_of(run: RunDir, lm: LoadedModel) -> list[str]:
+    """Every tensor the run trained inside the decoder layers (linears, their biases, norms), name order:
+    what Grafting localises (the authors graft every fine-tuned parameter; here the tuned layers, as a
+    trained projector holds no pretrained knowledge in the embedded default)."""
+    return sorted(n for n in run.params if layer_of(n, lm.parts.layers_path) is not None)
 
 
 def setup(run_path: Path, cfg: MergeConfig, method: MergeMethod, data_path: Path | None,
@@ -223,7 +299,7 @@ def setup(run_path: Path, cfg: MergeConfig, method: MergeMethod, data_path: Path
     apply_delta(lm, run)
     tuned = {n: lm.model.get_parameter(n).detach().clone() for n in run.params}
     ds = _read_data(lm, data_path, image_folder, cfg, console) if method.needs_data else None
-    return MergeContext(cfg, lm, run, base, tuned, targets_of(run, lm), ds, device, console)
+    return MergeContext(cfg, lm, run, base, tuned, targets_of(run, lm), layer_tensors_of(run, lm), ds, device, console)
 
 
 def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: MergeConfig, console) -> data.Dataset:
@@ -312,8 +388,9 @@ def write_run(tmp: Path, ctx: MergeContext, values: dict[str, torch.Tensor], cou
 
 def _method_options(cfg: MergeConfig) -> dict[str, Any]:
     """The options that shape the chosen method's result."""
-    per = {"dare": ("p",), "tailor": ("keep", "calib_samples", "batch_size", "damp", "magnitude_weight", "max_len"),
-           "graft": ("budget", "steps", "lr", "batch_size", "max_len")}
+    per = {"dare": ("p",), "tailor": ("keep", "block", "compensation", "magnitude_weight", "damp", "calib_samples",
+                                      "batch_size", "max_len"),
+           "graft": ("budget", "steps", "lr", "grad_accum", "sigmoid_bias", "binarise", "batch_size", "max_len")}
     return {k: getattr(cfg, k) for k in per.get(cfg.method, ())}
 
 
