@@ -39,3 +39,12 @@ def test_cli_overrides_file_and_unknown_keys_are_refused(tmp_path):
     bad.write_text("finetune:\n  lr: 1e-4\n  learning_rate: 3\n")
     with pytest.raises(UserError, match="unknown key.*learning_rate"):
         cfgmod.resolve(finetune.FinetuneConfig(), bad, "finetune", {})
+
+
+@pytest.mark.parametrize("recipe,lm_head", [("paper.yaml", True), ("paper-8gpu.yaml", True), ("paper-nvila.yaml", False)])
+def test_paper_recipes_follow_the_official_runs_on_lm_head(recipe, lm_head):
+    # the authors' LLaVA run freezes only the backbone (lm_head trains); their NVILA run freezes the LLM
+    cfg = cfgmod.resolve(finetune.FinetuneConfig(), ROOT / "configs" / "recipes" / recipe, "finetune", {})
+    assert cfg.train_lm_head is lm_head and cfg.tune_layers == "last:20" and cfg.lr == 2e-5
+    p = cfgmod.resolve(probe.ProbeConfig(), ROOT / "configs" / "recipes" / recipe, "probe", {})
+    assert (p.top_k, p.temperature, p.top_p, p.repetition_penalty, p.suppress) == (50, 0.9, 0.9, 1.05, "multimodal")

@@ -72,6 +72,48 @@ def test_spider_returns_low_importance_updates_to_theta0_and_reports_its_state(d
     assert d_spider < d_full
 
 
+def test_spider_blends_every_trained_tensor_with_the_clipped_gradient_sum(data, tmp_path, monkeypatch):
+    """Each step's blend, recomputed from the published formula: for every trained tensor (the
+    projector included), theta <- theta_0 (1 - c) + theta c with c from theta_0 and the running sum of
+    the CLIPPED gradients (a tiny --max-grad-norm makes the clipping visible: the sum's global norm
+    after step 1 is exactly the clip)."""
+    import sys
+    from pathlib import Path
+
+    from dowser_cli import scoring
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_scoring import _spider_reference
+
+    calls, original = [], scoring.spider_blend_
+
+    def spy(theta, theta0, grad_sum):
+        before = theta.detach().clone()
+        c = original(theta, theta0, grad_sum)
+        calls.append((before, theta0.clone(), grad_sum.clone(), theta.detach().clone()))
+        return c
+    monkeypatch.setattr(scoring, "spider_blend_", spy)
+    side = _run(data, tmp_path / "spider", "spider", max_steps=2, max_grad_norm=1e-3, train_projector=True)
+    n_params = side["trainable"]["params"]
+    assert len(calls) == 2 * n_params                                   # every trained tensor, every step
+    first = calls[:n_params]
+    norm = sum(float(g.double().pow(2).sum()) for _, _, g, _ in first) ** 0.5
+    assert norm == pytest.approx(1e-3, rel=1e-4)                         # accumulated after clipping
+    for before, theta0, grads, after in calls:
+        _, want = _spider_reference(theta0, grads, before)
+        torch.testing.assert_close(after.double(), want, rtol=1e-5, atol=1e-7)
+    delta = artifacts.read_tensors(tmp_path / "spider" / "delta.safetensors")
+    assert len(delta) == n_params and any("projector" in n for n in delta)     # the projector is blended too
+
+
+def test_spider_from_the_cli(data, tmp_path):
+    r = run_cli("finetune", "tiny-llava", "--method", "spider", "--data", data, "--max-steps", "2", "--batch-size", "4",
+                "--lr", "1e-3", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    side = artifacts.read_yaml(tmp_path / "run" / "run.yaml")
+    assert side["method"] == "spider"
+    assert "I_ft / (I_pre + I_ft)" in side["method_details"]["coefficient"]
+
+
 def test_lora_trains_adapters_and_merges_them_into_the_delta_and_an_export(data, tmp_path):
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration

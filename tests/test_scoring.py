@@ -126,7 +126,9 @@ def _spider_reference(theta0, grads, theta):
         if not any(a):
             return [0.0] * len(a)
         m = sum(a) / len(a)
-        sd = math.sqrt(sum((v - m) ** 2 for v in a) / (len(a) - 1))
+        sd = math.sqrt(sum((v - m) ** 2 for v in a) / (len(a) - 1)) if len(a) > 1 else 0.0
+        if sd == 0:  # a constant nonzero tensor (a norm's weight at 1): z = 0 (the authors' gives NaN)
+            return [0.5] * len(a)
         return [1 / (1 + math.exp(-(v - m) / sd)) for v in a]
 
     t0, g, t = theta0.flatten().tolist(), grads.flatten().tolist(), theta.flatten().tolist()
