@@ -200,6 +200,26 @@ def test_kth_largest_and_the_graft_base_region_against_a_sort():
     assert len({round(float(r.float().mean()), 3) for r in region.values()}) > 1
 
 
+def test_graft_base_region_on_a_hand_built_case_is_one_budget_over_all_tensors():
+    # 7 entries over two tensors, budget 0.3: k = int(2.1) = 2, the 2nd largest |delta| is 0.8 and the
+    # authors' strict threshold keeps only 0.9; the old per-matrix exact budget kept 0.9 AND 0.8
+    deltas = {"a": torch.tensor([0.9, -0.1, 0.2]), "b": torch.tensor([0.05, -0.8, 0.3, 0.01])}
+    region = merging.graft_base_region(deltas, 0.3)
+    assert region["a"].tolist() == [True, False, False] and region["b"].tolist() == [False] * 4
+    old = {n: merging.binarise_top(d.abs(), round(0.3 * d.numel())) for n, d in deltas.items()}
+    assert old["b"].tolist() == [False, True, False, False]
+    # one relaxed SGD step by hand: frac = s + (1 - 2s) sigmoid(S - 10), S -= lr * g * delta * (1 - 2s) sigmoid'
+    s_a = torch.tensor([0.2, 0.5, 0.9])
+    g_a = torch.tensor([-1.0, 2.0, -3.0])
+    step = merging.graft_grad(g_a, deltas["a"], s_a, region["a"])
+    import math
+    want = []
+    for sv, gv, dv, bv in zip(s_a.tolist(), g_a.tolist(), deltas["a"].tolist(), [1.0, 0.0, 0.0]):
+        sig = 1 / (1 + math.exp(-(sv - 10)))
+        want.append(gv * dv * (1 - 2 * bv) * sig * (1 - sig))
+    torch.testing.assert_close(step, torch.tensor(want), rtol=1e-6, atol=1e-12)
+
+
 def test_graft_relaxation_gradient_and_binarisation():
     g = torch.Generator().manual_seed(0)
     theta0, delta, target = (torch.randn(4, 5, generator=g) for _ in range(3))
@@ -376,8 +396,10 @@ def test_tailor_end_to_end_per_block_budget_and_calibration_through_the_tailored
 
 def test_graft_starts_from_the_global_top_delta_and_grafts_the_fine_tuned_values(work):
     out = work / "graft0"
-    side = merge.run(work / "ft", out, MergeConfig(method="graft", budget=0.05, steps=0),
-                     data_path=work / "train.json", image_folder=work / "img")
+    r = run_cli("merge", work / "ft", "--method", "graft", "--data", work / "train.json", "--image-folder",
+                work / "img", "--budget", "0.05", "--steps", "0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    side = artifacts.read_yaml(out / "run.yaml")
     base, tuned, merged, _ = _values(out)
     layer = [n for n in merged if ".layers." in n and "language_model" in n]
     assert any("layernorm" in n for n in layer)                         # norms are grafted too

@@ -201,6 +201,11 @@ BAD = [
     (["tiny-llama", "--samples", "4", "--batch-size", "8"], "--batch-size 8: larger than --samples 4"),
     (["tiny-llama", "--layers", "last:99"], "--layers last:99: the model has 3 decoder layers"),
     (["tiny-llama", "--targets", "conv"], "unknown target(s) conv"),
+    (["tiny-llama", "--top-k", "-1"], "--top-k -1: must be >= 0"),
+    (["tiny-llama", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["tiny-llama", "--temperature", "0"], "--temperature 0.0: must be > 0"),
+    (["tiny-llama", "--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0"),
+    (["tiny-llama", "--suppress", "all"], "--suppress 'all': expected one of multimodal, special"),
 ]
 
 
@@ -317,3 +322,39 @@ def test_unknown_architecture_lists_supported(tmp_path):
     r = run_cli("probe", tmp_path / "vit", "--random-init", "--out", tmp_path / "s.safetensors")
     assert r.returncode == 2 and "unsupported architecture 'vit'" in r.stderr and "qwen2-vl" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sampling_options_from_the_cli_reach_generate_and_scores_yaml(tmp_path):
+    out = tmp_path / "s.safetensors"
+    r = run_cli("probe", "tiny-llava", "--samples", "2", "--batch-size", "2", "--probes", "2", "--seq-len", "10",
+                "--temperature", "0.7", "--top-p", "0.8", "--top-k", "5", "--repetition-penalty", "1.2",
+                "--suppress", "special", "--out", out)
+    assert r.returncode == 0, r.stderr
+    side = artifacts.read_yaml(out.with_suffix(".yaml"))
+    samp = side["sampling"]
+    assert (samp["temperature"], samp["top_p"], samp["top_k"], samp["repetition_penalty"], samp["suppress"]) == \
+        (0.7, 0.8, 5, 1.2, "special")
+    default = tmp_path / "d.safetensors"
+    r = run_cli("probe", "tiny-llava", "--samples", "2", "--batch-size", "2", "--probes", "2", "--seq-len", "10",
+                "--out", default)
+    assert r.returncode == 0, r.stderr
+    d = artifacts.read_yaml(default.with_suffix(".yaml"))["sampling"]
+    assert (d["top_k"], d["suppress"]) == (50, "multimodal")
+    # the default bans only the multimodal placeholders, the option every special id (a superset)
+    assert set(d["suppressed_ids"]) < set(samp["suppressed_ids"])
+    assert artifacts.read_yaml(default.with_suffix(".yaml"))["config"]["top_k"] == 50
+
+
+def test_top_k_limits_sampling_to_the_k_likeliest_tokens(tiny_models):
+    """With --top-k 1 sampling is greedy whatever the temperature: two seeds give the same text."""
+    lm = tiny_models("tiny-llama")
+    ids = probe.token_ids(lm)
+    cfg = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=12, top_k=1, repetition_penalty=1.0)
+    prompts = [[ids.bos, 5, 6, 7], [ids.bos, 9, 10]]
+    a = probe.generate_batch(lm, prompts, [4, 3], cfg, ids, {}, seed=1, device="cpu")
+    b = probe.generate_batch(lm, prompts, [4, 3], cfg, ids, {}, seed=2, device="cpu")
+    assert a == b
+    wide = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=12, top_k=0, repetition_penalty=1.0)
+    c = probe.generate_batch(lm, prompts, [4, 3], wide, ids, {}, seed=1, device="cpu")
+    d = probe.generate_batch(lm, prompts, [4, 3], wide, ids, {}, seed=2, device="cpu")
+    assert c != d
