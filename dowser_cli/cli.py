@@ -26,6 +26,18 @@ def _command_line() -> str:
     return "dowser " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _trust(value: bool) -> bool:
+    """--trust-remote-code: let models run code from their repository in this process (off by default)."""
+    from dowser_cli.models import allow_remote_code
+
+    allow_remote_code(value)
+    return value
+
+
+TRUST = typer.Option(False, "--trust-remote-code", callback=_trust,
+                     help="Allow the model to run code from its repository (NVILA needs it) [off].")
+
+
 def _version(value: bool):
     if value:
         typer.echo(__version__)
@@ -70,6 +82,7 @@ def probe(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as options; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build from the shipped config, no weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted probe from OUT.partial."),
+    trust_remote_code: bool = TRUST,
 ):
     """Score every weight of the language decoder for how much the pretrained model relies on it,
     with self-generated probe text and Rademacher probes (DESIGN section 1)."""
@@ -100,6 +113,7 @@ def mask(
     seed: Optional[int] = typer.Option(None, help="Seed of the random strategy [0]."),
     model: Optional[str] = typer.Option(None, help="Model for |W| (default: the one named in SCORES' .yaml)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `mask`; CLI wins)."),
+    trust_remote_code: bool = TRUST,
 ):
     """Select, per weight matrix, exactly round(rho * numel) TRAINABLE entries (the lowest-scoring);
     the rest stay frozen during fine-tuning. Writes a packed-bit mask (1 bit per masked weight)."""
@@ -167,6 +181,7 @@ def finetune(
     config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (configs/recipes/; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build the base model from its shipped config."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT bit for bit."),
+    trust_remote_code: bool = TRUST,
 ):
     """Fine-tune the selected decoder layers; inside masked matrices only the mask's trainable entries
     change and every frozen entry stays bit-identical to the base model (weight decay included).
@@ -221,6 +236,7 @@ def merge(
     seed: Optional[int] = typer.Option(None, help="Seed of DARE's drops, the calibration subset, graft batches [0]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]; dtype is the run's."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `merge`; CLI wins)."),
+    trust_remote_code: bool = TRUST,
 ):
     """Post-hoc baselines of the paper on a fine-tuned run, as their authors' code: DARE (drop and
     rescale the delta), Model Tailor (per-block patch + compensation, calibrated layer by layer),
@@ -244,6 +260,7 @@ def export(
     run: Path = typer.Argument(..., help="Run directory from `dowser finetune`."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must not exist or be empty)."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype of the export [the run's]."),
+    trust_remote_code: bool = TRUST,
 ):
     """Write the fine-tuned model (base + delta) as a normal save_pretrained checkpoint with its
     tokenizer/processor, loadable by plain transformers."""
@@ -267,6 +284,7 @@ def eval_forgetting(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
     random_init: bool = typer.Option(False, "--random-init", help="The base is built from its shipped config."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's rows as JSON on stdout."),
+    trust_remote_code: bool = TRUST,
 ):
     """Evaluate the base model and each run on the suite's downstream task(s) (D) and upstream tasks (U):
     report.md has one row per model with D, every upstream task, U, H = 2UD/(U+D) and the change of U
@@ -318,6 +336,7 @@ def compare(
     model: Optional[str] = typer.Option(None, help="Model for |W| when comparing scores (default: from A's .yaml)."),
     per_module: bool = typer.Option(False, "--per-module", help="List every module, not only the overall figures."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    trust_remote_code: bool = TRUST,
 ):
     """Hamming distance between two masks; for two score files, Spearman correlation of the scores and
     Hamming distance of their masks at --ratio (per module and overall)."""

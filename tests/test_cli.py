@@ -63,3 +63,43 @@ def test_usage_errors_are_clicks_short_message_and_exit_2(args, want, tmp_path):
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) <= 4 and not list(tmp_path.iterdir())
+
+
+# ---- remote code only when asked --------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["probe", "nvila-lite-2b", "--out", "s.safetensors"],
+                                     ["finetune", "nvila-lite-2b", "--data", "d.json", "--out", "run"],
+                                     ["eval-forgetting", "--base", "nvila-lite-2b", "--tasks", "DEMO", "--out", "r"]])
+def test_a_model_that_needs_remote_code_is_refused_without_the_flag(tmp_path, command):
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "t.yaml").write_text("tasks: []\n")
+    from conftest import ROOT
+    command = [str(ROOT / "configs" / "tasks" / "demo.yaml") if c == "DEMO" else c for c in command]
+    r = run_cli(*command, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "dowser: error: model nvila-lite-2b: runs code from its repository (Efficient-Large-Model/NVILA-Lite-2B); "
+        "pass --trust-remote-code to allow it"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "t.yaml"]
+
+
+def test_the_flag_lets_it_past_the_refusal_and_a_local_config_with_code_is_refused_too(tmp_path):
+    r = run_cli("probe", "nvila-lite-2b", "--trust-remote-code", "--out", tmp_path / "s.safetensors")
+    assert r.returncode == 2 and "--trust-remote-code" not in r.stderr       # on to the hub (none here)
+    local = tmp_path / "custom"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "custom_x",
+                                                   "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    r = run_cli("probe", local, "--out", tmp_path / "t.safetensors")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"dowser: error: model {local}: its config needs code from its repository; pass --trust-remote-code to "
+        f"allow it"]
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "t.safetensors").exists()
+
+
+def test_no_shipped_alias_or_config_turns_remote_code_on():
+    from conftest import ROOT
+    from dowser_cli.models import aliases
+
+    assert not any("trust_remote_code" in entry for entry in aliases().values())
+    assert not [p for p in (ROOT / "configs").rglob("*.yaml") if "trust_remote_code: true" in p.read_text()]

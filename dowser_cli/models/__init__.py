@@ -52,7 +52,19 @@ def aliases() -> dict[str, dict]:
     return load_yaml_file(CONFIG_DIR / "models.yaml").get("aliases", {})
 
 
-def resolve_source(spec: str, random_init: bool = False, revision: str | None = None) -> ModelSource:
+_REMOTE_CODE = {"trusted": False}
+
+
+def allow_remote_code(trusted: bool) -> None:
+    """Whether models may run code from their own repository (``trust_remote_code``) in this process:
+    only when the user asks (`--trust-remote-code`); no alias or config turns it on by itself."""
+    _REMOTE_CODE["trusted"] = bool(trusted)
+
+
+def resolve_source(spec: str, random_init: bool = False, revision: str | None = None,
+                   trust_remote_code: bool | None = None) -> ModelSource:
+    """``trust_remote_code`` None: what allow_remote_code() set (off unless the user asked)."""
+    trusted = _REMOTE_CODE["trusted"] if trust_remote_code is None else bool(trust_remote_code)
     table = aliases()
     if spec in table:
         entry = table[spec]
@@ -60,8 +72,10 @@ def resolve_source(spec: str, random_init: bool = False, revision: str | None = 
         kind = next((k for k in ("embedded", "tiny", "hub") if k in entry), None)
         if kind is None:
             raise UserError(f"configs/models.yaml: alias {spec!r} needs one of hub, embedded or tiny")
-        src = ModelSource(spec, kind, entry[kind], bool(entry.get("trust_remote_code")), revision, random_init,
-                          cfg_dir)
+        if entry.get("remote_code") and not trusted:
+            raise UserError(f"model {spec}: runs code from its repository ({entry.get(kind)}); pass "
+                            f"--trust-remote-code to allow it")
+        src = ModelSource(spec, kind, entry[kind], trusted, revision, random_init, cfg_dir)
         if random_init and kind == "hub" and cfg_dir is None:
             raise UserError(f"--random-init: no shipped config for {spec!r} (configs/models/); "
                             f"those with one: {', '.join(k for k, v in table.items() if v.get('config'))}")
@@ -70,14 +84,15 @@ def resolve_source(spec: str, random_init: bool = False, revision: str | None = 
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {spec}: no config.json (expected a save_pretrained directory)")
-        return ModelSource(spec, "local", str(path), revision=revision, random_init=random_init, config_dir=path)
+        return ModelSource(spec, "local", str(path), trusted, revision=revision, random_init=random_init,
+                           config_dir=path)
     if spec.startswith((".", "/", "~")) or os.sep in spec and not _HUB_ID.match(spec):
         raise UserError(f"model directory {spec} does not exist")
     if _HUB_ID.match(spec):
         if random_init:
             raise UserError(f"--random-init needs a shipped config; {spec!r} is a hub id (download its config.json "
                             f"into a directory and pass that directory)")
-        return ModelSource(spec, "hub", spec, revision=revision)
+        return ModelSource(spec, "hub", spec, trusted, revision=revision)
     raise UserError(f"unknown model {spec!r}: not an alias, a local directory or a hub id (org/name); "
                     f"aliases: {', '.join(sorted(table))}")
 
@@ -104,6 +119,9 @@ def load_config(source: ModelSource):
                                           trust_remote_code=source.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) and not source.trust_remote_code:
+            raise UserError(f"model {source.spec}: its config needs code from its repository; pass "
+                            f"--trust-remote-code to allow it") from None
         if source.kind == "hub":
             raise UserError(f"model {source.spec}: cannot get its config from the hub (no network or no such "
                             f"repo?): {first}") from None
