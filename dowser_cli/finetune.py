@@ -509,14 +509,18 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
     ckpt = run_dir / "checkpoint"
     side = artifacts.read_yaml(ckpt / "state.yaml")
     path = ckpt / "state.safetensors"
+    # verified before anything reads it: a truncated or altered file is refused whole
+    if not path.is_file():
+        raise UserError(f"--resume: {path} is missing (state.yaml names it)")
+    if side.get("state_sha256") != artifacts.sha256_file(path):
+        raise UserError(f"--resume: {path} does not match the sha256 in its state.yaml (truncated or altered); "
+                        f"nothing was resumed")
     meta = artifacts.read_header(path, CHECKPOINT_KIND)
     if meta.get("model_fingerprint") != fingerprint:
         raise UserError(f"--resume: {path} is from a different model (fingerprint mismatch)")
     if side.get("training_digest") != cfg.training_digest() or meta.get("training_digest") != cfg.training_digest():
         raise UserError(f"--resume: {run_dir} was trained with different settings; resume with the same options "
                         f"(see {run_dir / 'checkpoint' / 'state.yaml'} and the run's config) or start a new --out")
-    if side.get("state_sha256") != artifacts.sha256_file(path):
-        raise UserError(f"--resume: {path} does not match its state.yaml (an interrupted write?)")
     if dist is not None and dist.strategy == "fsdp":
         distributed.load_sharded_checkpoint(dist, path, tr, opt, int(side["step"]))
     else:

@@ -174,6 +174,43 @@ def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
     assert curve(out) == curve(tmp_path / "full") and len(curve(out)) == 200
 
 
+@pytest.mark.parametrize("damage", ["one-byte", "truncated", "missing"])
+def test_a_damaged_checkpoint_is_refused_before_any_training(work, tmp_path, monkeypatch, damage):
+    from dowser_cli.errors import Interrupted
+
+    out = tmp_path / "cut"
+    original = finetune.train_step
+
+    def stop_at_3(step, *a, **kw):   # as Ctrl-C between steps does
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(step, *a, **kw)
+    monkeypatch.setattr(finetune, "train_step", stop_at_3)
+    cfg = FinetuneConfig(lr=1e-3, max_steps=6, batch_size=2, warmup_ratio=0.0)
+    with pytest.raises(Interrupted):
+        finetune.run("tiny-llava", work / "train.json", out, cfg, mask_path=work / "mask0.1.safetensors",
+                     image_folder=work / "img")
+    state = out / "checkpoint" / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    if damage == "one-byte":
+        data[-7] ^= 0x01
+        state.write_bytes(bytes(data))
+    elif damage == "truncated":
+        state.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        state.unlink()
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    r = run_cli("finetune", "tiny-llava", "--mask", work / "mask0.1.safetensors", "--data", work / "train.json",
+                "--image-folder", work / "img", "--max-steps", "6", "--batch-size", "2", "--lr", "1e-3",
+                "--warmup-ratio", "0", "--out", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "state.safetensors" in lines[0]
+    assert ("is missing" if damage == "missing" else "does not match the sha256") in lines[0]
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before   # left as it was
+    assert not (out / "delta.safetensors").exists() and not (out / "run.yaml").exists()
+
+
 @pytest.mark.parametrize("case", ["other-model-mask", "not-json", "missing-image", "empty", "layers-out-of-range",
                                   "resume-nothing", "existing-run"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, tmp_path, case):
