@@ -75,6 +75,67 @@ def check_writable(path: Path, option: str = "--out") -> None:
         raise UserError(f"{option} {path}: directory {parent} is not writable")
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file of an output being written: a hidden file beside it (``.NAME.lock``)."""
+    return out.parent / f".{out.name}.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(out: Path, command: str = "") -> Iterator[None]:
+    """One writer per output: hold ``.NAME.lock`` beside ``out`` (pid, host, start time, command) while
+    the body runs, released on every exit path. Another live holder is refused in one line naming it;
+    a lock left by a dead process on this host is taken over. Ranks > 0 of a launcher do not lock
+    (rank 0 writes for all); nor is anything locked where the directory is missing (the stage says so)."""
+    import socket
+    import time
+
+    if os.environ.get("RANK", "0") not in ("", "0") or not out.parent.is_dir():
+        yield
+        return
+    lock, host = lock_path(out), socket.gethostname()
+    info = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                held = {}
+            pid = int(held.get("pid", -1)) if str(held.get("pid", "")).lstrip("-").isdigit() else -1
+            if held.get("host") == host and pid > 0 and not _alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            if not held:  # being written this instant, or unreadable: look again
+                time.sleep(0.1)
+                continue
+            raise UserError(f"{out}: being written by another job (pid {held.get('pid')} on {held.get('host')}, "
+                            f"since {held.get('started')}); wait for it, or remove {lock} if that job is gone")
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        break
+    else:
+        raise UserError(f"{out}: cannot take its lock {lock}")
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text() or "{}").get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
 @contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """Yield a temp path in the destination directory; rename it over ``path`` only on success."""

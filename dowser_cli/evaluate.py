@@ -351,6 +351,12 @@ def _cache_put(cache: Path, key: str, result: dict) -> None:
 
 def run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: EvalConfig, random_init: bool = False,
         command: str = "") -> dict[str, Any]:
+    with artifacts.output_lock(out, command):
+        return _run(base_spec, run_paths, suite, out, cfg, random_init, command)
+
+
+def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: EvalConfig, random_init: bool,
+         command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     tasks = load_suite(suite)
     check_complete(tasks, suite)

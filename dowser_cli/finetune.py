@@ -547,7 +547,8 @@ def run(model_spec: str, data_path: Path, out: Path, cfg: FinetuneConfig, mask_p
         image_folder: Path | None = None, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
-    with distributed.session(cfg.strategy, cfg.device) as dist:   # None when not launched by torchrun & co.
+    with artifacts.output_lock(out, command), \
+            distributed.session(cfg.strategy, cfg.device) as dist:   # None when not launched by torchrun & co.
         return _run(dist, t0, model_spec, data_path, out, cfg, mask_path, image_folder, random_init, resume,
                     command)
 

@@ -396,6 +396,12 @@ def _method_options(cfg: MergeConfig) -> dict[str, Any]:
 
 def run(run_path: Path, out: Path, cfg: MergeConfig, data_path: Path | None = None,
         image_folder: Path | None = None, command: str = "") -> dict[str, Any]:
+    with artifacts.output_lock(out, command):
+        return _run(run_path, out, cfg, data_path, image_folder, command)
+
+
+def _run(run_path: Path, out: Path, cfg: MergeConfig, data_path: Path | None, image_folder: Path | None,
+         command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     method = validate(cfg)
     _check_out(out)

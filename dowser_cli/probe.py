@@ -745,7 +745,8 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
     from dowser_cli import distributed
 
     t0 = time.perf_counter()
-    with distributed.session("", cfg.device, command="probe") as dist:  # None unless launched by torchrun & co.
+    with artifacts.output_lock(out, command), \
+            distributed.session("", cfg.device, command="probe") as dist:  # None unless launched by torchrun & co.
         return _run(dist, t0, model_spec, out, cfg, random_init, resume, command)
 
 
