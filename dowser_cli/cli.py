@@ -174,6 +174,10 @@ def finetune(
                                             help="Skip bad records (counted in run.yaml) instead of failing [off]."),
     seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout [0]."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimiser steps [0 = only on Ctrl-C]."),
+    nan_policy: Optional[str] = typer.Option(None, help="A non-finite loss or gradient norm: stop (one line, the last "
+                                             "checkpoint kept) | skip-step (drop that update, counted in run.yaml) "
+                                             "[stop]."),
+    nan_max_skips: Optional[int] = typer.Option(None, help="skip-step: stop after this many in a row [5]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
     strategy: Optional[str] = typer.Option(None, help="ddp | fsdp under torchrun / accelerate launch "
@@ -198,8 +202,8 @@ def finetune(
         weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
         targets=targets, train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
         train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,
-        max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, dtype=dtype, device=device,
-        strategy=strategy))
+        max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, nan_policy=nan_policy,
+        nan_max_skips=nan_max_skips, dtype=dtype, device=device, strategy=strategy))
     ft.run(model, data, out, cfg, mask_path=mask, image_folder=image_folder, random_init=random_init,
            resume=resume, command=_command_line())
     if _rank0():

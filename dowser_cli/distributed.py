@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -368,13 +369,17 @@ def train_step(d: Dist, model: nn.Module, step: int, ds, sched, cfg: "FinetuneCo
     dist.all_reduce(agreed)
     if not d.held:  # gradients, parameters and state are all alive here
         d.held = held_bytes(model, opt)
-    if cfg.max_grad_norm > 0:
-        opt.clip_grad_norm_(cfg.max_grad_norm, reduce=_norm_reduce(d))
+    # every rank sees the same reduced norm and loss, so all of them skip or stop together
+    norm = opt.clip_grad_norm_(cfg.max_grad_norm, reduce=_norm_reduce(d))
+    loss = float(agreed[0])
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        opt.zero_grad()
+        return loss if not math.isfinite(loss) else norm, n_tokens, n_input, bool(agreed[1] > 0), False
     for group in opt.param_groups:
         group["lr"] = group["peak_lr"] * lr_at(step)
     opt.step()
     opt.zero_grad()
-    return float(agreed[0]), n_tokens, n_input, bool(agreed[1] > 0)
+    return loss, n_tokens, n_input, bool(agreed[1] > 0), True
 
 
 def _local_trainable(tr: "Trainable") -> "Trainable":

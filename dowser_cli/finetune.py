@@ -39,6 +39,7 @@ DELTA_KIND = "dowser.delta"
 CHECKPOINT_KIND = "dowser.checkpoint"
 DEFAULT_LAYERS = "last:20"  # the paper's 20 of LLaVA's 32; all layers on models with fewer
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+NAN_POLICIES = ("stop", "skip-step")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class FinetuneConfig:
     skip_bad: bool = False
     seed: int = 0
     save_every: int = 0           # optimiser steps between checkpoints; 0 = only on interrupt
+    nan_policy: str = "stop"      # a non-finite loss or gradient norm: stop | skip-step (drop that update)
+    nan_max_skips: int = 5        # skip-step: stop after this many non-finite steps in a row
     lora_r: int = 8               # --method lora
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -83,6 +86,8 @@ class FinetuneConfig:
         strategy, whose checkpoints share one layout). Under a launcher the batch is the global one."""
         d = dataclasses.asdict(self)
         d.pop("save_every")
+        d.pop("nan_policy")       # they decide what happens after a divergence, not the numbers before it
+        d.pop("nan_max_skips")
         d.pop("device")
         d.pop("strategy")
         d["batch_size"] *= distributed.world_size()
@@ -103,6 +108,8 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
         (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
+        (cfg.nan_policy in NAN_POLICIES, f"--nan-policy {cfg.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}"),
+        (cfg.nan_max_skips >= 1, f"--nan-max-skips {cfg.nan_max_skips}: must be >= 1"),
         (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
         (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0"),
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
@@ -424,6 +431,8 @@ class TrainState:
     losses: list[dict[str, float]] = dataclasses.field(default_factory=list)
     train_s: float = 0.0
     tokens: int = 0
+    skipped: list[int] = dataclasses.field(default_factory=list)   # non-finite steps dropped (skip-step)
+    in_a_row: int = 0
 
 
 def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -434,7 +443,9 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
                opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype,
                method=None) -> tuple[float, int, int]:
     """One optimiser step over batch_size * grad_accum examples; the loss is the mean over all their
-    assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens)."""
+    assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens,
+    finite): not finite (the loss or the gradient norm, returned in the loss's place when the loss
+    itself is finite) means no update was made."""
     micro = step_examples(step, len(ds.examples), sched, cfg)
     n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
     n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
@@ -445,8 +456,11 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
         loss = loss_head(to_device(batch, device, dtype)) / n_tokens
         loss.backward()
         total += float(loss.detach())
-    if cfg.max_grad_norm > 0:
-        opt.clip_grad_norm_(cfg.max_grad_norm)
+    # the norm is taken even without clipping: a non-finite one means this update must not happen
+    norm = opt.clip_grad_norm_(cfg.max_grad_norm)
+    if not (math.isfinite(total) and math.isfinite(norm)):
+        opt.zero_grad()
+        return total if not math.isfinite(total) else norm, n_tokens, n_input, False
     for group in opt.param_groups:
         group["lr"] = group["peak_lr"] * lr_at(step)
     if method is not None:
@@ -455,7 +469,7 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
     if method is not None:
         method.after_step(opt)
     opt.zero_grad()
-    return total, n_tokens, n_input
+    return total, n_tokens, n_input, True
 
 
 def trainable_values(tr: Trainable) -> dict[str, torch.Tensor]:
@@ -501,7 +515,7 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
     artifacts.write_yaml(ckpt / "state.yaml", {"step": state.step, "training_digest": cfg.training_digest(),
                                                 "state_sha256": artifacts.sha256_file(ckpt / "state.safetensors"),
                                                 "train_s": state.train_s, "tokens": state.tokens,
-                                                "losses": state.losses})
+                                                "losses": state.losses, "skipped": state.skipped})
 
 
 def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: FinetuneConfig,
@@ -530,7 +544,7 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
         if method is not None:
             method.load_state({k.removeprefix("method/"): v for k, v in tensors.items() if k.startswith("method/")})
     return TrainState(int(side["step"]), list(side.get("losses") or []), float(side.get("train_s", 0.0)),
-                      int(side.get("tokens", 0)))
+                      int(side.get("tokens", 0)), list(side.get("skipped") or []))
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -647,19 +661,23 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
             while state.step < sched.total_steps:
                 t = time.perf_counter()
                 if dist is None:
-                    loss, tokens, seen = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm, p.device,
-                                                    p.dtype, method)
+                    loss, tokens, seen, finite = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm,
+                                                            p.device, p.dtype, method)
                     stop_now = stop.requested
                 else:
-                    loss, tokens, seen, stop_now = distributed.train_step(
+                    loss, tokens, seen, stop_now, finite = distributed.train_step(
                         dist, model, state.step, ds, sched, cfg, opt, lr_at, p.device, p.dtype, stop.requested,
                         lm.processor, data.pad_id(lm.tokenizer))
+                if not finite:
+                    _diverged(p, state, loss, sched)
+                else:
+                    state.in_a_row = 0
                 dt = time.perf_counter() - t
                 state.train_s += dt
                 state.tokens += tokens
                 state.losses.append({"step": state.step + 1, "loss": round(loss, 6),
                                      "lr": float(f"{cfg.lr * lr_at(state.step):.6g}"), "tokens": tokens,
-                                     "seconds": round(dt, 4)})
+                                     "seconds": round(dt, 4), **({} if finite else {"skipped": True})})
                 state.step += 1
                 bar.update(task, advance=1, info=f"loss {loss:.4f}  {seen / dt:,.0f} tok/s")
                 if stop_now and state.step < sched.total_steps:
@@ -681,6 +699,26 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
     finally:
         lm.model.eval()
         opt.remove_hooks()
+
+
+def _diverged(p: Plan, state: TrainState, value: float, sched: Schedule) -> None:
+    """Step state.step + 1 had a non-finite loss or gradient norm and made no update: under
+    --nan-policy stop (or past --nan-max-skips in a row) end the run in one line, keeping the last
+    checkpoint as it is; under skip-step count it and go on."""
+    cfg, n = p.cfg, state.step + 1
+    state.in_a_row += 1
+    if cfg.nan_policy == "skip-step" and state.in_a_row <= cfg.nan_max_skips:
+        state.skipped.append(n)
+        return
+    ckpt = p.out / "checkpoint" / "state.yaml"
+    kept = (f"the last good checkpoint (step {artifacts.read_yaml(ckpt)['step']}) is kept in {ckpt.parent}"
+            if ckpt.is_file() else "no checkpoint was written")
+    if p.out.is_dir() and not any(p.out.iterdir()):
+        p.out.rmdir()  # nothing of this run to keep
+    why = (f"{state.in_a_row} non-finite steps in a row (--nan-max-skips {cfg.nan_max_skips})"
+           if cfg.nan_policy == "skip-step" else f"a non-finite loss or gradient norm ({value})")
+    raise UserError(f"step {n}/{sched.total_steps}: {why}; stopped without an update or a delta; {kept} "
+                    f"(lower --lr, or --nan-policy skip-step)")
 
 
 class _StopRequests:
@@ -716,7 +754,12 @@ def write_delta(path: Path, tr: Trainable, fingerprint: str, base_digest: str, m
               for n, p in tr.params.items()}
     meta = artifacts.base_metadata(DELTA_KIND, fingerprint, weights_digest=base_digest,
                                    mask_sha256=mask_sha or "", params=json.dumps(params, sort_keys=True))
-    artifacts.write_safetensors(path, trainable_values(tr) if values is None else values, meta)
+    values = trainable_values(tr) if values is None else values
+    bad = [n for n, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # an update that overflowed without a non-finite loss or norm (yet): never write it
+        raise UserError(f"{bad[0]} (and {len(bad) - 1} more) holds NaN or inf after training; no delta written "
+                        f"(lower --lr)")
+    artifacts.write_safetensors(path, values, meta)
 
 
 def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
@@ -760,6 +803,7 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
                  "skipped_records": ds.skipped[:100]},
         "schedule": dataclasses.asdict(sched),
         "steps": state.step, "tokens": state.tokens,
+        "nonfinite": {"policy": p.cfg.nan_policy, "skipped_steps": state.skipped, "count": len(state.skipped)},
         "mean_step_s": round(state.train_s / max(state.step, 1), 4),
         "loss_curve": state.losses,
         "timings": timings,

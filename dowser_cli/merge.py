@@ -240,6 +240,10 @@ class MergeContext:
                         loss = loss_head(batch) / max(n_tok, 1)
                         loss.backward()
                         total += float(loss.detach())
+                    grads = [p.grad for p in params.values() if p.grad is not None]
+                    if not math.isfinite(total) or not all(bool(torch.isfinite(g).all()) for g in grads):
+                        raise UserError(f"graft step {step + 1}/{cfg.steps}: a non-finite loss or gradient "
+                                        f"({total}); stopped, nothing written (lower --lr)")
                     with torch.no_grad():
                         for n, p in params.items():
                             g = p.grad / cfg.grad_accum if p.grad is not None else torch.zeros_like(p)

@@ -248,3 +248,58 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, tmp_path, case):
     assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     if case != "existing-run":
         assert not out.exists()
+
+
+# ---- divergence -------------------------------------------------------------------------------------------
+
+def test_a_learning_rate_that_overflows_stops_in_one_line_and_keeps_the_last_good_checkpoint(work, tmp_path):
+    args = ["finetune", "tiny-llava", "--data", work / "text.jsonl", "--max-steps", "6", "--batch-size", "4",
+            "--lr", "1e30", "--warmup-ratio", "0"]
+    out = tmp_path / "run"
+    r = run_cli(*args, "--out", out)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite loss or gradient norm" in lines[0], r.stderr
+    assert "no checkpoint was written" in lines[0] and not out.exists()            # nothing half-written
+    out = tmp_path / "saved"
+    r = run_cli(*args, "--save-every", "1", "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
+    assert f"the last good checkpoint (step {step}) is kept" in r.stderr
+    n = int(r.stderr.split("step ", 2)[1].split("/")[0])
+    assert n == step + 1                                                              # the step that diverged
+    ckpt = artifacts.read_tensors(out / "checkpoint" / "state.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt.values() if v.is_floating_point())
+    assert not (out / "delta.safetensors").exists() and not (out / "run.yaml").exists()
+
+
+def _nan_on(monkeypatch, steps):
+    """Make the loss NaN on the given (1-based) optimiser steps: one micro-batch per step here."""
+    calls = {"n": 0}
+    original = finetune.LossHead.__call__
+
+    def call(self, batch):
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * float("nan") if calls["n"] in steps else loss
+    monkeypatch.setattr(finetune.LossHead, "__call__", call)
+
+
+def test_skip_step_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(work, tmp_path, monkeypatch):
+    from dowser_cli.errors import UserError
+
+    _nan_on(monkeypatch, {2})
+    side = _train(work, tmp_path / "skip", nan_policy="skip-step")
+    assert side["nonfinite"] == {"policy": "skip-step", "skipped_steps": [2], "count": 1}
+    assert side["steps"] == 4 and side["loss_curve"][1].get("skipped") is True
+    delta = artifacts.read_tensors(tmp_path / "skip" / "delta.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in delta.values())
+    monkeypatch.undo()
+    _nan_on(monkeypatch, {2, 3, 4})
+    with pytest.raises(UserError, match=r"step 4/4: 3 non-finite steps in a row \(--nan-max-skips 2\)"):
+        _train(work, tmp_path / "stop", nan_policy="skip-step", nan_max_skips=2)
+    assert not (tmp_path / "stop" / "delta.safetensors").exists()
+    monkeypatch.undo()
+    _nan_on(monkeypatch, {2})
+    with pytest.raises(UserError, match=r"step 2/4: a non-finite loss or gradient norm \(nan\)"):
+        _train(work, tmp_path / "default")                                            # stop is the default

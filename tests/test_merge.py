@@ -488,3 +488,14 @@ def test_config_section_and_cli_override(work, tmp_path):
     assert (cfg.method, cfg.p, cfg.seed) == ("dare", 0.8, 7)
     side = merge.run(work / "ft", tmp_path / "out", cfg)
     assert side["config"]["p"] == 0.8 and side["config"]["seed"] == 7
+
+
+def test_grafting_stops_on_a_non_finite_loss_and_writes_nothing(work, tmp_path, monkeypatch):
+    from dowser_cli.finetune import LossHead
+
+    original = LossHead.__call__
+    monkeypatch.setattr(LossHead, "__call__", lambda self, batch: original(self, batch) * float("inf"))
+    with pytest.raises(UserError, match=r"graft step 1/3: a non-finite loss or gradient"):
+        merge.run(work / "ft", tmp_path / "g", MergeConfig(method="graft", steps=3),
+                  data_path=work / "train.json", image_folder=work / "img")
+    assert not (tmp_path / "g").exists() and not [p for p in tmp_path.iterdir()]
