@@ -136,16 +136,41 @@ def output_lock(out: Path, command: str = "") -> Iterator[None]:
             pass
 
 
+def _write_failure(path: Path, err: BaseException) -> UserError | None:
+    """A write that failed for want of space, a size limit or the device (ENOSPC, EDQUOT, EFBIG, EIO, ...)
+    as one line naming the file; None for anything else. safetensors reports its I/O errors as a
+    SafetensorError whose text carries the OS error."""
+    import errno
+
+    codes = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EDQUOT, errno.EROFS}
+    if isinstance(err, OSError) and err.errno in codes:
+        why = err.strerror or str(err)
+    elif type(err).__name__ == "SafetensorError" and "os error" in str(err):
+        why = str(err).split("I/O error:", 1)[-1].strip()
+    else:
+        return None
+    return UserError(f"{path}: cannot write it ({why}); nothing of it was written and any earlier {path.name} "
+                     f"is unchanged")
+
+
 @contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temp path in the destination directory; rename it over ``path`` only on success."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path in the destination directory; rename it over ``path`` only on success. A write
+    that fails for lack of space (or a size limit, or the device) leaves no partial file and ends as
+    one line naming ``path``."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (_write_failure(path, e) or e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        failure = _write_failure(path, e)
+        if failure is not None:
+            raise failure from None
         raise
 
 
@@ -157,13 +182,32 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = _write_failure(out, e)
+        if failure is not None:
+            raise failure from None
         raise
 
 
+@contextmanager
+def replace_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``out`` that REPLACES ``out`` (a checkpoint: several files that
+    must change together) only when the block succeeds; until then the previous ``out`` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new, old = out.parent / f".{out.name}.new", out.parent / f".{out.name}.old"
+    shutil.rmtree(new, ignore_errors=True)  # left by a process killed mid-write
+    with atomic_dir(new) as tmp:
+        yield tmp
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         _canonicalise_header(tmp)
 
@@ -182,7 +226,7 @@ def _canonicalise_header(path: Path) -> None:
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> None:
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
 
 

@@ -340,10 +340,10 @@ def _cache_get(cache: Path, key: str) -> dict | None:
 
 
 def _cache_put(cache: Path, key: str, result: dict) -> None:
-    from dowser_cli.artifacts import _atomic
+    from dowser_cli.artifacts import atomic_file
 
     cache.mkdir(parents=True, exist_ok=True)
-    with _atomic(cache / f"{key}.json") as tmp:
+    with atomic_file(cache / f"{key}.json") as tmp:
         tmp.write_text(json.dumps(result))
 
 
@@ -564,9 +564,9 @@ def write_chart(path: Path, report: dict) -> None:
     ax.set_title(f"Forgetting: {report['base']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    from dowser_cli.artifacts import _atomic
+    from dowser_cli.artifacts import atomic_file
 
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -574,8 +574,8 @@ def write_chart(path: Path, report: dict) -> None:
 def write_report(out: Path, report: dict, tasks: list[Task]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_yaml(out / "report.yaml", report)
-    from dowser_cli.artifacts import _atomic
+    from dowser_cli.artifacts import atomic_file
 
-    with _atomic(out / "report.md") as tmp:
+    with atomic_file(out / "report.md") as tmp:
         tmp.write_text(render_markdown(report, tasks))
     write_chart(out / "report.png", report)

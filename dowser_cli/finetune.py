@@ -507,15 +507,16 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
         tensors.update({k: v.cpu() for k, v in opt.named_state(names).items()})
     if method is not None:  # (methods with state of their own run in one process only: see plan)
         tensors.update({f"method/{k}": v.cpu() for k, v in method.state().items()})
-    ckpt = run_dir / "checkpoint"
-    ckpt.mkdir(exist_ok=True)
     meta = artifacts.base_metadata(CHECKPOINT_KIND, fingerprint, step=state.step,
                                    training_digest=cfg.training_digest())
-    artifacts.write_safetensors(ckpt / "state.safetensors", tensors, meta)
-    artifacts.write_yaml(ckpt / "state.yaml", {"step": state.step, "training_digest": cfg.training_digest(),
-                                                "state_sha256": artifacts.sha256_file(ckpt / "state.safetensors"),
-                                                "train_s": state.train_s, "tokens": state.tokens,
-                                                "losses": state.losses, "skipped": state.skipped})
+    # the new checkpoint is built beside the old one and replaces it whole: a failed write (a full
+    # disk) leaves the previous checkpoint as it was
+    with artifacts.replace_dir(run_dir / "checkpoint") as ckpt:
+        artifacts.write_safetensors(ckpt / "state.safetensors", tensors, meta)
+        artifacts.write_yaml(ckpt / "state.yaml", {"step": state.step, "training_digest": cfg.training_digest(),
+                                                    "state_sha256": artifacts.sha256_file(ckpt / "state.safetensors"),
+                                                    "train_s": state.train_s, "tokens": state.tokens,
+                                                    "losses": state.losses, "skipped": state.skipped})
 
 
 def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: FinetuneConfig,
