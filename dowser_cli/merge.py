@@ -431,6 +431,7 @@ def _run(run_path: Path, out: Path, cfg: MergeConfig, data_path: Path | None, im
         sidecar = write_run(tmp, ctx, values, counts, stats, run_path, data_path, timings, command)
         _check_out(out)  # another process may have taken OUT meanwhile
     ctx.console.print(f"{out}: {cfg.method} of {run_path}; {counts['merged_kept']:,} of {counts['merged_numel']:,} "
-                      f"entries kept in {counts['merged_tensors']} decoder linears ({counts['merged_fraction']:.4f}); "
+                      f"entries kept in {counts['merged_tensors']} merged decoder-layer tensors "
+                      f"({counts['merged_fraction']:.4f}); "
                       f"{counts['unchanged_tensors']} other tensors keep their delta")
     return sidecar
