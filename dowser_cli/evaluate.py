@@ -325,8 +325,18 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
 # ---- cache ------------------------------------------------------------------------------------------------
 
 def cache_key(subject: Subject, task: Task, cfg: EvalConfig) -> str:
-    # "items": results hold per-item scores (the intervals need them); older cache entries do not
-    return hashlib.sha256(f"items|{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}".encode()).hexdigest()[:24]
+    # "items": results hold per-item scores (the intervals need them); older cache entries do not.
+    # Drift is measured on probe text sampled as the probe samples it: its settings are part of the key.
+    extra = f"|drift:{_drift_sampling()}" if task.kind == "drift" else ""
+    return hashlib.sha256(f"items|{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}{extra}"
+                          .encode()).hexdigest()[:24]
+
+
+def _drift_sampling() -> str:
+    from dowser_cli import probe
+
+    c = probe.ProbeConfig()
+    return f"{c.temperature}:{c.top_p}:{c.top_k}:{c.repetition_penalty}:{c.suppress}:{c.prefix_len}"
 
 
 def _cache_get(cache: Path, key: str) -> dict | None:
