@@ -502,7 +502,7 @@ def _reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
         for t in table.values():
             part = t[lo:hi].to(d.device)
             dist.all_reduce(part)
-            t[lo:hi] = part.cpu()
+            t[lo:hi] = part.to(t.device)
 
 
 def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:

@@ -441,16 +441,18 @@ class FactorHooks:
     def batch_factors(self, name: str, psi: dict[str, torch.Tensor], probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's factors of one module, boundary rules applied: psi [M, out], act [in]."""
         mod = self.modules[name]
+        dev = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
         if name in self.act_one:
-            act = torch.ones(mod.in_features)
+            act = torch.ones(mod.in_features, device=dev)
         elif name in self.seen_act:
             act = self.act[name]
-        else:
-            act = torch.zeros(mod.in_features)  # the module saw no input (e.g. projector without images)
+        else:  # the module saw no input (e.g. projector without images)
+            act = torch.zeros(mod.in_features, device=dev)
         if name in self.psi_one:
-            p = torch.ones(probes, mod.out_features)
+            p = torch.ones(probes, mod.out_features, device=dev)
         else:  # no gradient reached z (module unused for this input): psi = 0
-            p = psi.get(name, torch.zeros(probes, mod.out_features))
+            p = psi.get(name)
+            p = torch.zeros(probes, mod.out_features, device=dev) if p is None else p
         return p, act
 
 
@@ -534,11 +536,16 @@ class Scored:
 
 
 class FactorStore:
-    """Per-module factor matrices psi [P, out] and act [P, in], fp32 on the host."""
+    """Per-module factor matrices psi [P, out] and act [P, in], fp32, kept beside each module's weight
+    (on a GPU they stay on the device until the artifact is written: no host copy and no device sync
+    per batch and module; the writer moves each tensor once)."""
 
     def __init__(self, modules: dict[str, nn.Linear], total: int):
-        self.psi = {n: torch.zeros(total, m.out_features) for n, m in modules.items()}
-        self.act = {n: torch.zeros(total, m.in_features) for n, m in modules.items()}
+        def where(m):
+            dev = m.weight.device
+            return dev if dev.type not in ("meta",) else torch.device("cpu")
+        self.psi = {n: torch.zeros(total, m.out_features, device=where(m)) for n, m in modules.items()}
+        self.act = {n: torch.zeros(total, m.in_features, device=where(m)) for n, m in modules.items()}
 
     def tensors(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         out = {}
@@ -548,11 +555,11 @@ class FactorStore:
         return out
 
     def put(self, row: int, hooks: FactorHooks, batch_psi: dict[str, torch.Tensor], probes: int) -> None:
-        """Store one batch's factors as rows row..row+probes-1."""
+        """Store one batch's factors as rows row..row+probes-1 (copied: the hooks reuse their buffers)."""
         for name in self.psi:
             psi, act = hooks.batch_factors(name, batch_psi, probes)
-            self.psi[name][row: row + probes] = psi
-            self.act[name][row: row + probes] = act  # a is per batch: the same for its M probes
+            self.psi[name][row: row + probes].copy_(psi)
+            self.act[name][row: row + probes].copy_(act)  # a is per batch: the same for its M probes
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for n in self.psi:
@@ -654,11 +661,12 @@ def probe_batch(lm: LoadedModel, hooks: FactorHooks, input_ids: torch.Tensor, ma
         cot = (xi / f.shape[0]).to(f.dtype)
         if batched:
             grads = torch.autograd.grad(f, sinks, grad_outputs=cot, is_grads_batched=True, allow_unused=True)
-            return {n: g.float().cpu() for n, g in zip(names, grads) if g is not None}
+            return {n: g.float() for n, g in zip(names, grads) if g is not None}
         for p in range(probes):
             hooks.probe = p
             torch.autograd.grad(f, sinks, grad_outputs=cot[p], retain_graph=p + 1 < probes, allow_unused=True)
-        return {n: hooks.psi[n][:probes].cpu() for n in names if n in hooks.reached}
+        # views of the hooks' buffers, on their device: the store copies them before the next batch
+        return {n: hooks.psi[n][:probes] for n in names if n in hooks.reached}
     finally:
         hooks.end_batch()
 
