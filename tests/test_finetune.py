@@ -174,22 +174,35 @@ def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
     assert curve(out) == curve(tmp_path / "full") and len(curve(out)) == 200
 
 
-@pytest.mark.parametrize("damage", ["one-byte", "truncated", "missing"])
-def test_a_damaged_checkpoint_is_refused_before_any_training(work, tmp_path, monkeypatch, damage):
+@pytest.fixture(scope="module")
+def interrupted(work, tmp_path_factory):
+    """A run interrupted at step 3 of 6 (its checkpoint), made once for the damage cases."""
     from dowser_cli.errors import Interrupted
 
-    out = tmp_path / "cut"
+    out = tmp_path_factory.mktemp("cut") / "run"
     original = finetune.train_step
 
     def stop_at_3(step, *a, **kw):   # as Ctrl-C between steps does
         if step == 3:
             raise KeyboardInterrupt
         return original(step, *a, **kw)
-    monkeypatch.setattr(finetune, "train_step", stop_at_3)
-    cfg = FinetuneConfig(lr=1e-3, max_steps=6, batch_size=2, warmup_ratio=0.0)
-    with pytest.raises(Interrupted):
-        finetune.run("tiny-llava", work / "train.json", out, cfg, mask_path=work / "mask0.1.safetensors",
-                     image_folder=work / "img")
+    finetune.train_step = stop_at_3
+    try:
+        cfg = FinetuneConfig(lr=1e-3, max_steps=6, batch_size=2, warmup_ratio=0.0)
+        with pytest.raises(Interrupted):
+            finetune.run("tiny-llava", work / "train.json", out, cfg, mask_path=work / "mask0.1.safetensors",
+                         image_folder=work / "img")
+    finally:
+        finetune.train_step = original
+    return out
+
+
+@pytest.mark.parametrize("damage", ["one-byte", "truncated", "missing"])
+def test_a_damaged_checkpoint_is_refused_before_any_training(work, interrupted, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "cut"
+    shutil.copytree(interrupted, out)
     state = out / "checkpoint" / "state.safetensors"
     data = bytearray(state.read_bytes())
     if damage == "one-byte":
