@@ -340,10 +340,11 @@ def _norm_reduce(d: Dist) -> Callable[[float], float] | None:
 
 
 def train_step(d: Dist, model: nn.Module, step: int, ds, sched, cfg: "FinetuneConfig", opt: "MaskedAdamW", lr_at,
-               device: str, dtype: torch.dtype, stop: bool, processor, pad: int) -> tuple[float, int, int, bool]:
+               device: str, dtype: torch.dtype, stop: bool, processor, pad: int) -> tuple[float, int, int, bool, bool]:
     """One global optimiser step (see the module docstring). Every rank runs the same number of
     micro-batches, so the collectives stay in step; a rank with no example in a short last micro-batch
-    runs one with weight 0. Returns (global loss, global assistant tokens, global tokens, stop agreed)."""
+    runs one with weight 0. Returns (global loss, global assistant tokens, global tokens, stop agreed,
+    finite): not finite (the loss or the reduced gradient norm) means no update was made."""
     from dowser_cli import data
     from dowser_cli.finetune import step_examples, to_device
 

@@ -441,7 +441,7 @@ def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -
 
 def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, loss_head: LossHead,
                opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype,
-               method=None) -> tuple[float, int, int]:
+               method=None) -> tuple[float, int, int, bool]:
     """One optimiser step over batch_size * grad_accum examples; the loss is the mean over all their
     assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens,
     finite): not finite (the loss or the gradient norm, returned in the loss's place when the loss

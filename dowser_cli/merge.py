@@ -255,12 +255,11 @@ class MergeContext:
         finally:
             lm.model.eval()
             lm.model.requires_grad_(False)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(self.tuned[n])
+            self.restore_tuned(params)
         return curve
 
     def restore_tuned(self, names: Iterable[str]) -> None:
+        """Put the fine-tuned values back into the model's tensors ``names``."""
         with torch.no_grad():
             for n in names:
                 self.lm.model.get_parameter(n).copy_(self.tuned[n])

@@ -172,13 +172,17 @@ def kth_largest(tensors: list[torch.Tensor], k: int) -> float:
     return torch.tensor(lo, dtype=torch.int32).view(torch.float32).item()
 
 
+def graft_budget(total: int, sparsity: float) -> int:
+    """Grafting's budget k = int(sparsity * N) entries of all N tuned entries together (at least one)."""
+    return max(1, int(sparsity * total))
+
+
 def graft_base_region(deltas: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
     """Grafting's base region ("highest_movement"): the entries whose |delta| is among the top
-    k = int(sparsity * N) of all N entries of every tuned tensor taken together, selected as the
-    authors do, |delta| > the k-th largest |delta| (strict, so k - 1 entries barring ties). Returns a
+    k = graft_budget(N, sparsity) of all N entries of every tuned tensor taken together, selected as
+    the authors do, |delta| > the k-th largest |delta| (strict, so k - 1 entries barring ties). Returns a
     bool [shape] per tensor."""
-    total = sum(d.numel() for d in deltas.values())
-    k = max(1, int(sparsity * total))
+    k = graft_budget(sum(d.numel() for d in deltas.values()), sparsity)
     t = kth_largest([d.abs() for d in deltas.values()], k)
     return {n: d.abs().float() > t for n, d in deltas.items()}
 

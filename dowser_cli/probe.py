@@ -307,6 +307,13 @@ def read_texts(path: Path, samples: int) -> list[str]:
 
 # ---- hooks -------------------------------------------------------------------------------------------
 
+def _home(mod: nn.Module, fallback: str | torch.device = "cpu") -> torch.device:
+    """Where a module's factor buffers live: beside its weight (under --device-map the modules span
+    devices), or ``fallback`` while the weight is still on the meta device."""
+    dev = mod.weight.device
+    return dev if dev.type != "meta" else torch.device(fallback)
+
+
 class _Tap(torch.autograd.Function):
     """Identity on z whose backward also returns, as the gradient of a dummy ``sink`` [out], the
     position-weighted mean |ds/dz| (psi). Asking autograd for d s / d sink therefore yields psi
@@ -362,8 +369,7 @@ class FactorHooks:
         self.act_sources = act_sources or {}
         self.mask: torch.Tensor | None = None        # [B, T] real positions of the current batch
         # each module's buffers beside its weight (under --device-map the modules span devices)
-        dev = {n: m.weight.device if m.weight.device.type != "meta" else torch.device(device)
-               for n, m in modules.items()}
+        dev = {n: _home(m, device) for n, m in modules.items()}
         self.act = {n: torch.zeros(m.in_features, device=dev[n]) for n, m in modules.items() if n not in act_one}
         self.sinks = {n: torch.zeros(m.out_features, device=dev[n], requires_grad=True)
                       for n, m in modules.items() if n not in psi_one}
@@ -441,7 +447,7 @@ class FactorHooks:
     def batch_factors(self, name: str, psi: dict[str, torch.Tensor], probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's factors of one module, boundary rules applied: psi [M, out], act [in]."""
         mod = self.modules[name]
-        dev = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
+        dev = _home(mod)
         if name in self.act_one:
             act = torch.ones(mod.in_features, device=dev)
         elif name in self.seen_act:
@@ -541,11 +547,8 @@ class FactorStore:
     per batch and module; the writer moves each tensor once)."""
 
     def __init__(self, modules: dict[str, nn.Linear], total: int):
-        def where(m):
-            dev = m.weight.device
-            return dev if dev.type not in ("meta",) else torch.device("cpu")
-        self.psi = {n: torch.zeros(total, m.out_features, device=where(m)) for n, m in modules.items()}
-        self.act = {n: torch.zeros(total, m.in_features, device=where(m)) for n, m in modules.items()}
+        self.psi = {n: torch.zeros(total, m.out_features, device=_home(m)) for n, m in modules.items()}
+        self.act = {n: torch.zeros(total, m.in_features, device=_home(m)) for n, m in modules.items()}
 
     def tensors(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         out = {}

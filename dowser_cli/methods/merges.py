@@ -68,8 +68,7 @@ def _graft(ctx):
     logits = {n: torch.rand(ctx.base[n].shape, generator=gen).to(ctx.base[n].device) for n in names}
     losses = ctx.learn_region(names, base_region, logits)
     fracs = {n: merging.graft_frac(logits[n], base_region[n], cfg.sigmoid_bias) for n in names}
-    total = sum(f.numel() for f in fracs.values())
-    budget = max(1, int(cfg.budget * total))
+    budget = merging.graft_budget(sum(f.numel() for f in fracs.values()), cfg.budget)
     region = merging.graft_binarise(fracs, cfg.binarise, budget)
     patches = {n: merging.Patch(region[n], None) for n in names}
     kept = sum(int(r.sum()) for r in region.values())
