@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _rank0() -> bool:
-    """Not a rank > 0 of a torchrun / accelerate launch (those stay silent, rank 0 speaks for all)."""
+    """Not a rank > 0 of a torchrun / accelerate launch (rank 0 prints the data on stdout for all)."""
     return os.environ.get("RANK", "0") in ("", "0")
 
 
@@ -412,17 +412,17 @@ def main() -> None:
 
 
 def _run_app() -> int:
-    # under torchrun & co. every rank meets the same error: rank 0 says it once
-    say = _rank0()
+    # Under torchrun & co. every rank meets the same error, and each rank says it (tagged with its rank):
+    # the first rank to exit makes the launcher kill the others, so "rank 0 speaks for all" would lose
+    # the message whenever rank 0 is the slower one.
+    tag = "" if _rank0() else f" [rank {os.environ['RANK']}]"
     try:
         app(standalone_mode=False)
     except UserError as e:
-        if say:
-            print(f"dowser: error: {e}", file=sys.stderr)
+        print(f"dowser: error{tag}: {e}", file=sys.stderr)
         return e.code
     except Interrupted as e:
-        if say:
-            print(f"dowser: {e}", file=sys.stderr)
+        print(f"dowser{tag}: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print("dowser: interrupted", file=sys.stderr)
@@ -443,8 +443,7 @@ def _exit(code: int) -> None:
     written its files and left the process group, and nothing after that is needed. Finalisation tearing
     down the communication library's threads is the suspected cause of a rank aborting once under gloo
     ("terminate called without an active exception", exit -6, not reproduced since), which the launcher
-    reports as a failed run. A failing rank exits normally: leaving at once would let the launcher kill
-    rank 0 before it prints the error that it reports for every rank."""
+    reports as a failed run. A failing rank exits normally, after printing its error."""
     if code == 0 and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
         sys.stdout.flush()
         sys.stderr.flush()
