@@ -52,7 +52,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command(epilog="Example: dowser probe smollm2-135m --out scores.safetensors --samples 16")
 def probe(
-    model: str = typer.Argument(..., help="Alias (configs/models.yaml), local save_pretrained dir, or hub id."),
+    model: str = typer.Argument(..., help="Alias (`dowser configs` lists them), local save_pretrained dir, or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Scores artifact to write (.safetensors; .yaml beside it)."),
     samples: Optional[int] = typer.Option(None, help="K: probe samples in all [64]."),
     batch_size: Optional[int] = typer.Option(None, help="B: samples per batch [4]."),
@@ -69,8 +69,8 @@ def probe(
                                                      help="Score the vision-language projector [off]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
-    device_map: Optional[str] = typer.Option(None, help="auto | balanced | sequential: a model larger than one "
-                                             "GPU, its layers spread over the GPUs by accelerate [off]."),
+    device_map: Optional[str] = typer.Option(None, help="auto | balanced | balanced_low_0 | sequential: a model "
+                                             "larger than one GPU, its layers spread over the GPUs by accelerate [off]."),
     seed: Optional[int] = typer.Option(None, help="Seed for probe text and Rademacher vectors [0]."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the probe text [0.9]."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus (top-p) sampling of the probe text [0.9]."),
@@ -79,22 +79,27 @@ def probe(
     repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty of the probe text [1.05]."),
     suppress: Optional[str] = typer.Option(None, help="Ids never sampled: multimodal (image/video placeholders) | "
                                            "special (every special and added token) [multimodal]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as options; CLI wins)."),
+    gen_batch_size: Optional[int] = typer.Option(None, help="Samples generated per generate() call [64]."),
+    batched_probes: Optional[str] = typer.Option(None, help="auto | on | off: a batch's M backward passes as one "
+                                                 "vmapped pass (same numbers) [auto: on for CUDA]."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Batches between resumable partial saves [4]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file, or a shipped name: paper | quick (keys as options; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build from the shipped config, no weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted probe from OUT.partial."),
     trust_remote_code: bool = TRUST,
 ):
     """Score every weight of the language decoder for how much the pretrained model relies on it,
-    with self-generated probe text and Rademacher probes (DESIGN section 1)."""
+    with self-generated probe text and Rademacher probes (docs/method.md)."""
     from dowser_cli import config as cfgmod
     from dowser_cli import probe as probe_mod
 
-    cfg = cfgmod.resolve(probe_mod.ProbeConfig(), config, "probe", dict(
+    cfg = cfgmod.resolve(probe_mod.ProbeConfig(), config, "probe", kind="probe", overrides=dict(
         samples=samples, batch_size=batch_size, probes=probes, seq_len=seq_len, prefix_len=prefix_len,
         images=images, texts=str(texts) if texts else None, layers=layers, targets=targets,
         include_lm_head=include_lm_head, include_projector=include_projector, dtype=dtype, device=device,
         device_map=device_map, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, suppress=suppress))
+        repetition_penalty=repetition_penalty, suppress=suppress, gen_batch_size=gen_batch_size,
+        batched_probes=batched_probes, checkpoint_every=checkpoint_every))
     sidecar = probe_mod.run(model, out, cfg, random_init=random_init, resume=resume, command=_command_line())
     if _rank0():
         typer.echo(str(out))
@@ -112,7 +117,7 @@ def mask(
     targets: Optional[str] = typer.Option(None, help="attn,mlp [attn,mlp]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the random strategy [0]."),
     model: Optional[str] = typer.Option(None, help="Model for |W| (default: the one named in SCORES' .yaml)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `mask`; CLI wins)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file or a recipe name (section `mask`; CLI wins)."),
     trust_remote_code: bool = TRUST,
 ):
     """Select, per weight matrix, exactly round(rho * numel) TRAINABLE entries (the lowest-scoring);
@@ -182,7 +187,7 @@ def finetune(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
     strategy: Optional[str] = typer.Option(None, help="ddp | fsdp under torchrun / accelerate launch "
                                            "(--batch-size is per rank) [ddp there]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (configs/recipes/; CLI wins)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML, or a shipped name: paper | paper-8gpu | paper-nvila | cpu-small (CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build the base model from its shipped config."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT bit for bit."),
     trust_remote_code: bool = TRUST,
@@ -239,7 +244,7 @@ def merge(
     max_len: Optional[int] = typer.Option(None, help="Longest record in tokens [2048]."),
     seed: Optional[int] = typer.Option(None, help="Seed of DARE's drops, the calibration subset, graft batches [0]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]; dtype is the run's."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (section `merge`; CLI wins)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file or a recipe name (section `merge`; CLI wins)."),
     trust_remote_code: bool = TRUST,
 ):
     """Post-hoc baselines of the paper on a fine-tuned run, as their authors' code: DARE (drop and
@@ -275,17 +280,19 @@ def export(
 
 
 @app.command("eval-forgetting", epilog="Example: dowser eval-forgetting --base smol-llava runs/dowser runs/full-ft "
-                                        "--tasks configs/tasks/demo.yaml --out report/")
+                                        "--tasks demo --out report/")
 def eval_forgetting(
     runs: list[Path] = typer.Argument(None, help="Run directories (from `dowser finetune`) or exported checkpoints."),
     base: str = typer.Option(..., "--base", help="The base model the runs were fine-tuned from (alias, dir, hub id)."),
-    tasks: Path = typer.Option(..., "--tasks", help="Task suite YAML (configs/tasks/)."),
+    tasks: Path = typer.Option(..., "--tasks", help="Task suite YAML, or a shipped name: demo | paper-coco | paper-flickr30k | paper-iconqa | paper-imagenet-r."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory (report.yaml, report.md, report.png, cache/)."),
     batch_size: Optional[int] = typer.Option(None, help="Prompts per generate/forward batch [8]."),
     drift: Optional[bool] = typer.Option(None, "--drift/--no-drift",
                                          help="Add a data-free drift column (KL to the base on probe text) [off]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the suite's `data-root:` files are: "
+                                             "the --out parent of `dowser make-data` [./data]."),
     random_init: bool = typer.Option(False, "--random-init", help="The base is built from its shipped config."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's rows as JSON on stdout."),
     trust_remote_code: bool = TRUST,
@@ -297,8 +304,9 @@ def eval_forgetting(
 
     from dowser_cli import evaluate
 
-    cfg = evaluate.EvalConfig(**{k: v for k, v in dict(batch_size=batch_size, drift=drift, dtype=dtype,
-                                                       device=device).items() if v is not None})
+    cfg = evaluate.EvalConfig(**{k: v for k, v in dict(batch_size=batch_size, drift=drift, dtype=dtype, device=device,
+                                                       data_root=str(data_root) if data_root else None).items()
+                                 if v is not None})
     report = evaluate.run(base, list(runs or []), tasks, out, cfg, random_init=random_init, command=_command_line())
     if as_json:
         typer.echo(json.dumps(report["rows"], indent=2))
@@ -309,25 +317,44 @@ def eval_forgetting(
               file=sys.stderr)
 
 
-@app.command("make-data", epilog="Example: dowser make-data shapes --out data/shapes")
+@app.command("make-data", epilog="Example: dowser make-data coco --from ~/datasets/coco --out data/coco")
 def make_data(
-    name: str = typer.Argument(..., help="Built-in dataset: shapes (rendered shapes, asked their colour or shape) "
-                               "| digits (scikit-learn's handwritten digits)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
-    train: Optional[int] = typer.Option(None, help="Keep the first N training records [all: shapes 2,000, "
+    name: str = typer.Argument(..., help="shapes | digits (built in, nothing downloaded), or a paper dataset "
+                               "converted from its official release with --from: coco | flickr30k | iconqa | "
+                               "imagenet-r | textvqa | mmbench | gqa | okvqa | ocrvqa (docs/data.md)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must not exist, or be empty)."),
+    source: Optional[Path] = typer.Option(None, "--from", help="A paper dataset's official release files (the "
+                                          "layout each expects: docs/data.md)."),
+    train: Optional[int] = typer.Option(None, help="Built-in: keep the first N training records [all: shapes 2,000, "
                                         "digits 1,497]."),
-    test: Optional[int] = typer.Option(None, help="Keep the first N test records [all: shapes 200, digits 300]."),
+    test: Optional[int] = typer.Option(None, help="Built-in: keep the first N test records [all: shapes 200, "
+                                       "digits 300]."),
+    limit: Optional[int] = typer.Option(None, help="Paper dataset: the first N records of each split [all]."),
+    class_names: Optional[Path] = typer.Option(None, "--class-names", help="imagenet-r: a file naming the classes "
+                                               "('wnid name' lines or JSON) [the release's README.txt]."),
 ):
-    """Write a built-in dataset that needs no download: images/, train.json (LLaVA conversations) and
-    test.jsonl (held-out questions with answers, never in train.json)."""
-    from dowser_cli import datasets
+    """Write a dataset as dowser reads it: train.json (LLaVA conversations; downstream sets) and test.jsonl
+    (held-out questions with answers), images beside them (paper datasets: images/ links to the release's
+    image folder, nothing is copied)."""
+    from dowser_cli import datasets, prepare
     from dowser_cli.errors import UserError
 
-    if name not in datasets.BUILTIN:
-        raise UserError(f"unknown dataset {name!r}; available: {', '.join(datasets.BUILTIN)}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: exists and is not empty")
-    files = datasets.BUILTIN[name](out, train, test)
+    if name in datasets.BUILTIN:
+        if source is not None or limit is not None:
+            raise UserError(f"make-data {name}: a built-in dataset takes no --from / --limit (use --train / --test)")
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out}: exists and is not empty")
+        files = datasets.write(name, out, train, test)
+    elif name in prepare.PREPARERS:
+        if source is None:
+            raise UserError(f"make-data {name}: needs --from, {prepare.PREPARERS[name].help}")
+        if train is not None or test is not None:
+            raise UserError(f"make-data {name}: --train / --test are for the built-in datasets; use --limit")
+        if class_names is not None and name != "imagenet-r":
+            raise UserError(f"make-data {name}: --class-names is for imagenet-r")
+        files = prepare.prepare(name, source, out, limit=limit, class_names=class_names)
+    else:
+        raise UserError(f"unknown dataset {name!r}; available: {', '.join([*datasets.BUILTIN, *prepare.PREPARERS])}")
     for k, v in files.items():
         typer.echo(f"{k}\t{v}")
 
@@ -393,6 +420,28 @@ def inspect(
         typer.echo(json.dumps(info, indent=2))
     else:
         Console().print(inspect_mod.render(info))
+
+
+@app.command(epilog="Example: DOWSER_CONFIG_DIR=~/my-configs dowser configs --json")
+def configs(as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout.")):
+    """The config directories (DOWSER_CONFIG_DIR's entries in front of the shipped one) and the model
+    aliases, probe settings, recipes and task suites they offer by name."""
+    import json
+
+    from dowser_cli import config as cfgmod
+    from dowser_cli.models import aliases
+
+    info = {"dirs": [str(d) for d in cfgmod.config_dirs()],
+            "models": {k: next((str(v[x]) for x in ("hub", "embedded", "tiny") if x in v), "") for k, v in
+                       sorted(aliases().items())},
+            **{kind: cfgmod.names(kind) for kind in ("probe", "recipes", "tasks")}}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo("config directories (first wins): " + ", ".join(info["dirs"]))
+    typer.echo("models:  " + ", ".join(info["models"]))
+    for kind in ("probe", "recipes", "tasks"):
+        typer.echo(f"{kind + ':':8} " + ", ".join(info[kind]))
 
 
 def _quiet_libraries() -> None:

@@ -1,7 +1,10 @@
-"""YAML configs: shipped under configs/, user files via --config; CLI options override them."""
+"""YAML configs: shipped inside the package (``dowser_cli/configs``: model aliases, probe settings,
+recipes, task suites), a user's own directories in front of them (``DOWSER_CONFIG_DIR``), files by
+path via --config / --tasks; CLI options override them."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,36 @@ import yaml
 
 from dowser_cli.errors import UserError
 
-CONFIG_DIR = Path(os.environ.get("DOWSER_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+# package data: a real directory in every install (wheel or editable), so a plain Path serves
+SHIPPED_DIR = Path(str(importlib.resources.files("dowser_cli").joinpath("configs")))
+
+
+def config_dirs() -> list[Path]:
+    """Where named configs are looked up, first match wins: the entries of ``DOWSER_CONFIG_DIR``
+    (``os.pathsep``-separated, each laid out like the shipped one: models.yaml, models/, probe/,
+    recipes/, tasks/), then the shipped directory."""
+    user = [Path(p).expanduser() for p in os.environ.get("DOWSER_CONFIG_DIR", "").split(os.pathsep) if p]
+    return user + [SHIPPED_DIR]
+
+
+def names(kind: str) -> list[str]:
+    """The names a ``kind`` (probe | recipes | tasks) offers across the config directories."""
+    return sorted({f.stem for d in config_dirs() if (d / kind).is_dir() for f in (d / kind).glob("*.yaml")})
+
+
+def find(spec: Path | str, kind: str, flag: str = "--config") -> Path:
+    """A config file given by path, or by name (``paper`` -> ``recipes/paper.yaml`` in the first config
+    directory that has it). A missing one is one line listing the names on offer."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    name = str(spec)
+    if os.sep not in name and path.suffix not in (".yaml", ".yml"):
+        for d in config_dirs():
+            if (d / kind / f"{name}.yaml").is_file():
+                return d / kind / f"{name}.yaml"
+        raise UserError(f"{flag} {name}: no such file, nor a shipped name; names: {', '.join(names(kind))}")
+    raise UserError(f"{flag} {spec}: no such file")
 
 
 def load_yaml_file(path: Path) -> dict[str, Any]:
@@ -25,11 +57,13 @@ def load_yaml_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def resolve(defaults, file: Path | None, section: str, overrides: dict[str, Any]):
+def resolve(defaults, file: Path | str | None, section: str, overrides: dict[str, Any], kind: str = "recipes"):
     """defaults (a dataclass instance) <- the YAML file's ``section`` (or top level) <- CLI overrides
-    that the user actually gave (None means not given). Unknown keys in the file are refused."""
+    that the user actually gave (None means not given). Unknown keys in the file are refused. ``file``
+    is a path or a shipped name looked up under ``kind`` (probe | recipes)."""
     values = dataclasses.asdict(defaults)
     if file is not None:
+        file = find(file, kind)
         data = load_yaml_file(file)
         data = data.get(section, data)
         unknown = sorted(set(data) - set(values))

@@ -107,6 +107,16 @@ def write_shapes(out: Path, n_train: int | None = None, n_test: int | None = Non
 BUILTIN = {"digits": write_digits, "shapes": write_shapes}
 
 
+def write(name: str, out: Path, n_train: int | None = None, n_test: int | None = None) -> dict[str, Path]:
+    """`dowser make-data NAME` for a built-in dataset: ``out`` appears whole or not at all."""
+    from dowser_cli.artifacts import atomic_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        files = BUILTIN[name](tmp, n_train, n_test)
+    return {k: out / v.relative_to(tmp) for k, v in files.items()}
+
+
 def builtin(spec: str) -> Path:
     """``digits/test.jsonl`` -> that file of the built-in dataset, written to the cache on first use."""
     from dowser_cli.models.embedded import _publish, cache_dir

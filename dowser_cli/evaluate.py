@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from dowser_cli import artifacts, metrics
+from dowser_cli.config import find
 from dowser_cli.data import Encoder, image_inputs, pad_id, prompt_ids
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
@@ -38,6 +39,7 @@ class EvalConfig:
     drift: bool = False        # add a drift entry (mean KL to the base model) if the suite has none
     bootstrap: int = 1000      # replicates of the items' bootstrap behind every 95 % interval
     bootstrap_seed: int = 0
+    data_root: str = "data"    # where the suites' `data-root:` paths point (`dowser make-data --out DATA_ROOT/NAME`)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps({"max_len": self.max_len, "dtype": self.dtype}).encode()).hexdigest()[:12]
@@ -368,7 +370,8 @@ def run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eval
 def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: EvalConfig, random_init: bool,
          command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    tasks = load_suite(suite)
+    suite = find(suite, "tasks", "--tasks")    # a file, or a shipped suite's name
+    tasks = load_suite(suite, data_root=cfg.data_root)
     check_complete(tasks, suite)
     if cfg.drift:
         tasks = _drift_task(tasks)

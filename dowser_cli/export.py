@@ -94,10 +94,11 @@ def export(run_path: Path, out: Path, dtype: str | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: directory {parent} does not exist")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a directory")
     run = open_run(run_path)
     lm = load_run(run, getattr(torch, dtype) if dtype else None)
+    parent.mkdir(parents=True, exist_ok=True)     # like finetune's and merge's run directories
     with artifacts.atomic_dir(parent / out.name) as tmp:
         lm.model.save_pretrained(tmp)
         for extra in (lm.processor, lm.tokenizer):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dowser_cli import metrics
-from dowser_cli.config import load_yaml_file
+from dowser_cli.config import find, load_yaml_file
 from dowser_cli.errors import UserError
 
 
@@ -72,27 +72,36 @@ class Task:
         return self.role == "upstream" and self.kind != "drift"
 
 
-def resolve_data(spec: str, base: Path) -> Path:
+DATA_ROOT = "data"   # where `data-root:` paths point unless --data-root says otherwise (relative: to the cwd)
+
+
+def resolve_data(spec: str, base: Path, data_root: Path | str = DATA_ROOT) -> Path:
+    """``builtin:NAME/FILE`` (written to the cache on first use), ``data-root:REL`` (under the data
+    root, where `dowser make-data` puts the paper's datasets), or a path relative to the suite file."""
     if spec.startswith("builtin:"):
         from dowser_cli import datasets
 
         return datasets.builtin(spec.removeprefix("builtin:"))
+    if spec.startswith("data-root:"):
+        return Path(data_root).expanduser() / spec.removeprefix("data-root:")
     p = Path(spec).expanduser()
     return p if p.is_absolute() else base / p
 
 
-def load_suite(path: Path, _seen: tuple[Path, ...] = (), check_files: bool = True) -> list[Task]:
-    """All tasks of a suite (includes first, in order); unknown keys, kinds, metrics and (with
-    ``check_files``) missing data files are one clear error naming the suite file and the task."""
-    path = Path(path)
+def load_suite(path: Path | str, _seen: tuple[Path, ...] = (), check_files: bool = True,
+               data_root: Path | str = DATA_ROOT) -> list[Task]:
+    """All tasks of a suite (a file, or a shipped suite's name; includes first, in order); unknown
+    keys, kinds, metrics and (with ``check_files``) missing data files are one clear error naming the
+    suite file and the task."""
+    path = find(path, "tasks", "--tasks") if not _seen else Path(path)
     if path.resolve() in _seen:
         raise UserError(f"--tasks {path}: includes itself")
     data = load_yaml_file(path)
     tasks: list[Task] = []
     for inc in data.get("include") or []:
-        tasks += load_suite(path.parent / inc, _seen + (path.resolve(),), check_files)
+        tasks += load_suite(path.parent / inc, _seen + (path.resolve(),), check_files, data_root)
     for i, raw in enumerate(data.get("tasks") or []):
-        tasks.append(_task(raw, i, path, check_files))
+        tasks.append(_task(raw, i, path, check_files, data_root))
     if not _seen:
         if not tasks:
             raise UserError(f"--tasks {path}: no tasks")
@@ -109,7 +118,7 @@ def check_complete(tasks: list[Task], path: Path) -> None:
         raise UserError(f"--tasks {path}: needs at least one downstream and one upstream (non-drift) task")
 
 
-def _task(raw: Any, i: int, suite: Path, check_files: bool = True) -> Task:
+def _task(raw: Any, i: int, suite: Path, check_files: bool = True, data_root: Path | str = DATA_ROOT) -> Task:
     where = f"--tasks {suite}: task {i}"
     if not isinstance(raw, dict) or "name" not in raw:
         raise UserError(f"{where}: expected a mapping with a name")
@@ -135,13 +144,15 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True) -> Task:
         spec = str(raw["data"])
         if not check_files and spec.startswith("builtin:"):
             spec = "/dev/null"  # validating structure only: do not materialise built-in data
-        data = resolve_data(spec, suite.parent)
+        data = resolve_data(spec, suite.parent, data_root)
         if not check_files:
             return Task(name=str(raw["name"]), role=role, kind=kind.name, metric=metric,
                         prompt=raw.get("prompt", kind.prompt), max_new_tokens=0, data=data)
         if not data.is_file():
-            raise UserError(f"{where}: data file {data} does not exist (see the suite's comments for where to get it)")
-        folder = resolve_data(str(raw["image_folder"]), suite.parent) if raw.get("image_folder") else data.parent
+            raise UserError(f"{where}: data file {data} does not exist (see the suite's comments for where to get "
+                            f"it; `dowser make-data` writes the paper's datasets under --data-root)")
+        folder = resolve_data(str(raw["image_folder"]), suite.parent, data_root) if raw.get("image_folder") \
+            else data.parent
         sha = _sha(data)
     t = Task(name=str(raw["name"]), role=role, kind=kind.name, metric=metric, prompt=raw.get("prompt", kind.prompt),
              max_new_tokens=int(raw.get("max_new_tokens", kind.max_new_tokens)), data=data, image_folder=folder,
@@ -203,8 +214,13 @@ def read_records(task: Task) -> list[EvalRecord]:
 def _read_tsv(path: Path) -> list[dict]:
     import csv
 
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)   # MMBench's TSVs hold base64 images far above csv's 128 KiB field limit
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _answers(r: dict) -> list[str]:

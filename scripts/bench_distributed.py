@@ -36,10 +36,10 @@ from bench_scale import make_data  # noqa: E402
 
 def shape_dir(a, into: Path) -> tuple[Path, int]:
     """The shipped llava-1.5-7b config with the decoder (and vision tower) resized; returns its params."""
-    from dowser_cli.config import CONFIG_DIR, load_yaml_file
+    from dowser_cli.models import aliases
 
-    entry = load_yaml_file(CONFIG_DIR / "models.yaml")["aliases"]["llava-1.5-7b"]
-    cfg = json.loads((CONFIG_DIR / "models" / entry["config"] / "config.json").read_text())
+    entry = aliases()["llava-1.5-7b"]
+    cfg = json.loads((Path(entry["config"]) / "config.json").read_text())
     t = cfg["text_config"]
     t.update(hidden_size=a.hidden, intermediate_size=a.inter, num_hidden_layers=a.layers,
              num_attention_heads=a.hidden // 128, num_key_value_heads=a.hidden // 128)

@@ -38,10 +38,10 @@ def sh(args: list, env: dict) -> subprocess.CompletedProcess:
 
 def shape_dir(model: str, layers: int | None, into: Path) -> Path:
     """The shipped config, with the decoder cut to ``layers`` layers if asked."""
-    from dowser_cli.config import CONFIG_DIR, load_yaml_file
+    from dowser_cli.models import aliases
 
-    entry = load_yaml_file(CONFIG_DIR / "models.yaml")["aliases"][model]
-    cfg = json.loads((CONFIG_DIR / "models" / entry["config"] / "config.json").read_text())
+    entry = aliases()[model]
+    cfg = json.loads((Path(entry["config"]) / "config.json").read_text())
     if layers:
         cfg["text_config"]["num_hidden_layers"] = layers
     into.mkdir(parents=True, exist_ok=True)

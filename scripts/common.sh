@@ -7,7 +7,7 @@ fi
 MODEL=${DEMO_MODEL:-smol-llava}
 STEPS=${DEMO_STEPS:-64}
 PROBE_SAMPLES=${DEMO_PROBE_SAMPLES:-16}
-TASKS=${DEMO_TASKS:-configs/tasks/demo.yaml}
+TASKS=${DEMO_TASKS:-demo}
 RATIO=0.1
 mkdir -p "$OUT/.stamps"
 
@@ -52,7 +52,7 @@ scores_for() {  # scores_for SEED: $OUT/scores.safetensors for seed 0 (the demo'
 # are freshly initialised (seeded): the projector holds no pretrained knowledge to protect, so every
 # method trains it densely at its own higher lr; the methods differ only in the decoder layers.
 # (the tuned layers are given per script: masks made for other layers fix them)
-TRAIN=(--data "$OUT/data/train.json" --config configs/recipes/cpu-small.yaml --max-steps "$STEPS" --batch-size 4
+TRAIN=(--data "$OUT/data/train.json" --config cpu-small --max-steps "$STEPS" --batch-size 4
        --lr 1e-4 --projector-lr 1e-3 --train-projector)
 
 # the python beside $DOWSER (for the helper scripts), else python3

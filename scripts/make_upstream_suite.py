@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Writes the embedded upstream suite's generated items (configs/tasks/data/{words,opposites,reading}.jsonl)
+"""Writes the embedded upstream suite's generated items (dowser_cli/configs/tasks/data/{words,opposites,reading}.jsonl)
 from the word lists below and a fixed seed; tests/test_upstream_suite.py checks the shipped files are
 exactly what this writes. None of the words is a colour or a shape (the downstream task's answers).
 
-    python scripts/make_upstream_suite.py [OUT_DIR]      (default configs/tasks/data)
+    python scripts/make_upstream_suite.py [OUT_DIR]      (default dowser_cli/configs/tasks/data)
 
   words      100 items: "Which of these is a/an <category>?" with 4 options (1 of the category,
              3 from other categories), scored by likelihood (chance 25 %).
@@ -105,5 +105,5 @@ def write(out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for p in write(Path(sys.argv[1] if len(sys.argv) > 1 else "configs/tasks/data")):
+    for p in write(Path(sys.argv[1] if len(sys.argv) > 1 else "dowser_cli/configs/tasks/data")):
         print(p)

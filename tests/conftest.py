@@ -14,9 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a subprocess (what users run)."""
+    """Run the real console entry point in a subprocess (what users run), on this checkout's code
+    whatever the working directory."""
+    env = dict(kw.pop("env", None) or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "dowser_cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+                          timeout=timeout, cwd=kw.pop("cwd", ROOT), env=env, **kw)
 
 
 @pytest.fixture(scope="session")

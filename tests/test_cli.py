@@ -74,7 +74,7 @@ def test_a_model_that_needs_remote_code_is_refused_without_the_flag(tmp_path, co
     (tmp_path / "d.json").write_text("[]")
     (tmp_path / "t.yaml").write_text("tasks: []\n")
     from conftest import ROOT
-    command = [str(ROOT / "configs" / "tasks" / "demo.yaml") if c == "DEMO" else c for c in command]
+    command = [str(ROOT / "dowser_cli" / "configs" / "tasks" / "demo.yaml") if c == "DEMO" else c for c in command]
     r = run_cli(*command, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
@@ -102,4 +102,4 @@ def test_no_shipped_alias_or_config_turns_remote_code_on():
     from dowser_cli.models import aliases
 
     assert not any("trust_remote_code" in entry for entry in aliases().values())
-    assert not [p for p in (ROOT / "configs").rglob("*.yaml") if "trust_remote_code: true" in p.read_text()]
+    assert not [p for p in (ROOT / "dowser_cli" / "configs").rglob("*.yaml") if "trust_remote_code: true" in p.read_text()]

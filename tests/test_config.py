@@ -16,7 +16,7 @@ SECTIONS = {
 }
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted((ROOT / "dowser_cli" / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads(path):
     from dowser_cli.models import aliases
 
@@ -32,7 +32,7 @@ def test_every_shipped_yaml_loads(path):
 
 
 def test_cli_overrides_file_and_unknown_keys_are_refused(tmp_path):
-    recipe = ROOT / "configs" / "recipes" / "paper.yaml"
+    recipe = ROOT / "dowser_cli" / "configs" / "recipes" / "paper.yaml"
     cfg = cfgmod.resolve(finetune.FinetuneConfig(), recipe, "finetune", {"lr": 1e-3, "epochs": None})
     assert cfg.lr == 1e-3 and cfg.epochs == 5 and cfg.grad_accum == 8
     bad = tmp_path / "bad.yaml"
@@ -44,7 +44,33 @@ def test_cli_overrides_file_and_unknown_keys_are_refused(tmp_path):
 @pytest.mark.parametrize("recipe,lm_head", [("paper.yaml", True), ("paper-8gpu.yaml", True), ("paper-nvila.yaml", False)])
 def test_paper_recipes_follow_the_official_runs_on_lm_head(recipe, lm_head):
     # the authors' LLaVA run freezes only the backbone (lm_head trains); their NVILA run freezes the LLM
-    cfg = cfgmod.resolve(finetune.FinetuneConfig(), ROOT / "configs" / "recipes" / recipe, "finetune", {})
+    cfg = cfgmod.resolve(finetune.FinetuneConfig(), ROOT / "dowser_cli" / "configs" / "recipes" / recipe, "finetune", {})
     assert cfg.train_lm_head is lm_head and cfg.tune_layers == "last:20" and cfg.lr == 2e-5
-    p = cfgmod.resolve(probe.ProbeConfig(), ROOT / "configs" / "recipes" / recipe, "probe", {})
+    p = cfgmod.resolve(probe.ProbeConfig(), ROOT / "dowser_cli" / "configs" / "recipes" / recipe, "probe", {})
     assert (p.top_k, p.temperature, p.top_p, p.repetition_penalty, p.suppress) == (50, 0.9, 0.9, 1.05, "multimodal")
+
+
+def test_shipped_configs_are_found_by_name_and_a_user_dir_overrides_them(tmp_path, monkeypatch):
+    from dowser_cli.models import aliases
+
+    monkeypatch.delenv("DOWSER_CONFIG_DIR", raising=False)
+    assert cfgmod.find("paper", "recipes") == cfgmod.SHIPPED_DIR / "recipes" / "paper.yaml"
+    assert cfgmod.find("demo", "tasks") == cfgmod.SHIPPED_DIR / "tasks" / "demo.yaml"
+    with pytest.raises(UserError, match=r"--config nosuch: no such file, nor a shipped name; names: cpu-small, "
+                                        r"paper, paper-8gpu, paper-nvila"):
+        cfgmod.find("nosuch", "recipes")
+    with pytest.raises(UserError, match=r"--config missing.yaml: no such file"):
+        cfgmod.find("missing.yaml", "recipes")
+    mine = tmp_path / "mine"
+    (mine / "recipes").mkdir(parents=True)
+    (mine / "recipes" / "paper.yaml").write_text("finetune:\n  lr: 3.0e-4\n")
+    (mine / "models" / "big").mkdir(parents=True)
+    (mine / "models" / "big" / "config.json").write_text("{}")
+    (mine / "models.yaml").write_text("aliases:\n  mine: {hub: org/mine, config: big}\n  tiny-llama: {tiny: tiny-llava}\n")
+    monkeypatch.setenv("DOWSER_CONFIG_DIR", f"{tmp_path / 'absent'}:{mine}")
+    assert cfgmod.find("paper", "recipes") == mine / "recipes" / "paper.yaml"          # the user's wins
+    assert cfgmod.resolve(finetune.FinetuneConfig(), "paper", "finetune", {}).lr == 3e-4
+    assert cfgmod.find("paper-nvila", "recipes").parent == cfgmod.SHIPPED_DIR / "recipes"  # the rest still found
+    table = aliases()
+    assert table["mine"]["config"] == str(mine / "models" / "big") and table["tiny-llama"] == {"tiny": "tiny-llava"}
+    assert "llava-1.5-7b" in table and table["llava-1.5-7b"]["config"].startswith(str(cfgmod.SHIPPED_DIR))

@@ -48,11 +48,11 @@ def test_shipped_upstream_items_are_what_the_generator_writes(tmp_path):
     subprocess.run([sys.executable, "scripts/make_upstream_suite.py", str(tmp_path)], cwd=ROOT, check=True,
                    capture_output=True)
     for name in ("words", "opposites", "reading"):
-        assert (tmp_path / f"{name}.jsonl").read_text() == (ROOT / "configs/tasks/data" / f"{name}.jsonl").read_text()
+        assert (tmp_path / f"{name}.jsonl").read_text() == (ROOT / "dowser_cli/configs/tasks/data" / f"{name}.jsonl").read_text()
 
 
 def test_demo_suite_has_300_upstream_items_over_abilities_disjoint_from_the_downstream_answers():
-    tasks = load_suite(ROOT / "configs/tasks/demo.yaml")
+    tasks = load_suite(ROOT / "dowser_cli/configs/tasks/demo.yaml")
     up = [t for t in tasks if t.in_u]
     items = {t.name: read_records(t) for t in up}
     assert sum(len(v) for v in items.values()) >= 300 and len(up) >= 4

@@ -17,10 +17,10 @@ SUITE = f"""
 tasks:
   - {{name: shapes, role: downstream, kind: vqa, metric: exact_match, data: "builtin:shapes/test.jsonl", limit: 4,
      prompt: "{{question}}", max_new_tokens: 3}}
-  - {{name: facts-qa, role: upstream, kind: exact, metric: contains, data: {ROOT}/configs/tasks/data/facts.jsonl,
+  - {{name: facts-qa, role: upstream, kind: exact, metric: contains, data: {ROOT}/dowser_cli/configs/tasks/data/facts.jsonl,
      limit: 4, max_new_tokens: 8}}
   - {{name: words, role: upstream, kind: likelihood, metric: choice_likelihood,
-     data: {ROOT}/configs/tasks/data/words.jsonl, limit: 5, answer_template: "The answer is {{answer}}."}}
+     data: {ROOT}/dowser_cli/configs/tasks/data/words.jsonl, limit: 5, answer_template: "The answer is {{answer}}."}}
   - {{name: drift, role: upstream, kind: drift, samples: 2, seq_len: 16}}
 """
 
@@ -49,7 +49,7 @@ def test_demo_pipeline_end_to_end_and_rerun_reuses_stages(tmp_path):
     # the demo's own suite (the test runs a cut-down copy of it): 300+ upstream items
     from dowser_cli.tasks import load_suite, read_records
 
-    shipped = load_suite(ROOT / "configs" / "tasks" / "demo.yaml")
+    shipped = load_suite(ROOT / "dowser_cli" / "configs" / "tasks" / "demo.yaml")
     assert sum(len(read_records(t)) for t in shipped if t.in_u) >= 300
     assert report["intervals"]["level"] == 0.95 and report["intervals"]["replicates"] == 1000
     for row in rows.values():

@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     from dowser_cli.datasets import write_digits
 
     d = tmp_path_factory.mktemp("ev")
-    (d / "suite.yaml").write_text(SUITE.replace("FACTS", str(ROOT / "configs" / "tasks" / "data" / "facts.jsonl")))
+    (d / "suite.yaml").write_text(SUITE.replace("FACTS", str(ROOT / "dowser_cli" / "configs" / "tasks" / "data" / "facts.jsonl")))
     files = write_digits(d / "digits", n_train=16, n_test=4)
     for name, steps in (("run-a", 1), ("run-b", 3)):
         finetune.run("tiny-llava", files["train"], d / name, FinetuneConfig(lr=1e-3, max_steps=steps, batch_size=4,
@@ -143,8 +143,8 @@ def test_bad_input_one_line_exit_2(setup, tmp_path, case):
 
 
 def test_shipped_suites_are_well_formed():
-    for path in (ROOT / "configs" / "tasks").glob("*.yaml"):
+    for path in (ROOT / "dowser_cli" / "configs" / "tasks").glob("*.yaml"):
         ts = tasks.load_suite(path, check_files=False)
         assert ts and all(t.kind in tasks.KINDS for t in ts), path
-    demo = tasks.load_suite(ROOT / "configs" / "tasks" / "demo.yaml")
+    demo = tasks.load_suite(ROOT / "dowser_cli" / "configs" / "tasks" / "demo.yaml")
     assert {t.role for t in demo} == {"downstream", "upstream"} and any(t.kind == "drift" for t in demo)

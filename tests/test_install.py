@@ -46,3 +46,55 @@ def test_the_environment_is_what_constraints_pin():
         if have != version:
             wrong[name] = (version, have)
     assert not wrong, f"installed versions differ from constraints.txt (pinned, installed): {wrong}"
+
+
+def test_a_plain_pip_install_runs_from_another_directory(tmp_path):
+    """`pip install .` (not editable) into a fresh venv: the configs ship as package data, every alias
+    resolves, and probe -> mask run from a directory that is not the clone."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    for rel in filter(None, files):        # what a clone holds (tracked files, and new ones not ignored)
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    py = venv / "bin" / "python"
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    # the dependencies come from this environment (no download); dowser_cli itself only from the install
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps",
+                        "--no-build-isolation", src], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DOWSER_CONFIG_DIR")}
+    env["HF_HUB_OFFLINE"] = "1"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+
+    def run(*args):
+        r = subprocess.run([str(a) for a in args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{args}: {r.stderr[-2000:]}"
+        return r.stdout
+
+    where = run(py, "-c", "import dowser_cli; print(dowser_cli.__file__)")
+    assert where.startswith(str(venv)), where                       # not the clone, not an editable finder
+    check = ("from pathlib import Path; from dowser_cli.models import aliases, resolve_source\n"
+             "for name, entry in aliases().items():\n"
+             "    src = resolve_source(name, trust_remote_code=True)\n"
+             "    assert src.config_dir is None or (Path(src.config_dir) / 'config.json').is_file(), name\n"
+             "print(len(aliases()))")
+    assert int(run(py, "-c", check)) >= 10
+    dowser = venv / "bin" / "dowser"
+    run(dowser, "probe", "tiny-llama", "--samples", "4", "--out", "s.safetensors")
+    run(dowser, "mask", "s.safetensors", "--out", "m.safetensors")
+    assert (work / "m.safetensors").is_file() and (work / "m.yaml").is_file()
+    assert {"paper", "paper-8gpu", "paper-nvila", "cpu-small"} <= set(
+        __import__("json").loads(run(dowser, "configs", "--json"))["recipes"])

@@ -466,7 +466,7 @@ def test_eval_forgetting_takes_merged_runs_beside_the_source(work, tmp_path):
     from dowser_cli import evaluate
     from conftest import ROOT
 
-    facts = ROOT / "configs" / "tasks" / "data" / "facts.jsonl"
+    facts = ROOT / "dowser_cli" / "configs" / "tasks" / "data" / "facts.jsonl"
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"""tasks:
   - {{name: facts-choice, role: downstream, kind: likelihood, metric: choice_likelihood, data: "{facts}", limit: 3,

@@ -120,7 +120,7 @@ def test_a_failed_report_write_keeps_the_earlier_report(tmp_path, monkeypatch):
     data = _data(tmp_path)
     finetune.run("tiny-llava", data, tmp_path / "run", FinetuneConfig(lr=1e-3, max_steps=1, batch_size=4,
                                                                       warmup_ratio=0.0))
-    facts = ROOT / "configs" / "tasks" / "data" / "facts.jsonl"
+    facts = ROOT / "dowser_cli" / "configs" / "tasks" / "data" / "facts.jsonl"
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"""tasks:
   - {{name: facts, role: upstream, kind: exact, metric: contains, data: "{facts}", limit: 2, max_new_tokens: 2}}

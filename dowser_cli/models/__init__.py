@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dowser_cli.config import CONFIG_DIR, load_yaml_file
+from dowser_cli.config import config_dirs, load_yaml_file
 from dowser_cli.errors import UserError
 from dowser_cli.models import embedded
 from dowser_cli.models.registry import Adapter, Parts, adapter_for_config, resolve_parts
@@ -49,7 +49,18 @@ class LoadedModel:
 
 
 def aliases() -> dict[str, dict]:
-    return load_yaml_file(CONFIG_DIR / "models.yaml").get("aliases", {})
+    """Every config directory's ``models.yaml`` aliases, a user's directory overriding the shipped one;
+    an entry's ``config`` is made the absolute path of its config.json directory (``models/NAME`` beside
+    the models.yaml that names it)."""
+    table: dict[str, dict] = {}
+    for d in reversed(config_dirs()):
+        if not (d / "models.yaml").is_file():
+            continue
+        for name, entry in (load_yaml_file(d / "models.yaml").get("aliases") or {}).items():
+            if not isinstance(entry, dict):
+                raise UserError(f"{d / 'models.yaml'}: alias {name!r}: expected a mapping")
+            table[name] = {**entry, "config": str(d / "models" / entry["config"])} if entry.get("config") else entry
+    return table
 
 
 _REMOTE_CODE = {"trusted": False}
@@ -68,16 +79,16 @@ def resolve_source(spec: str, random_init: bool = False, revision: str | None = 
     table = aliases()
     if spec in table:
         entry = table[spec]
-        cfg_dir = CONFIG_DIR / "models" / entry["config"] if entry.get("config") else None
+        cfg_dir = Path(entry["config"]) if entry.get("config") else None
         kind = next((k for k in ("embedded", "tiny", "hub") if k in entry), None)
         if kind is None:
-            raise UserError(f"configs/models.yaml: alias {spec!r} needs one of hub, embedded or tiny")
+            raise UserError(f"models.yaml: alias {spec!r} needs one of hub, embedded or tiny")
         if entry.get("remote_code") and not trusted:
             raise UserError(f"model {spec}: runs code from its repository ({entry.get(kind)}); pass "
                             f"--trust-remote-code to allow it")
         src = ModelSource(spec, kind, entry[kind], trusted, revision, random_init, cfg_dir)
         if random_init and kind == "hub" and cfg_dir is None:
-            raise UserError(f"--random-init: no shipped config for {spec!r} (configs/models/); "
+            raise UserError(f"--random-init: no shipped config for {spec!r} (a config.json under models/ of a config directory); "
                             f"those with one: {', '.join(k for k, v in table.items() if v.get('config'))}")
         return src
     path = Path(spec).expanduser()
