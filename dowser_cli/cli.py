@@ -11,6 +11,11 @@ import typer
 
 from dowser_cli import __version__
 from dowser_cli.errors import Interrupted, UserError
+from dowser_cli.evaluate import EvalConfig
+from dowser_cli.mask import MaskConfig
+from dowser_cli.merge import MergeConfig
+from dowser_cli.probe import ProbeConfig
+from dowser_cli.training import FinetuneConfig
 
 # rich_markup_mode None: help texts print as written (rich markup would eat "[auto]"-style defaults)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -38,6 +43,47 @@ TRUST = typer.Option(False, "--trust-remote-code", callback=_trust,
                      help="Allow the model to run code from its repository (NVILA needs it) [off].")
 
 
+def config_options(cls, section: str, kind: str = "recipes", config_help: str = ""):
+    """Give the command one option per field of the stage's config dataclass (declared once, with its
+    default and help, by config.option), and --config; the command receives ``cfg``: defaults <- the
+    YAML file's ``section`` <- the options given. The command's own parameters come first."""
+    import dataclasses
+    import functools
+    import inspect
+    import typing
+
+    from dowser_cli import config as cfgmod
+
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+    extra = []
+    for f in fields:
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        typ = str if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else typ
+        decls = [f"{flag}/{f.metadata.get('off') or '--no-' + flag[2:]}" if typ is bool else flag]
+        if f.metadata.get("short"):
+            decls.append(f.metadata["short"])
+        extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[typ],
+                                       default=typer.Option(None, *decls, help=cfgmod.option_help(f))))
+    extra.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                   default=typer.Option(None, "--config", help=config_help)))
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        own = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in sig.parameters.values() if q.name != "cfg"]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            overrides = {f.name: kwargs.pop(f.name) for f in fields}
+            cfg = cfgmod.resolve(cls(), kwargs.pop("config"), section, overrides, kind)
+            return fn(cfg=cfg, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=own + extra)
+        return command
+    return decorate
+
+
 def _version(value: bool):
     if value:
         typer.echo(__version__)
@@ -51,55 +97,20 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 @app.command(epilog="Example: dowser probe smollm2-135m --out scores.safetensors --samples 16")
+@config_options(ProbeConfig, "probe", kind="probe", config_help="YAML file, or a shipped name: paper | quick "
+                "(keys as options; CLI wins).")
 def probe(
     model: str = typer.Argument(..., help="Alias (`dowser configs` lists them), local save_pretrained dir, or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Scores artifact to write (.safetensors; .yaml beside it)."),
-    samples: Optional[int] = typer.Option(None, help="K: probe samples in all [64]."),
-    batch_size: Optional[int] = typer.Option(None, help="B: samples per batch [4]."),
-    probes: Optional[int] = typer.Option(None, help="M: Rademacher probes per batch [8]."),
-    seq_len: Optional[int] = typer.Option(None, help="Text tokens per sample, BOS included [64]."),
-    prefix_len: Optional[str] = typer.Option(None, help="Random prefix length, N or MIN-MAX [1-5]."),
-    images: Optional[str] = typer.Option(None, help="off | noise: add a noise image per sample [off]."),
-    texts: Optional[Path] = typer.Option(None, help="File of user texts, one per line, instead of synthetic text."),
-    layers: Optional[str] = typer.Option(None, help="Decoder layers: all | last:N | first:N | 0-3,7 [all]."),
-    targets: Optional[str] = typer.Option(None, help="Linears inside the layers: attn,mlp [attn,mlp]."),
-    include_lm_head: Optional[bool] = typer.Option(None, "--include-lm-head/--no-include-lm-head",
-                                                   help="Score lm_head (psi = 1) [on]."),
-    include_projector: Optional[bool] = typer.Option(None, "--include-projector/--no-include-projector",
-                                                     help="Score the vision-language projector [off]."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
-    device_map: Optional[str] = typer.Option(None, help="auto | balanced | balanced_low_0 | sequential: a model "
-                                             "larger than one GPU, its layers spread over the GPUs by accelerate [off]."),
-    seed: Optional[int] = typer.Option(None, help="Seed for probe text and Rademacher vectors [0]."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of the probe text [0.9]."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus (top-p) sampling of the probe text [0.9]."),
-    top_k: Optional[int] = typer.Option(None, help="Top-k sampling of the probe text; 0 = off [50, "
-                                        "transformers' default, as the authors]."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty of the probe text [1.05]."),
-    suppress: Optional[str] = typer.Option(None, help="Ids never sampled: multimodal (image/video placeholders) | "
-                                           "special (every special and added token) [multimodal]."),
-    gen_batch_size: Optional[int] = typer.Option(None, help="Samples generated per generate() call [64]."),
-    batched_probes: Optional[str] = typer.Option(None, help="auto | on | off: a batch's M backward passes as one "
-                                                 "vmapped pass (same numbers) [auto: on for CUDA]."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Batches between resumable partial saves [4]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file, or a shipped name: paper | quick (keys as options; CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build from the shipped config, no weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted probe from OUT.partial."),
     trust_remote_code: bool = TRUST,
+    cfg: ProbeConfig = None,
 ):
     """Score every weight of the language decoder for how much the pretrained model relies on it,
     with self-generated probe text and Rademacher probes (docs/method.md)."""
-    from dowser_cli import config as cfgmod
     from dowser_cli import probe as probe_mod
 
-    cfg = cfgmod.resolve(probe_mod.ProbeConfig(), config, "probe", kind="probe", overrides=dict(
-        samples=samples, batch_size=batch_size, probes=probes, seq_len=seq_len, prefix_len=prefix_len,
-        images=images, texts=str(texts) if texts else None, layers=layers, targets=targets,
-        include_lm_head=include_lm_head, include_projector=include_projector, dtype=dtype, device=device,
-        device_map=device_map, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, suppress=suppress, gen_batch_size=gen_batch_size,
-        batched_probes=batched_probes, checkpoint_every=checkpoint_every))
     sidecar = probe_mod.run(model, out, cfg, random_init=random_init, resume=resume, command=_command_line())
     if _rank0():
         typer.echo(str(out))
@@ -107,108 +118,45 @@ def probe(
 
 
 @app.command(epilog="Example: dowser mask scores.safetensors --ratio 0.1 --out mask.safetensors")
+@config_options(MaskConfig, "mask", config_help="YAML file or a recipe name (section `mask`; CLI wins).")
 def mask(
     scores: Path = typer.Argument(..., help="Scores artifact from `dowser probe`."),
     out: Path = typer.Option(..., "--out", "-o", help="Mask artifact to write (.safetensors; .yaml beside it)."),
-    ratio: Optional[float] = typer.Option(None, help="rho: fraction of each unit that is TRAINABLE [0.1]."),
-    strategy: Optional[str] = typer.Option(None, help="dowser | magnitude | wanda | random | inverse [dowser]."),
-    granularity: Optional[str] = typer.Option(None, help="Unit of exact-k selection: matrix | row | layer | global [matrix]."),
-    layers: Optional[str] = typer.Option(None, help="Decoder layers to mask: last:N | all | ranges [last:20; all if fewer]."),
-    targets: Optional[str] = typer.Option(None, help="attn,mlp [attn,mlp]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the random strategy [0]."),
     model: Optional[str] = typer.Option(None, help="Model for |W| (default: the one named in SCORES' .yaml)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file or a recipe name (section `mask`; CLI wins)."),
     trust_remote_code: bool = TRUST,
+    cfg: MaskConfig = None,
 ):
     """Select, per weight matrix, exactly round(rho * numel) TRAINABLE entries (the lowest-scoring);
     the rest stay frozen during fine-tuning. Writes a packed-bit mask (1 bit per masked weight)."""
-    from dowser_cli import config as cfgmod
     from dowser_cli import mask as mask_mod
 
-    cfg = cfgmod.resolve(mask_mod.MaskConfig(), config, "mask", dict(
-        ratio=ratio, strategy=strategy, granularity=granularity, layers=layers, targets=targets, seed=seed))
     mask_mod.run(scores, out, cfg, model_spec=model, command=_command_line())
     typer.echo(str(out))
 
 
 @app.command(epilog="Example: dowser finetune smol-llava --mask mask.safetensors --data train.json --out runs/digits "
                      "--epochs 1 --train-projector")
+@config_options(FinetuneConfig, "finetune", config_help="Recipe YAML, or a shipped name: paper | paper-8gpu | "
+                "paper-nvila | cpu-small (CLI wins).")
 def finetune(
     model: str = typer.Argument(..., help="Base model: alias, local save_pretrained dir, or hub id."),
     data: Path = typer.Option(..., "--data", help="Training data: LLaVA conversation JSON (list) or JSONL."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (delta.safetensors, run.yaml)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask from `dowser mask`, or a scores file (then "
                                         "--ratio builds the mask). Without it: dense fine-tuning (Full-FT)."),
-    ratio: Optional[float] = typer.Option(None, help="rho when --mask is a scores file, and --method supertuning's "
-                                          "trainable fraction [0.1]."),
-    method: Optional[str] = typer.Option(None, help="masked | full-ft | spider | lora | osf | supertuning [masked with --mask, "
-                                         "else full-ft]."),
-    lora_r: Optional[int] = typer.Option(None, help="--method lora: adapter rank [8]."),
-    lora_alpha: Optional[float] = typer.Option(None, help="--method lora: scaling alpha (update alpha/r * BA) [16]."),
-    lora_dropout: Optional[float] = typer.Option(None, help="--method lora: dropout on the adapter input [0]."),
-    osf_effective_rank: Optional[float] = typer.Option(None, help="--method osf: frozen top singular directions, "
-                                                       "a fraction of the smaller dimension or a count [0.5]."),
     image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [2e-5]."),
-    projector_lr: Optional[float] = typer.Option(None, help="Peak lr of a trained projector [0 = --lr]."),
-    epochs: Optional[float] = typer.Option(None, help="Epochs [5]."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimiser steps; overrides --epochs [0 = from epochs]."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch [4]."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step [1]."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (never touches frozen entries) [0]."),
-    warmup_ratio: Optional[float] = typer.Option(None, help="Warm-up fraction of the steps [0.03]."),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the trainable entries' gradient norm; 0 = off [1]."),
-    tune_layers: Optional[str] = typer.Option(None, help="Decoder layers to tune: last:N | all | ranges [the mask's; "
-                                              "else last:20, all if fewer]."),
-    targets: Optional[str] = typer.Option(None, help="Linears of the tuned layers that train: attn (q/k/v/o) | mlp "
-                                          "(gate/up/down) | attn,mlp; the others stay frozen [attn,mlp]."),
-    train_projector: Optional[bool] = typer.Option(None, "--train-projector/--freeze-projector",
-                                                   help="Train the vision-language projector densely [frozen]."),
-    train_vision_tower: Optional[bool] = typer.Option(None, "--train-vision-tower/--freeze-vision-tower",
-                                                      help="Train the vision tower densely [frozen]."),
-    train_embeddings: Optional[bool] = typer.Option(None, "--train-embeddings/--freeze-embeddings",
-                                                    help="Train the input embeddings densely [frozen]."),
-    train_lm_head: Optional[bool] = typer.Option(None, "--train-lm-head/--freeze-lm-head",
-                                                 help="Train lm_head densely [frozen]."),
-    freeze_norms: Optional[bool] = typer.Option(None, "--freeze-norms/--train-norms",
-                                                help="Freeze the tuned layers' norms [they train densely]."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
-                                                          help="Recompute activations in backward [off]."),
-    max_len: Optional[int] = typer.Option(None, help="Longest record in tokens; longer ones are bad records [2048]."),
-    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad",
-                                            help="Skip bad records (counted in run.yaml) instead of failing [off]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout [0]."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimiser steps [0 = only on Ctrl-C]."),
-    nan_policy: Optional[str] = typer.Option(None, help="A non-finite loss or gradient norm: stop (one line, the last "
-                                             "checkpoint kept) | skip-step (drop that update, counted in run.yaml) "
-                                             "[stop]."),
-    nan_max_skips: Optional[int] = typer.Option(None, help="skip-step: stop after this many in a row [5]."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto: bf16 on GPU]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
-    strategy: Optional[str] = typer.Option(None, help="ddp | fsdp under torchrun / accelerate launch "
-                                           "(--batch-size is per rank) [ddp there]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML, or a shipped name: paper | paper-8gpu | paper-nvila | cpu-small (CLI wins)."),
     random_init: bool = typer.Option(False, "--random-init", help="Build the base model from its shipped config."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in OUT bit for bit."),
     trust_remote_code: bool = TRUST,
+    cfg: FinetuneConfig = None,
 ):
     """Fine-tune the selected decoder layers; inside masked matrices only the mask's trainable entries
     change and every frozen entry stays bit-identical to the base model (weight decay included).
     The paper's comparators and PEFT's tuners run through the same loop: --method full-ft | spider | lora |
     osf | supertuning; --targets attn tunes the attention linears only.
     Writes OUT/delta.safetensors (trainable values only) and OUT/run.yaml."""
-    from dowser_cli import config as cfgmod
     from dowser_cli import finetune as ft
 
-    cfg = cfgmod.resolve(ft.FinetuneConfig(), config, "finetune", dict(
-        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        osf_effective_rank=osf_effective_rank, ratio=ratio, lr=lr,
-        projector_lr=projector_lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, tune_layers=tune_layers,
-        targets=targets, train_projector=train_projector, train_vision_tower=train_vision_tower, train_embeddings=train_embeddings,
-        train_lm_head=train_lm_head, freeze_norms=freeze_norms, gradient_checkpointing=gradient_checkpointing,
-        max_len=max_len, skip_bad=skip_bad, seed=seed, save_every=save_every, nan_policy=nan_policy,
-        nan_max_skips=nan_max_skips, dtype=dtype, device=device, strategy=strategy))
     ft.run(model, data, out, cfg, mask_path=mask, image_folder=image_folder, random_init=random_init,
            resume=resume, command=_command_line())
     if _rank0():
@@ -217,35 +165,15 @@ def finetune(
 
 @app.command(epilog="Example: dowser merge runs/full-ft --method tailor --data train.json --keep 0.1 "
                      "--out runs/tailor")
+@config_options(MergeConfig, "merge", config_help="YAML file or a recipe name (section `merge`; CLI wins).")
 def merge(
     run: Path = typer.Argument(..., help="Fine-tuned run directory (typically Full-FT) from `dowser finetune`."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (must not exist or be empty)."),
-    method: Optional[str] = typer.Option(None, "--method", help="dare | tailor | graft [dare]."),
     data: Optional[Path] = typer.Option(None, "--data", help="Downstream data (finetune's format); required by "
                                         "tailor (calibration) and graft (loss)."),
     image_folder: Optional[Path] = typer.Option(None, help="Root of the records' image paths [the data file's dir]."),
-    p: Optional[float] = typer.Option(None, "--p", help="DARE: drop probability of each delta entry [0.9]."),
-    keep: Optional[float] = typer.Option(None, help="Tailor: fraction of each 128-column block that keeps its "
-                                         "change [0.1]."),
-    block: Optional[int] = typer.Option(None, help="Tailor: columns per block [128]."),
-    compensation: Optional[str] = typer.Option(None, help="Tailor: official (the authors' += update) | sparsegpt "
-                                               "(the textbook -=) [official]."),
-    calib_samples: Optional[int] = typer.Option(None, help="Tailor: calibration examples from --data [128]."),
-    damp: Optional[float] = typer.Option(None, help="Tailor: Hessian damping, fraction of mean diag [0.01]."),
-    budget: Optional[float] = typer.Option(None, help="Graft: base region, fraction of all tuned entries "
-                                           "together [0.1]."),
-    steps: Optional[int] = typer.Option(None, help="Graft: SGD steps on the relaxed mask [100]."),
-    lr: Optional[float] = typer.Option(None, help="Graft: SGD learning rate of the mask logits [1e7]."),
-    grad_accum: Optional[int] = typer.Option(None, help="Graft: batches averaged per step [1]."),
-    sigmoid_bias: Optional[float] = typer.Option(None, help="Graft: bias inside the relaxation's sigmoid [10]."),
-    binarise: Optional[str] = typer.Option(None, help="Graft: round (the authors') | topk (exactly the budget) "
-                                           "[round]."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per forward pass [4]."),
-    max_len: Optional[int] = typer.Option(None, help="Longest record in tokens [2048]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of DARE's drops, the calibration subset, graft batches [0]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]; dtype is the run's."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file or a recipe name (section `merge`; CLI wins)."),
     trust_remote_code: bool = TRUST,
+    cfg: MergeConfig = None,
 ):
     """Post-hoc baselines of the paper on a fine-tuned run, as their authors' code: DARE (drop and
     rescale the delta), Model Tailor (per-block patch + compensation, calibrated layer by layer),
@@ -253,13 +181,8 @@ def merge(
     Tailor merge the tuned decoder layers' linear weights, Grafting every tensor trained in those
     layers; other trained tensors keep their delta. Writes OUT as a run directory that export /
     eval-forgetting / inspect read."""
-    from dowser_cli import config as cfgmod
     from dowser_cli import merge as merge_mod
 
-    cfg = cfgmod.resolve(merge_mod.MergeConfig(), config, "merge", dict(
-        method=method, p=p, keep=keep, block=block, compensation=compensation, calib_samples=calib_samples,
-        damp=damp, budget=budget, steps=steps, lr=lr, grad_accum=grad_accum, sigmoid_bias=sigmoid_bias,
-        binarise=binarise, batch_size=batch_size, max_len=max_len, seed=seed, device=device))
     merge_mod.run(run, out, cfg, data_path=data, image_folder=image_folder, command=_command_line())
     typer.echo(str(out))
 
@@ -281,21 +204,17 @@ def export(
 
 @app.command("eval-forgetting", epilog="Example: dowser eval-forgetting --base smol-llava runs/dowser runs/full-ft "
                                         "--tasks demo --out report/")
+@config_options(EvalConfig, "eval", config_help="YAML file or a recipe name (section `eval`; CLI wins).")
 def eval_forgetting(
     runs: list[Path] = typer.Argument(None, help="Run directories (from `dowser finetune`) or exported checkpoints."),
     base: str = typer.Option(..., "--base", help="The base model the runs were fine-tuned from (alias, dir, hub id)."),
-    tasks: Path = typer.Option(..., "--tasks", help="Task suite YAML, or a shipped name: demo | paper-coco | paper-flickr30k | paper-iconqa | paper-imagenet-r."),
+    tasks: str = typer.Option(..., "--tasks", help="Task suite YAML, or a shipped name: demo | paper-coco | "
+                              "paper-flickr30k | paper-iconqa | paper-imagenet-r | smoke."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory (report.yaml, report.md, report.png, cache/)."),
-    batch_size: Optional[int] = typer.Option(None, help="Prompts per generate/forward batch [8]."),
-    drift: Optional[bool] = typer.Option(None, "--drift/--no-drift",
-                                         help="Add a data-free drift column (KL to the base on probe text) [off]."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the suite's `data-root:` files are: "
-                                             "the --out parent of `dowser make-data` [./data]."),
     random_init: bool = typer.Option(False, "--random-init", help="The base is built from its shipped config."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's rows as JSON on stdout."),
     trust_remote_code: bool = TRUST,
+    cfg: EvalConfig = None,
 ):
     """Evaluate the base model and each run on the suite's downstream task(s) (D) and upstream tasks (U):
     report.md has one row per model with D, every upstream task, U, H = 2UD/(U+D) and the change of U
@@ -304,9 +223,6 @@ def eval_forgetting(
 
     from dowser_cli import evaluate
 
-    cfg = evaluate.EvalConfig(**{k: v for k, v in dict(batch_size=batch_size, drift=drift, dtype=dtype, device=device,
-                                                       data_root=str(data_root) if data_root else None).items()
-                                 if v is not None})
     report = evaluate.run(base, list(runs or []), tasks, out, cfg, random_init=random_init, command=_command_line())
     if as_json:
         typer.echo(json.dumps(report["rows"], indent=2))
@@ -363,7 +279,8 @@ def make_data(
 def compare(
     a: Path = typer.Argument(..., help="First mask or scores artifact."),
     b: Path = typer.Argument(..., help="Second artifact of the same kind and model."),
-    ratio: float = typer.Option(0.1, help="For scores: rho of the matrix masks whose Hamming distance is reported."),
+    ratio: Optional[float] = typer.Option(None, help="For scores: rho of the matrix masks whose Hamming distance is "
+                                          "reported [mask's default, 0.1]."),
     model: Optional[str] = typer.Option(None, help="Model for |W| when comparing scores (default: from A's .yaml)."),
     per_module: bool = typer.Option(False, "--per-module", help="List every module, not only the overall figures."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -375,7 +292,7 @@ def compare(
 
     from dowser_cli import mask as mask_mod
 
-    res = mask_mod.compare(a, b, ratio=ratio, model_spec=model)
+    res = mask_mod.compare(a, b, ratio=MaskConfig().ratio if ratio is None else ratio, model_spec=model)
     if as_json:
         typer.echo(json.dumps(res, indent=2))
         return
@@ -413,7 +330,7 @@ def inspect(
 
     from rich.console import Console
 
-    from dowser_cli import inspect as inspect_mod
+    from dowser_cli import inspection as inspect_mod
 
     info = inspect_mod.describe(artifact)
     if as_json:

@@ -17,6 +17,9 @@ from dowser_cli.errors import UserError
 SHIPPED_DIR = Path(str(importlib.resources.files("dowser_cli").joinpath("configs")))
 
 
+STAGE_SECTIONS = {"probe", "mask", "finetune", "merge", "eval"}
+
+
 def config_dirs() -> list[Path]:
     """Where named configs are looked up, first match wins: the entries of ``DOWSER_CONFIG_DIR``
     (``os.pathsep``-separated, each laid out like the shipped one: models.yaml, models/, probe/,
@@ -45,6 +48,25 @@ def find(spec: Path | str, kind: str, flag: str = "--config") -> Path:
     raise UserError(f"{flag} {spec}: no such file")
 
 
+def option(default: Any, help: str, *, show: str | None = None, flag: str | None = None, off: str | None = None,
+           short: str | None = None):
+    """A stage's config field that is also its command-line option, declared once: the default, the help
+    (shown with the default in brackets, or ``show`` where the bare value says too little), the flag
+    (``--field-name``; a bool gets ``--flag/--off``, ``off`` naming the second). The CLI builds the
+    options from these fields (cli.config_options), the YAML section is the same names, validate()
+    checks the values."""
+    return dataclasses.field(default=default, metadata={"help": help, "show": show, "flag": flag, "off": off,
+                                                        "short": short})
+
+
+def option_help(f: dataclasses.Field) -> str:
+    shown = f.metadata.get("show")
+    if shown is None:
+        shown = f.default if not isinstance(f.default, bool) else ("on" if f.default else "off")
+        shown = repr(shown) if shown == "" else shown
+    return f"{f.metadata['help']} [{shown}]"
+
+
 def load_yaml_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config {path}: no such file")
@@ -65,7 +87,8 @@ def resolve(defaults, file: Path | str | None, section: str, overrides: dict[str
     if file is not None:
         file = find(file, kind)
         data = load_yaml_file(file)
-        data = data.get(section, data)
+        # a recipe's stage sections, or a flat file of one stage's keys
+        data = data.get(section, {} if set(data) & STAGE_SECTIONS else data) or {}
         unknown = sorted(set(data) - set(values))
         if unknown:
             raise UserError(f"config {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(values))}")

@@ -283,3 +283,32 @@ def pad_id(tokenizer) -> int:
     """Padding id: the tokenizer's pad token, else its EOS, else 0 (padding is masked out anyway)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad if pad is not None else 0)
+
+
+def pack_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad sequences: ids [n, T] and a bool mask [n, T] of real positions."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+def read_dataset(tokenizer, processor, path: Path, image_folder: Path | None, max_len: int, skip_bad: bool,
+                 console) -> Dataset:
+    """A training file read and encoded as `finetune` (and `merge`'s calibration) read it, with a
+    progress line; skipped records (``skip_bad``) are reported in one line."""
+    from dowser_cli.progress import progress_bar
+
+    if image_folder is not None and not image_folder.is_dir():
+        raise UserError(f"--image-folder {image_folder}: no such directory")
+    encoder = Encoder(tokenizer, processor, max_len)
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"reading {path.name}", total=None)
+        ds = load_dataset(path, image_folder, encoder, skip_bad, lambda: bar.advance(task))
+    if ds.skipped:
+        console.print(f"[yellow]skipped {len(ds.skipped)} bad record(s) of {ds.total} (first: record "
+                      f"{ds.skipped[0]['index']}: {ds.skipped[0]['reason']})[/yellow]")
+    return ds

@@ -119,12 +119,12 @@ def write(name: str, out: Path, n_train: int | None = None, n_test: int | None =
 
 def builtin(spec: str) -> Path:
     """``digits/test.jsonl`` -> that file of the built-in dataset, written to the cache on first use."""
-    from dowser_cli.models.embedded import _publish, cache_dir
+    from dowser_cli.models.embedded import cache_dir, publish
 
     name, _, rel = spec.partition("/")
     if name not in BUILTIN:
         raise UserError(f"builtin:{spec}: unknown built-in dataset {name!r}; available: {', '.join(BUILTIN)}")
     target = cache_dir() / "data" / name
     if not target.exists():
-        _publish(lambda tmp: BUILTIN[name](tmp), target)
+        publish(lambda tmp: BUILTIN[name](tmp), target)
     return target / rel

@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import math
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,13 +38,14 @@ from torch import nn
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.optim import local
 from dowser_cli.resources import host_peak_since_reset_mb
+from dowser_cli.runtime import step_seed
+from dowser_cli import training
+from dowser_cli.training import STRATEGIES, FinetuneConfig, LossHead, Trainable, apply_values, step_examples, to_device
 
 if TYPE_CHECKING:
-    from dowser_cli.finetune import FinetuneConfig, Plan, Trainable
     from dowser_cli.models import LoadedModel
     from dowser_cli.optim import MaskedAdamW
 
-STRATEGIES = ("ddp", "fsdp")
 LAUNCH_HINT = "launch with `torchrun --nproc-per-node N -m dowser_cli ...` or `accelerate launch -m dowser_cli ...`"
 
 
@@ -84,8 +86,6 @@ def launched_world() -> int:
         raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: not a number") from None
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _rank_device(device: str, local_rank: int) -> str:
@@ -200,23 +200,6 @@ def global_cfg(d: Dist, cfg: "FinetuneConfig") -> "FinetuneConfig":
     return dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world)
 
 
-def load_masks(d: Dist, p: "Plan", lm: "LoadedModel", command: str) -> dict[str, torch.Tensor | None]:
-    """Rank 0 puts the run's mask file in place (a copy, or built from scores); then every rank reads
-    it: DDP the whole mask; FSDP only the names here, its rows once the model is sharded (shard_masks)."""
-    from dowser_cli import artifacts
-    from dowser_cli import finetune as ft
-    from dowser_cli import mask as mask_mod
-
-    if p.mask is None:
-        return {}
-    main_first(d, lambda: ft.prepare_mask(p, lm, command))
-    if not d.main and p.mask.kind == artifacts.SCORES_KIND:
-        target = p.out / "mask.safetensors"
-        p.mask = ft.MaskInput(target, artifacts.MASK_KIND, artifacts.read_header(target), p.layers, p.mask.dtype)
-    mf = mask_mod.open_mask(p.mask.path)
-    if d.strategy == "fsdp":
-        return dict.fromkeys(mf.params)
-    return {name: mf.dense(name).to(d.device) for name in mf.params}
 
 
 def shard_rows(d: Dist, rows: int) -> tuple[int, int]:
@@ -249,8 +232,6 @@ class LossModule(nn.Module):
     calls the backbone and lm_head directly."""
 
     def __init__(self, lm: "LoadedModel"):
-        from dowser_cli.finetune import LossHead
-
         super().__init__()
         self.model = lm.model
         self._head = LossHead(lm)
@@ -259,7 +240,7 @@ class LossModule(nn.Module):
         return self._head(batch)
 
 
-def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
+def wrap(d: Dist, lm: "LoadedModel", tr: Trainable, cfg: FinetuneConfig, mask_path: Path | None) -> nn.Module:
     """DDP or FSDP2 around the loss module. FSDP replaces every parameter by its shard (a DTensor), so
     ``tr.params`` is re-pointed and ``tr.masks`` becomes each masked matrix's rows of this rank."""
     mod = LossModule(lm)
@@ -268,7 +249,7 @@ def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
 
         ids = [torch.device(d.device).index] if d.device.startswith("cuda") else None
         # a text-only batch leaves the projector / vision tower out of the graph
-        unused = p.cfg.train_projector or p.cfg.train_vision_tower
+        unused = cfg.train_projector or cfg.train_vision_tower
         # buffers (rotary tables) are the same on every rank: no per-forward broadcast
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else {"broadcast_buffers": False}
@@ -292,7 +273,7 @@ def wrap(d: Dist, lm: "LoadedModel", tr: "Trainable", p: "Plan") -> nn.Module:
         loc = local(tr.params[n])
         if loc.shape[0] != r1 - r0:
             raise RuntimeError(f"{n}: FSDP shard has {loc.shape[0]} rows, expected {r1 - r0}")
-        masks[n] = read_mask_rows(p.mask.path, n, list(tr.params[n].shape), r0, r1).to(loc.device)
+        masks[n] = read_mask_rows(mask_path, n, list(tr.params[n].shape), r0, r1).to(loc.device)
     tr.masks = masks
     ks = torch.tensor([int(masks[n].sum()) for n in masks], dtype=torch.int64, device=d.device)
     all_k = [torch.zeros_like(ks) for _ in range(d.world)]
@@ -346,12 +327,11 @@ def train_step(d: Dist, model: nn.Module, step: int, ds, sched, cfg: "FinetuneCo
     runs one with weight 0. Returns (global loss, global assistant tokens, global tokens, stop agreed,
     finite): not finite (the loss or the reduced gradient norm) means no update was made."""
     from dowser_cli import data
-    from dowser_cli.finetune import step_examples, to_device
 
     micro = step_examples(step, len(ds.examples), sched, global_cfg(d, cfg))
     n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
     n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
-    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    torch.manual_seed(step_seed(cfg.seed, step))
     total = 0.0
     for j, mb in enumerate(micro):
         mine = mb[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
@@ -384,19 +364,15 @@ def train_step(d: Dist, model: nn.Module, step: int, ds, sched, cfg: "FinetuneCo
 
 
 def _local_trainable(tr: "Trainable") -> "Trainable":
-    from dowser_cli.finetune import Trainable
-
     return Trainable({n: local(q) for n, q in tr.params.items()}, tr.masks, tr.layers)
 
 
 def trainable_values(d: Dist, tr: "Trainable") -> dict[str, torch.Tensor] | None:
     """The delta's tensors on rank 0 (finetune.trainable_values' layout), None on the other ranks."""
-    from dowser_cli import finetune as ft
-
     if d.strategy != "fsdp":
-        return ft.trainable_values(tr) if d.main else None
+        return training.trainable_values(tr) if d.main else None
     out = {}
-    for n, v in ft.trainable_values(_local_trainable(tr)).items():
+    for n, v in training.trainable_values(_local_trainable(tr)).items():
         full = gather_cat(d, v)
         if d.main:
             out[n] = full if n in tr.masks else full.reshape(tr.params[n].shape)
@@ -423,8 +399,6 @@ def checkpoint_tensors(d: Dist, tr: "Trainable", opt: "MaskedAdamW") -> dict[str
 def load_sharded_checkpoint(d: Dist, path, tr: "Trainable", opt: "MaskedAdamW", step: int) -> None:
     """Each rank reads only its part of every checkpoint tensor (safetensors slices)."""
     from safetensors import safe_open
-
-    from dowser_cli.finetune import apply_values
 
     loc = _local_trainable(tr)
     names = {q: n for n, q in tr.params.items()}
@@ -472,29 +446,8 @@ def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
 
 # ---- probing -------------------------------------------------------------------------------------
 
-class _StopFlag:
-    """SIGINT / SIGTERM set a flag that the ranks agree on after each round of batches (raising in the
-    middle of a batch would leave the others waiting in a collective)."""
 
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        import signal
-
-        def handler(signum, frame):
-            self.requested = True
-        self._old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
+def reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
     """Sum rows [lo, hi) of every factor over the ranks. Each row was computed by exactly one rank and
     is zero on the others, so the sum is that rank's row, bit for bit."""
     if hi <= lo:
@@ -504,51 +457,3 @@ def _reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
             part = t[lo:hi].to(d.device)
             dist.all_reduce(part)
             t[lo:hi] = part.to(t.device)
-
-
-def probe_all(d: Dist, s, cfg, partial, label: str) -> dict[str, float]:
-    """probe.probe_all across ranks: rank r probes batches r, r + W, ... (each batch's samples and
-    Rademacher vectors have their own seeds, so which rank runs it does not change its numbers). After
-    each round of W batches the ranks agree on stop requests; factor rows are summed over ranks at
-    partial saves and at the end, after which every rank holds all rows. Returns generate/probe seconds."""
-    from dowser_cli import artifacts
-    from dowser_cli.probe import PARTIAL_KIND, probe_one
-    from dowser_cli.progress import progress_bar, stderr_console
-
-    device, n = s.plan.device, len(cfg.batch_sizes())
-    t_gen = t_probe = 0.0
-    reduced = s.done  # rows of batches < reduced are complete on every rank (a resumed partial is)
-
-    def sync(upto: int) -> None:
-        nonlocal reduced
-        _reduce_rows(d, s.store, reduced * cfg.probes, upto * cfg.probes)
-        reduced = upto
-
-    def save_partial(batches: int) -> None:
-        sync(batches)
-        if d.main:
-            meta = artifacts.base_metadata(PARTIAL_KIND, s.fingerprint, batches_done=batches,
-                                           config_digest=cfg.digest())
-            artifacts.write_safetensors(partial, s.store.tensors(batches * cfg.probes), meta)
-
-    console = stderr_console(quiet=not d.main)
-    with _StopFlag() as stop, s.scored.hooks(device, cfg.probes) as hooks, progress_bar(console) as bar:
-        task = bar.add_task(f"probing {label} ({d.world} ranks)", total=n, completed=s.done)
-        for start in range(s.done, n, d.world):
-            b = start + d.rank
-            if b < n:
-                dg, dp = probe_one(s, hooks, b, cfg, device)
-                t_gen, t_probe = t_gen + dg, t_probe + dp
-            before, s.done = s.done, min(start + d.world, n)
-            bar.update(task, completed=s.done)
-            flag = torch.tensor([float(stop.requested)], device=d.device)
-            dist.all_reduce(flag)
-            if flag.item() > 0 and s.done < n:
-                save_partial(s.done)
-                raise Interrupted(f"interrupted after {s.done}/{n} batches; partial state in {partial}; "
-                                  f"rerun with --resume to continue")
-            ce = cfg.checkpoint_every
-            if ce and s.done // ce > before // ce and s.done < n:
-                save_partial(s.done)
-    sync(n)
-    return {"generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}

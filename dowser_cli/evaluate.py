@@ -17,12 +17,11 @@ from typing import Any, Callable
 import torch
 
 from dowser_cli import artifacts, metrics
-from dowser_cli.config import find
-from dowser_cli.data import Encoder, image_inputs, pad_id, prompt_ids
+from dowser_cli.config import find, option
+from dowser_cli.data import Encoder, image_inputs, pack_right, pad_id, prompt_ids
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
-from dowser_cli.probe import _pack_right as pack_right
-from dowser_cli.probe import resolve_device, resolve_dtype
+from dowser_cli.runtime import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
 
@@ -32,14 +31,16 @@ PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy",
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8
-    max_len: int = 2048
-    dtype: str = "auto"
-    device: str = "auto"
-    drift: bool = False        # add a drift entry (mean KL to the base model) if the suite has none
-    bootstrap: int = 1000      # replicates of the items' bootstrap behind every 95 % interval
-    bootstrap_seed: int = 0
-    data_root: str = "data"    # where the suites' `data-root:` paths point (`dowser make-data --out DATA_ROOT/NAME`)
+    batch_size: int = option(8, "Prompts per generate/forward batch.")
+    max_len: int = option(2048, "Longest prompt in tokens.")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    drift: bool = option(False, "Add a data-free drift column (KL to the base on probe text) if the suite has none.",
+                         off="--no-drift")
+    bootstrap: int = option(1000, "Replicates of the items' bootstrap behind every 95 % interval.")
+    bootstrap_seed: int = option(0, "Seed of the bootstrap.")
+    data_root: str = option("data", "Where the suite's `data-root:` files are: the --out parent of `dowser make-data`.",
+                            show="./data")
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps({"max_len": self.max_len, "dtype": self.dtype}).encode()).hexdigest()[:12]

@@ -11,7 +11,7 @@ import torch
 
 from dowser_cli import artifacts
 from dowser_cli.errors import UserError
-from dowser_cli.finetune import DELTA_KIND
+from dowser_cli.training import DELTA_KIND
 from dowser_cli.models import LoadedModel, load_config, load_model, resolve_source
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from dowser_cli import artifacts, scoring
+from dowser_cli.config import option
 from dowser_cli.errors import UserError
 from dowser_cli.methods import MASK_STRATEGIES, MaskStrategy
 from dowser_cli.models import (LoadedModel, ModelSource, load_config, load_model, meta_model, num_decoder_layers,
@@ -25,20 +26,20 @@ from dowser_cli.models import (LoadedModel, ModelSource, load_config, load_model
 from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.resources import peak_memory
-from dowser_cli.selection import TARGETS, layer_of, parse_layers, parse_targets
+from dowser_cli.selection import (DEFAULT_LAYERS, TARGETS, default_layers, format_ranges, layer_of, parse_layers,
+                                  parse_targets)
 
 GRANULARITIES = ("matrix", "row", "layer", "global")
-DEFAULT_LAYERS = "last:20"  # the paper's (20 of LLaVA's 32); all layers on models with fewer
 
 
 @dataclass
 class MaskConfig:
-    ratio: float = 0.1
-    strategy: str = "dowser"
-    granularity: str = "matrix"
-    layers: str = DEFAULT_LAYERS
-    targets: str = "attn,mlp"
-    seed: int = 0  # for the random strategy
+    ratio: float = option(0.1, "rho: fraction of each unit that is TRAINABLE.")
+    strategy: str = option("dowser", "dowser | magnitude | wanda | random | inverse.")
+    granularity: str = option("matrix", "Unit of exact-k selection: matrix | row | layer | global.")
+    layers: str = option(DEFAULT_LAYERS, "Decoder layers to mask: last:N | all | ranges.", show="last:20; all if fewer")
+    targets: str = option("attn,mlp", "Linears of those layers: attn (q/k/v/o) | mlp (gate/up/down) | attn,mlp.")
+    seed: int = option(0, "Seed of the random strategy.")
 
 
 def validate(cfg: MaskConfig) -> MaskStrategy:
@@ -158,16 +159,14 @@ class UnitSelector:
 # ---- the run ---------------------------------------------------------------------------------------
 
 def _selected_modules(scores: ScoresFile, layers_path: str, num_layers: int, cfg: MaskConfig) -> tuple[list[str], list[int]]:
-    spec = cfg.layers
-    if spec == DEFAULT_LAYERS and num_layers < 20:
-        spec = "all"
+    spec = default_layers(num_layers) if cfg.layers == DEFAULT_LAYERS else cfg.layers
     layers = parse_layers(spec, num_layers)
     targets = parse_targets(cfg.targets)
     probed = {layer_of(m, layers_path) for m in scores.modules} - {None}
     missing = [i for i in layers if i not in probed]
     if missing:
         have = f"{min(probed)}-{max(probed)}" if probed else "none"
-        raise UserError(f"--layers {cfg.layers}: layer(s) {_ranges(missing)} are not in {scores.path} "
+        raise UserError(f"--layers {cfg.layers}: layer(s) {format_ranges(missing)} are not in {scores.path} "
                         f"(probed decoder layers: {have})")
     chosen = []
     for m in scores.modules:
@@ -179,15 +178,6 @@ def _selected_modules(scores: ScoresFile, layers_path: str, num_layers: int, cfg
     return sorted(chosen, key=lambda m: (layer_of(m, layers_path), m)), layers
 
 
-def _ranges(xs: list[int]) -> str:
-    out, start = [], None
-    for i, x in enumerate(xs):
-        if start is None:
-            start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(out)
 
 
 def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = None,

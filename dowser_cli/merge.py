@@ -21,12 +21,13 @@ from typing import Any, Callable, Iterable
 import torch
 
 from dowser_cli import artifacts, data, merging
+from dowser_cli.config import option
 from dowser_cli.errors import UserError
 from dowser_cli.export import RunDir, apply_delta, open_run
-from dowser_cli.finetune import DELTA_KIND, LossHead, to_device
+from dowser_cli.training import DELTA_KIND, LossHead, to_device
 from dowser_cli.methods import MERGE_METHODS, MergeMethod
-from dowser_cli.models import LoadedModel, load_config, load_model, resolve_source
-from dowser_cli.probe import resolve_device
+from dowser_cli.models import LoadedModel, ensure_tokenizer, load_config, load_model, resolve_source
+from dowser_cli.runtime import resolve_device, step_seed
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.resources import peak_memory
 from dowser_cli.selection import TARGETS, layer_of
@@ -34,24 +35,25 @@ from dowser_cli.selection import TARGETS, layer_of
 
 @dataclass
 class MergeConfig:
-    method: str = "dare"
-    p: float = 0.9                 # DARE drop probability
-    keep: float = 0.1              # Model Tailor: fraction of each 128-column block that keeps its change
-    block: int = 128               # Model Tailor: columns per block (selection and lazy compensation)
-    compensation: str = "official"  # Model Tailor: official (the authors' `+=`) | sparsegpt (textbook `-=`)
-    magnitude_weight: float = 0.8  # Model Tailor: score = w z(|delta|) + (1 - w) z(W^2 / U_jj^2)
-    damp: float = 0.01             # Model Tailor: Hessian damping, fraction of mean(diag H)
-    calib_samples: int = 128       # Model Tailor: calibration examples from --data
-    budget: float = 0.1            # Grafting: base region, a fraction of all tuned entries together
-    steps: int = 100               # Grafting: SGD steps on the mask logits
-    lr: float = 1e7                # Grafting: SGD learning rate of the mask logits (the authors' 1e7)
-    grad_accum: int = 1            # Grafting: batches whose gradients each step averages
-    sigmoid_bias: float = 10.0     # Grafting: frac = base + (1 - 2 base) sigmoid(S - bias)
-    binarise: str = "round"        # Grafting: round (the authors') | topk (exactly the budget)
-    batch_size: int = 4            # examples per forward pass (calibration, grafting steps)
-    max_len: int = 2048
-    seed: int = 0
-    device: str = "auto"
+    method: str = option("dare", "dare | tailor | graft.")
+    p: float = option(0.9, "DARE: drop probability of each delta entry.", flag="--p")
+    keep: float = option(0.1, "Tailor: fraction of each 128-column block that keeps its change.")
+    block: int = option(128, "Tailor: columns per block (selection and lazy compensation).")
+    compensation: str = option("official", "Tailor: official (the authors' += update) | sparsegpt (the textbook -=).")
+    magnitude_weight: float = option(0.8, "Tailor: score = w z(|delta|) + (1 - w) z(W^2 / U_jj^2).")
+    damp: float = option(0.01, "Tailor: Hessian damping, fraction of mean diag.")
+    calib_samples: int = option(128, "Tailor: calibration examples from --data.")
+    budget: float = option(0.1, "Graft: base region, fraction of all tuned entries together.")
+    steps: int = option(100, "Graft: SGD steps on the relaxed mask.")
+    lr: float = option(1e7, "Graft: SGD learning rate of the mask logits (the authors' 1e7).")
+    grad_accum: int = option(1, "Graft: batches averaged per step.")
+    sigmoid_bias: float = option(10.0, "Graft: bias inside the relaxation's sigmoid, frac = base + (1 - 2 base) "
+                                 "sigmoid(S - bias).")
+    binarise: str = option("round", "Graft: round (the authors') | topk (exactly the budget).")
+    batch_size: int = option(4, "Examples per forward pass (calibration, grafting steps).")
+    max_len: int = option(2048, "Longest record in tokens.")
+    seed: int = option(0, "Seed of DARE's drops, the calibration subset, graft batches.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N; the dtype is the run's.")
 
 
 def validate(cfg: MergeConfig) -> MergeMethod:
@@ -235,7 +237,7 @@ class MergeContext:
                     for micro in range(cfg.grad_accum):
                         idx = torch.randperm(n_ex, generator=gen)[:cfg.batch_size].tolist()
                         batch = next(iter(self._batches(idx)))
-                        torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)  # dropout, if any
+                        torch.manual_seed(step_seed(cfg.seed, step * cfg.grad_accum + micro))  # dropout, if any
                         n_tok = int((batch["labels"][:, 1:] != data.IGNORE).sum())
                         loss = loss_head(batch) / max(n_tok, 1)
                         loss.backward()
@@ -306,12 +308,10 @@ def setup(run_path: Path, cfg: MergeConfig, method: MergeMethod, data_path: Path
 
 
 def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: MergeConfig, console) -> data.Dataset:
-    from dowser_cli.finetune import FinetuneConfig, ensure_tokenizer, _read_data as read_finetune_data
-
     ensure_tokenizer(lm, console)  # what finetune uses for a config-only model
-    # the finetune stage's reading and encoding (chat template, labels, images), so the merge sees the
-    # downstream data exactly as training did
-    return read_finetune_data(lm, path, image_folder, FinetuneConfig(max_len=cfg.max_len), console)
+    # finetune's reading and encoding (chat template, labels, images), so the merge sees the downstream
+    # data exactly as training did
+    return data.read_dataset(lm.tokenizer, lm.processor, path, image_folder, cfg.max_len, False, console)
 
 
 def merged_values(ctx: MergeContext, patches: dict[str, merging.Patch]) -> dict[str, torch.Tensor]:

@@ -20,11 +20,14 @@ import torch
 from torch import nn
 
 from dowser_cli import artifacts, scoring
+from dowser_cli.config import option
+from dowser_cli.data import pack_right
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.models import LoadedModel, ModelSource, load_config, load_model, num_decoder_layers, resolve_source
 from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD, adapter_for_config
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.resources import peak_memory
+from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
 
 PARTIAL_KIND = "dowser.scores.partial"
@@ -38,40 +41,43 @@ MULTIMODAL_ID_KEYS = ("image_token_id", "image_token_index", "video_token_id", "
 
 @dataclass
 class ProbeConfig:
-    samples: int = 64          # K
-    batch_size: int = 4        # B
-    probes: int = 8            # M per batch
-    seq_len: int = 64          # text tokens per sample, BOS included
-    prefix_len: str = "1-5"    # random prefix length L, uniform in the range
-    images: str = "off"        # off | noise
-    texts: str | None = None   # file of user texts (one per line) instead of synthetic text
-    layers: str = "all"
-    targets: str = "attn,mlp"
-    include_lm_head: bool = True
-    include_projector: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
+    samples: int = option(64, "K: probe samples in all.")
+    batch_size: int = option(4, "B: samples per batch.")
+    probes: int = option(8, "M: Rademacher probes per batch.")
+    seq_len: int = option(64, "Text tokens per sample, BOS included.")
+    prefix_len: str = option("1-5", "Random prefix length L, N or MIN-MAX (uniform in the range).")
+    images: str = option("off", "off | noise: add a noise image per sample.")
+    texts: str | None = option(None, "File of user texts, one per line, instead of synthetic text.", show="synthetic")
+    layers: str = option("all", "Decoder layers: all | last:N | first:N | 0-3,7.")
+    targets: str = option("attn,mlp", "Linears inside the layers: attn,mlp.")
+    include_lm_head: bool = option(True, "Score lm_head (psi = 1).")
+    include_projector: bool = option(False, "Score the vision-language projector.")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16.", show="auto: bf16 on GPU")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    seed: int = option(0, "Seed for probe text and Rademacher vectors.")
     # Sampling of the probe text, as the authors' script: temperature 0.9, top-p 0.9, repetition
     # penalty 1.05 and transformers' default top-k 50 (0 turns top-k off).
-    temperature: float = 0.9
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.05
+    temperature: float = option(0.9, "Sampling temperature of the probe text.")
+    top_p: float = option(0.9, "Nucleus (top-p) sampling of the probe text.")
+    top_k: int = option(50, "Top-k sampling of the probe text; 0 = off.", show="50, transformers' default, as the authors")
+    repetition_penalty: float = option(1.05, "Repetition penalty of the probe text.")
     # Ids generation may never sample. multimodal: only image/video placeholders and the other
     # multimodal ids, which would make the next forward ask for features it was not given (the
     # authors suppress nothing; their LLaVA's image index -200 is not in the vocabulary). special:
     # every special and added token id too (EOS excepted), the behaviour before 0.6.
-    suppress: str = "multimodal"
-    gen_batch_size: int = 64   # samples generated per generate() call (decoding is weight-bandwidth
-                               # bound, so one call for many samples costs about as much as for a few)
-    # auto | on | off: run the M backward passes of a batch as one vmapped pass. Same numbers; on a GPU
-    # it saves M-1 sweeps of kernel launches, on a CPU it was no faster overall and its extra live
-    # allocations fragmented the host heap (+17% peak), so auto means on for CUDA, off elsewhere.
-    batched_probes: str = "auto"
-    checkpoint_every: int = 4  # batches between resumable partial saves
-    device_map: str = ""       # "" | auto | balanced | balanced_low_0 | sequential: a model larger than one
-                               # device, its layers placed over the GPUs by accelerate (--device ignored)
+    suppress: str = option("multimodal", "Ids never sampled: multimodal (image/video placeholders) | special "
+                           "(every special and added token).")
+    # decoding is weight-bandwidth bound, so one generate() call for many samples costs about as much as
+    # for a few
+    gen_batch_size: int = option(64, "Samples generated per generate() call.")
+    # the M backward passes of a batch as one vmapped pass. Same numbers; on a GPU it saves M-1 sweeps of
+    # kernel launches, on a CPU it was no faster overall and its extra live allocations fragmented the
+    # host heap (+17% peak), so auto means on for CUDA, off elsewhere.
+    batched_probes: str = option("auto", "auto | on | off: a batch's M backward passes as one vmapped pass "
+                                 "(same numbers).", show="auto: on for CUDA")
+    checkpoint_every: int = option(4, "Batches between resumable partial saves.")
+    device_map: str = option("", "auto | balanced | balanced_low_0 | sequential: a model larger than one GPU, its "
+                             "layers spread over the GPUs by accelerate (--device ignored).", show="off")
 
     def batch_sizes(self) -> list[int]:
         full, rest = divmod(self.samples, self.batch_size)
@@ -132,27 +138,9 @@ def validate(cfg: ProbeConfig) -> None:
     parse_targets(cfg.targets)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return device
-
-
 def use_batched_probes(cfg: ProbeConfig, device: str) -> bool:
     mode = str(cfg.batched_probes)
     return mode == "on" or (mode == "auto" and device.startswith("cuda"))
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in table:
-        raise UserError(f"--dtype {dtype!r}: expected auto, {', '.join(table)}")
-    return table[dtype]
 
 
 # ---- probe text ----------------------------------------------------------------------------------------
@@ -216,17 +204,6 @@ def image_segment(lm: LoadedModel, gen: torch.Generator) -> tuple[list[int], dic
     std = tuple(getattr(ip, "image_std", None) or CLIP_STD)
     seg, kwargs = fn(lm.model, lm.config, 1, gen, mean, std)
     return seg.tolist(), kwargs
-
-
-def _pack_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad sequences: ids [n, T] and a bool mask [n, T] of real positions."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = True
-    return ids, mask
 
 
 def random_prefix(ids: TokenIds, lo: int, hi: int, gen: torch.Generator) -> list[int]:
@@ -619,7 +596,7 @@ class BatchSource:
             n = min(chunk, self.cfg.samples - c0)
             self._chunk = (c0, make_samples(self.lm, self.cfg, self.ids, c0, n, self.texts, self.device))
         samples = self._chunk[1][start - c0: start - c0 + self.sizes[b]]
-        input_ids, mask = _pack_right([s.tokens for s in samples], self.ids.pad)
+        input_ids, mask = pack_right([s.tokens for s in samples], self.ids.pad)
         return input_ids, mask, _collate_images(samples)
 
 
@@ -777,7 +754,7 @@ def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_i
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     # under a launcher the ranks split the batches; afterwards every rank holds all factor rows
-    timings.update(distributed.probe_all(dist, s, cfg, partial, model_spec) if dist else
+    timings.update(probe_all_ranks(dist, s, cfg, partial, model_spec) if dist else
                    probe_all(s, cfg, partial, model_spec))
     if dist is not None:
         ranks = distributed.all_gather_objects({"rank": dist.rank, "device": dist.device, **timings,
@@ -873,3 +850,51 @@ def _print_summary(console, sidecar: dict, out: Path) -> None:
     console.print(table)
     console.print(f"[dim]total {sidecar['timings']['total_s']:.1f} s "
                   f"(generate {sidecar['timings']['generate_s']:.1f} s, probe {sidecar['timings']['probe_s']:.1f} s)[/dim]")
+
+
+def probe_all_ranks(d, s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[str, float]:
+    """probe_all across the ranks of a launch (``d``, a distributed.Dist): rank r probes batches r, r + W, ... (each batch's samples and
+    Rademacher vectors have their own seeds, so which rank runs it does not change its numbers). After
+    each round of W batches the ranks agree on stop requests; factor rows are summed over ranks at
+    partial saves and at the end, after which every rank holds all rows. Returns generate/probe seconds."""
+    import torch.distributed as tdist
+
+    from dowser_cli import distributed
+
+    device, n = s.plan.device, len(cfg.batch_sizes())
+    t_gen = t_probe = 0.0
+    reduced = s.done  # rows of batches < reduced are complete on every rank (a resumed partial is)
+
+    def sync(upto: int) -> None:
+        nonlocal reduced
+        distributed.reduce_rows(d, s.store, reduced * cfg.probes, upto * cfg.probes)
+        reduced = upto
+
+    def save_partial(batches: int) -> None:
+        sync(batches)
+        if d.main:
+            meta = artifacts.base_metadata(PARTIAL_KIND, s.fingerprint, batches_done=batches,
+                                           config_digest=cfg.digest())
+            artifacts.write_safetensors(partial, s.store.tensors(batches * cfg.probes), meta)
+
+    console = stderr_console(quiet=not d.main)
+    with StopRequests("ignore") as stop, s.scored.hooks(device, cfg.probes) as hooks, progress_bar(console) as bar:
+        task = bar.add_task(f"probing {label} ({d.world} ranks)", total=n, completed=s.done)
+        for start in range(s.done, n, d.world):
+            b = start + d.rank
+            if b < n:
+                dg, dp = probe_one(s, hooks, b, cfg, device)
+                t_gen, t_probe = t_gen + dg, t_probe + dp
+            before, s.done = s.done, min(start + d.world, n)
+            bar.update(task, completed=s.done)
+            flag = torch.tensor([float(stop.requested)], device=d.device)
+            tdist.all_reduce(flag)
+            if flag.item() > 0 and s.done < n:
+                save_partial(s.done)
+                raise Interrupted(f"interrupted after {s.done}/{n} batches; partial state in {partial}; "
+                                  f"rerun with --resume to continue")
+            ce = cfg.checkpoint_every
+            if ce and s.done // ce > before // ce and s.done < n:
+                save_partial(s.done)
+    sync(n)
+    return {"generate_s": round(t_gen, 3), "probe_s": round(t_probe, 3)}

@@ -14,6 +14,14 @@ TARGETS = {
 }
 
 
+DEFAULT_LAYERS = "last:20"  # the paper's (20 of LLaVA's 32); all layers on models with fewer
+
+
+def default_layers(num_layers: int) -> str:
+    """The paper's last 20 decoder layers, or all of them on a model with fewer."""
+    return DEFAULT_LAYERS if num_layers >= 20 else "all"
+
+
 def parse_layers(spec: str, num_layers: int, option: str = "--layers") -> list[int]:
     """'all' | 'last:N' | 'first:N' | '0-3,7,10-12' -> sorted layer indices (0-based)."""
     spec = str(spec).strip()
@@ -61,3 +69,15 @@ def layer_of(name: str, layers_path: str) -> int | None:
     """Decoder layer index of a runtime module name, or None outside the decoder stack."""
     m = re.match(re.escape(layers_path) + r"\.(\d+)\.", name)
     return int(m.group(1)) if m else None
+
+
+def format_ranges(xs: list[int]) -> str:
+    """Sorted layer indices as `--layers` spells them: [0, 1, 2, 7] -> "0-2,7" (parse_layers' inverse)."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)

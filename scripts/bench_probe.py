@@ -36,11 +36,11 @@ def _peak_mb(device: str) -> float:
 
 def _setup(model: str, cfg):
     from dowser_cli.models import load_config, load_model, resolve_source
-    from dowser_cli import probe
+    from dowser_cli import runtime
 
-    device = probe.resolve_device(cfg.device)
+    device = runtime.resolve_device(cfg.device)
     src = resolve_source(model, random_init=RANDOM_INIT)
-    lm = load_model(src, load_config(src), probe.resolve_dtype(cfg.dtype, device), device)
+    lm = load_model(src, load_config(src), runtime.resolve_dtype(cfg.dtype, device), device)
     lm.model.requires_grad_(False)
     return lm, device
 

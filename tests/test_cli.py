@@ -103,3 +103,42 @@ def test_no_shipped_alias_or_config_turns_remote_code_on():
 
     assert not any("trust_remote_code" in entry for entry in aliases().values())
     assert not [p for p in (ROOT / "dowser_cli" / "configs").rglob("*.yaml") if "trust_remote_code: true" in p.read_text()]
+
+
+def test_every_config_field_is_an_option_of_its_command_declared_once():
+    """The options come from the stage's config dataclass: each field has its flag, its help with the
+    default, and no default of its own (None: a --config file's value, else the dataclass's, applies)."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    from dowser_cli.cli import app
+    from dowser_cli.evaluate import EvalConfig
+    from dowser_cli.mask import MaskConfig
+    from dowser_cli.merge import MergeConfig
+    from dowser_cli.probe import ProbeConfig
+    from dowser_cli.training import FinetuneConfig
+
+    group = get_command(app)
+    for name, cls in (("probe", ProbeConfig), ("mask", MaskConfig), ("finetune", FinetuneConfig),
+                      ("merge", MergeConfig), ("eval-forgetting", EvalConfig)):
+        params = {p.name: p for p in group.commands[name].params}
+        assert "config" in params, name
+        for f in dataclasses.fields(cls):
+            p = params.get(f.name)
+            assert p is not None, f"{name}: no option for {cls.__name__}.{f.name}"
+            assert p.default is None and p.help.endswith("]") and f.metadata["help"] in p.help, (name, f.name)
+            assert f"--{f.name.replace('_', '-')}" in p.opts, (name, f.name, p.opts)
+    ft = {p.name: p for p in group.commands["finetune"].params}
+    assert ft["adam_beta2"].help == "AdamW beta2. [0.999]" and ft["lr_scheduler"].help.endswith("[cosine]")
+    assert ft["train_projector"].secondary_opts == ["--freeze-projector"]
+
+
+def test_a_recipe_without_the_stage_section_leaves_its_defaults(tmp_path):
+    from dowser_cli import config as cfgmod
+    from dowser_cli.evaluate import EvalConfig
+
+    assert cfgmod.resolve(EvalConfig(), "paper", "eval", {}) == EvalConfig()          # no eval: section
+    (tmp_path / "r.yaml").write_text("eval:\n  bootstrap: 200\n")
+    assert cfgmod.resolve(EvalConfig(), tmp_path / "r.yaml", "eval", {"batch_size": 2}) == \
+        EvalConfig(bootstrap=200, batch_size=2)

@@ -74,3 +74,4 @@ def test_shipped_configs_are_found_by_name_and_a_user_dir_overrides_them(tmp_pat
     table = aliases()
     assert table["mine"]["config"] == str(mine / "models" / "big") and table["tiny-llama"] == {"tiny": "tiny-llava"}
     assert "llava-1.5-7b" in table and table["llava-1.5-7b"]["config"].startswith(str(cfgmod.SHIPPED_DIR))
+

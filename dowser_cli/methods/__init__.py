@@ -1,79 +1,8 @@
 """Registries of interchangeable methods (mask strategies, fine-tuning methods, post-hoc merge
-baselines), so that baselines are peers of dowser rather than branches of an if/elif chain."""
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
-
-from dowser_cli.errors import UserError
-
-T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind, self._items = kind, {}
-
-    def register(self, name: str, item: T) -> T:
-        self._items[name] = item
-        return item
-
-    def get(self, name: str, option: str) -> T:
-        if name not in self._items:
-            raise UserError(f"{option} {name!r}: unknown {self.kind}; available: {', '.join(self.names())}")
-        return self._items[name]
-
-    def names(self) -> list[str]:
-        return list(self._items)
-
-
-@dataclass(frozen=True)
-class MaskStrategy:
-    """``score(weight [out, in], psi [P, out] | None, act [P, in] | None, generator)`` returns
-    non-negative scores [out, in]; the ratio's k LOWEST become trainable, or, with ``invert``, the k
-    highest (freezing the least important: an ablation)."""
-
-    name: str
-    score: Callable
-    needs_factors: bool
-    invert: bool = False
-    help: str = ""
-
-
-MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
-
-
-@dataclass(frozen=True)
-class FinetuneMethod:
-    """A way to fine-tune the selected layers. ``make(lm, cfg)`` returns the run's hooks (an object
-    with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden";
-    ``distributed``: whether it runs under torchrun (DDP / FSDP)."""
-
-    name: str
-    make: Callable
-    mask: str
-    distributed: bool
-    help: str = ""
-
-
-# filled by dowser_cli.methods.finetuning (imported by the finetune stage: its methods need that stage)
-FINETUNE_METHODS: Registry[FinetuneMethod] = Registry("fine-tuning method")
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A post-hoc baseline of `dowser merge`: ``apply(ctx)`` gets a `dowser_cli.merge.MergeContext`
-    (base and fine-tuned values of the run's tensors, the targeted decoder linears, calibration and
-    loss helpers) and returns ({target name: `merge.Patch`}, method statistics for run.yaml).
-    Tensors it does not return keep the run's delta unchanged."""
-
-    name: str
-    apply: Callable
-    needs_data: bool
-    help: str = ""
-
-
-MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
-
-from dowser_cli.methods import masks as _masks  # noqa: E402,F401  (registers the built-in strategies)
-from dowser_cli.methods import merges as _merges  # noqa: E402,F401  (registers the merge baselines)
+baselines), so that baselines are peers of dowser rather than branches of an if/elif chain. The
+registries live in methods.registry; importing this package registers the built-in mask strategies and
+merge baselines."""
+from dowser_cli.methods import masks as _masks  # noqa: F401  (registers the built-in strategies)
+from dowser_cli.methods import merges as _merges  # noqa: F401  (registers the merge baselines)
+from dowser_cli.methods.registry import (FINETUNE_METHODS, MASK_STRATEGIES, MERGE_METHODS, FinetuneMethod,  # noqa: F401
+                                         MaskStrategy, MergeMethod, Registry)

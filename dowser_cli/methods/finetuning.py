@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from dowser_cli import scoring
-from dowser_cli.finetune import FinetuneConfig, Trainable, select_trainable
-from dowser_cli.methods import FINETUNE_METHODS, FinetuneMethod
+from dowser_cli.training import FinetuneConfig, Trainable, select_trainable
+from dowser_cli.methods.registry import FINETUNE_METHODS, FinetuneMethod
 from dowser_cli.models import LoadedModel
 from dowser_cli.selection import TARGETS, layer_of, parse_targets
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dowser_cli import scoring
-from dowser_cli.methods import MASK_STRATEGIES, MaskStrategy
+from dowser_cli.methods.registry import MASK_STRATEGIES, MaskStrategy
 
 
 def _dowser(weight, psi, act, gen):

@@ -9,7 +9,7 @@ import math
 import torch
 
 from dowser_cli import merging
-from dowser_cli.methods import MERGE_METHODS, MergeMethod
+from dowser_cli.methods.registry import MERGE_METHODS, MergeMethod
 
 
 def _dare(ctx):

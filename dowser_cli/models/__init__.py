@@ -267,3 +267,14 @@ def _load_tokenizer(where: str, source: ModelSource, local_only: bool = False):
     if processor is tokenizer:
         processor = None
     return tokenizer, processor
+
+
+def ensure_tokenizer(lm: LoadedModel, console) -> None:
+    """A config-only model (benchmarks at real shape) has no tokenizer: bytes as token ids keep every
+    id inside the vocabulary; the numbers mean nothing, the costs are the real ones."""
+    if lm.tokenizer is not None:
+        return
+    if not lm.source.random_init:
+        raise UserError(f"model {lm.source.spec}: no tokenizer found")
+    lm.tokenizer = embedded.byte_tokenizer()
+    console.print("[yellow]--random-init: no tokenizer with the config; using a byte-level one[/yellow]")

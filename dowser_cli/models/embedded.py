@@ -33,7 +33,7 @@ def _gguf_path() -> Path:
     return path
 
 
-def _publish(build, target: Path) -> Path:
+def publish(build, target: Path) -> Path:
     """Build into a temp dir beside ``target`` and rename it into place (safe if interrupted)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -71,7 +71,7 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _publish(build, target)
+    return publish(build, target)
 
 
 def smol_llava_dir() -> Path:
@@ -111,7 +111,7 @@ def smol_llava_dir() -> Path:
         )
         proc.save_pretrained(tmp)
 
-    return _publish(build, target)
+    return publish(build, target)
 
 
 # ---- tiny random models for tests -------------------------------------------------------------------

@@ -1,0 +1,357 @@
+"""The training core, shared by `finetune` (one process or, through `distributed`, several) and
+`merge`: the config, what trains, the data order and schedule, the loss over assistant tokens, one
+optimiser step, the values that make a delta, and checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dowser_cli import artifacts, data
+from dowser_cli.config import option
+from dowser_cli.errors import UserError
+from dowser_cli.models import LoadedModel
+from dowser_cli.optim import MaskedAdamW
+from dowser_cli.runtime import step_seed, world_size
+from dowser_cli.selection import TARGETS, layer_of, parse_targets
+
+STRATEGIES = ("ddp", "fsdp")   # the multi-process backends (dowser_cli.distributed)
+
+
+DELTA_KIND = "dowser.delta"
+
+
+CHECKPOINT_KIND = "dowser.checkpoint"
+
+
+
+
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+NAN_POLICIES = ("stop", "skip-step")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = option("", "masked | full-ft | spider | lora | osf | supertuning (dowser_cli.methods.finetuning).",
+                         show="masked with --mask, else full-ft")
+    lr: float = option(2e-5, "Peak learning rate.")
+    projector_lr: float = option(0.0, "Peak lr of a trained projector (e.g. a fresh one).", show="0 = --lr")
+    epochs: float = option(5.0, "Epochs.")
+    max_steps: int = option(0, "Optimiser steps; overrides --epochs.", show="0 = from epochs")
+    batch_size: int = option(4, "Examples per micro-batch (per rank under a launcher).")
+    grad_accum: int = option(1, "Micro-batches per optimiser step.")
+    weight_decay: float = option(0.0, "AdamW weight decay (never touches frozen entries).")
+    warmup_ratio: float = option(0.03, "Warm-up fraction of the steps.")
+    lr_scheduler: str = option("cosine", "cosine | linear | constant | constant_with_warmup.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Clip the trainable entries' gradient norm; 0 = off.")
+    tune_layers: str = option("", "Decoder layers to tune: last:N | all | ranges.",
+                              show="the mask's; else last:20, all if fewer")
+    targets: str = option("attn,mlp", "Linears of the tuned layers that train: attn (q/k/v/o) | mlp (gate/up/down) | "
+                          "attn,mlp; the others stay frozen.")
+    ratio: float = option(0.1, "rho when --mask is a scores file, and --method supertuning's trainable fraction.")
+    train_projector: bool = option(False, "Train the vision-language projector densely.", show="frozen",
+                                   off="--freeze-projector")
+    train_vision_tower: bool = option(False, "Train the vision tower densely.", show="frozen",
+                                      off="--freeze-vision-tower")
+    train_embeddings: bool = option(False, "Train the input embeddings densely.", show="frozen",
+                                    off="--freeze-embeddings")
+    train_lm_head: bool = option(False, "Train lm_head densely.", show="frozen", off="--freeze-lm-head")
+    freeze_norms: bool = option(False, "Freeze the tuned layers' norms.", show="they train densely",
+                                off="--train-norms")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward.")
+    max_len: int = option(2048, "Longest record in tokens; longer ones are bad records.")
+    skip_bad: bool = option(False, "Skip bad records (counted in run.yaml) instead of failing.")
+    seed: int = option(0, "Seed of data order and dropout.")
+    save_every: int = option(0, "Checkpoint every N optimiser steps.", show="0 = only on Ctrl-C")
+    nan_policy: str = option("stop", "A non-finite loss or gradient norm: stop (one line, the last checkpoint kept) | "
+                             "skip-step (drop that update, counted in run.yaml).")
+    nan_max_skips: int = option(5, "skip-step: stop after this many in a row.")
+    lora_r: int = option(8, "--method lora: adapter rank.")
+    lora_alpha: float = option(16.0, "--method lora: scaling alpha (update alpha/r * BA).")
+    lora_dropout: float = option(0.0, "--method lora: dropout on the adapter input.")
+    osf_effective_rank: float = option(0.5, "--method osf: frozen top singular directions, a fraction of the smaller "
+                                       "dimension or a count.")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16.", show="auto: bf16 on GPU")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    strategy: str = option("", "ddp | fsdp under torchrun / accelerate launch (--batch-size is per rank).",
+                           show="ddp there")
+
+    def training_digest(self) -> str:
+        """What must match for --resume to continue the same run (save_every may change; so may the
+        strategy, whose checkpoints share one layout). Under a launcher the batch is the global one."""
+        d = dataclasses.asdict(self)
+        d.pop("save_every")
+        d.pop("nan_policy")       # they decide what happens after a divergence, not the numbers before it
+        d.pop("nan_max_skips")
+        d.pop("device")
+        d.pop("strategy")
+        d["batch_size"] *= world_size()
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    checks = [
+        (cfg.lr > 0, f"--lr {cfg.lr}: must be > 0"),
+        (cfg.projector_lr >= 0, f"--projector-lr {cfg.projector_lr}: must be >= 0"),
+        (cfg.epochs > 0 or cfg.max_steps > 0, "--epochs must be > 0 (or give --max-steps)"),
+        (cfg.max_steps >= 0, f"--max-steps {cfg.max_steps}: must be >= 0"),
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1"),
+        (cfg.grad_accum >= 1, f"--grad-accum {cfg.grad_accum}: must be >= 1"),
+        (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0"),
+        (0 <= cfg.warmup_ratio < 1, f"--warmup-ratio {cfg.warmup_ratio}: must be in [0, 1)"),
+        (cfg.lr_scheduler in SCHEDULERS, f"lr_scheduler {cfg.lr_scheduler!r}: expected one of {', '.join(SCHEDULERS)}"),
+        (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
+        (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
+        (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
+        (cfg.nan_policy in NAN_POLICIES, f"--nan-policy {cfg.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}"),
+        (cfg.nan_max_skips >= 1, f"--nan-max-skips {cfg.nan_max_skips}: must be >= 1"),
+        (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
+        (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0"),
+        (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
+        (cfg.osf_effective_rank > 0 and (cfg.osf_effective_rank < 1 or float(cfg.osf_effective_rank).is_integer()),
+         f"--osf-effective-rank {cfg.osf_effective_rank}: a fraction in (0, 1) or a whole number of directions"),
+        (cfg.strategy in ("",) + STRATEGIES,
+         f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    parse_targets(cfg.targets)
+
+
+@dataclass
+class Trainable:
+    """The parameters that train: name -> parameter, and the trainable masks of the masked ones."""
+
+    params: dict[str, nn.Parameter]
+    masks: dict[str, torch.Tensor]  # bool, parameter's shape
+    layers: list[int]
+
+    def counts(self) -> dict[str, int]:
+        numel = sum(p.numel() for p in self.params.values())
+        trainable = sum(int(self.masks[n].sum()) if n in self.masks else p.numel() for n, p in self.params.items())
+        return {"params": len(self.params), "masked_params": len(self.masks), "numel": numel,
+                "trainable_entries": trainable}
+
+
+def _layer_params(lm: LoadedModel, layers: list[int]) -> dict[str, nn.Parameter]:
+    prefix = lm.parts.layers_path
+    return {n: p for n, p in lm.model.named_parameters() if layer_of(n, prefix) in layers}
+
+
+def _is_norm(name: str, p: nn.Parameter) -> bool:
+    return p.dim() == 1 and ("norm" in name.rsplit(".", 2)[-2].lower() or "ln" in name.rsplit(".", 2)[-2].lower())
+
+
+def _part_params(lm: LoadedModel, part: str | None, flag: str) -> dict[str, nn.Parameter]:
+    if part is None:
+        raise UserError(f"{flag}: the {lm.adapter.name} model has no such part")
+    return {f"{part}.{n}": p for n, p in lm.model.get_submodule(part).named_parameters()}
+
+
+def select_trainable(lm: LoadedModel, cfg: FinetuneConfig, layers: list[int],
+                     masks: dict[str, torch.Tensor]) -> Trainable:
+    """Decoder layers ``layers``: masked linears train inside their masks, other linears, biases and
+    (unless --freeze-norms) norms densely; projector / vision tower / embeddings / lm_head only when
+    asked. Everything else is frozen (requires_grad False)."""
+    model = lm.model
+    model.requires_grad_(False)
+    targets = parse_targets(cfg.targets)
+    # a linear of an untargeted kind (e.g. the MLP under --targets attn) stays frozen, bias included
+    untargeted = [TARGETS[t] for t in TARGETS if t not in targets]
+    chosen = {n: p for n, p in _layer_params(lm, layers).items() if not (cfg.freeze_norms and _is_norm(n, p))
+              and not any(rx.search(n) for rx in untargeted)}
+    if cfg.train_projector:
+        chosen.update(_part_params(lm, lm.parts.projector, "--train-projector"))
+    if cfg.train_vision_tower:
+        chosen.update(_part_params(lm, lm.parts.vision_tower, "--train-vision-tower"))
+    if cfg.train_embeddings:
+        emb = model.get_input_embeddings()
+        chosen.update({n: p for n, p in model.named_parameters() if p is emb.weight})
+    if cfg.train_lm_head:
+        head = model.get_output_embeddings()
+        chosen.update({n: p for n, p in model.named_parameters() if head is not None and p is head.weight})
+    missing = sorted(set(masks) - set(chosen))
+    if missing:
+        raise UserError(f"--mask: {missing[0]} (and {len(missing) - 1} more) is masked but not tuned (--tune-layers "
+                        f"{cfg.tune_layers or '(default)'}, --targets {cfg.targets}); use the mask's layers and "
+                        f"targets") if len(missing) > 1 else \
+            UserError(f"--mask: {missing[0]} is masked but not tuned (--tune-layers "
+                      f"{cfg.tune_layers or '(default)'}, --targets {cfg.targets})")
+    if masks:
+        # a tuned layer's targeted linear without a mask would silently train densely
+        uncovered = [n for n, p in chosen.items() if layer_of(n, lm.parts.layers_path) is not None and p.dim() == 2
+                     and any(TARGETS[t].search(n) for t in TARGETS) and n not in masks]
+        if uncovered:
+            raise UserError(f"--tune-layers {cfg.tune_layers or '(default)'}: {uncovered[0]} is tuned but the mask "
+                            f"does not cover it ({len(uncovered)} such); tune the mask's layers and --targets, "
+                            f"or build a mask for these")
+    for p in chosen.values():
+        p.requires_grad_(True)
+    return Trainable(chosen, masks, layers)
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def make_schedule(n_examples: int, cfg: FinetuneConfig) -> Schedule:
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(n_examples / per_step)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return Schedule(steps_per_epoch, total, math.ceil(cfg.warmup_ratio * total))
+
+
+def step_examples(step: int, n: int, sched: Schedule, cfg: FinetuneConfig) -> list[list[int]]:
+    """Example indices of optimiser step ``step``, as grad_accum micro-batches. Each epoch is a fresh
+    permutation seeded by (seed, epoch), so any step's batch is known without replaying earlier ones."""
+    epoch, pos = divmod(step, sched.steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(cfg.seed, epoch))).tolist()
+    per_step = cfg.batch_size * cfg.grad_accum
+    chunk = order[pos * per_step:(pos + 1) * per_step]
+    return [chunk[i:i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+
+
+def param_groups(tr: Trainable, lm: LoadedModel, cfg: FinetuneConfig) -> list[dict]:
+    """One group at --lr; a trained projector gets --projector-lr when given (a freshly initialised
+    projector, as in smol-llava, holds nothing to protect and learns faster at a higher rate)."""
+    proj = lm.parts.projector
+    in_proj = {n for n in tr.params if proj and cfg.projector_lr > 0 and n.startswith(proj + ".")}
+    groups = [{"params": [p for n, p in tr.params.items() if n not in in_proj], "peak_lr": cfg.lr}]
+    if in_proj:
+        groups.append({"params": [tr.params[n] for n in in_proj], "peak_lr": cfg.projector_lr})
+    return [g for g in groups if g["params"]]
+
+
+def make_lr_lambda(sched: Schedule, cfg: FinetuneConfig):
+    """lr multiplier per step from transformers' schedule functions (the ones HF Trainer uses)."""
+    from transformers import get_scheduler
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    s = get_scheduler(cfg.lr_scheduler, dummy, num_warmup_steps=sched.warmup_steps,
+                      num_training_steps=sched.total_steps)
+    return s.lr_lambdas[0]
+
+
+class LossHead:
+    """Summed next-token cross-entropy over labelled positions. Runs the backbone for hidden states and
+    lm_head only at the labelled positions (the full [B, T, V] logits are the largest activation of a
+    fine-tuning step, and most positions carry no loss)."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        model = lm.model
+        self.backbone = getattr(model, "model", None)
+        self.head = model.get_output_embeddings()
+        if not isinstance(self.head, nn.Module) or not isinstance(self.backbone, nn.Module):
+            self.backbone = self.head = None
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.lm.adapter.sequence_kwargs is not None:
+            inputs.update(self.lm.adapter.sequence_kwargs(self.lm.config, inputs["input_ids"]))
+        target = labels[:, 1:]
+        keep = target != data.IGNORE
+        if self.backbone is not None:
+            hidden = self.backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            logits = self.head(hidden[keep])
+        else:
+            logits = self.lm.model(**inputs, use_cache=False).logits[:, :-1][keep]
+        return nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    train_s: float = 0.0
+    tokens: int = 0
+    skipped: list[int] = dataclasses.field(default_factory=list)   # non-finite steps dropped (skip-step)
+    in_a_row: int = 0
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+
+
+def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, loss_head: LossHead,
+               opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype,
+               method=None) -> tuple[float, int, int, bool]:
+    """One optimiser step over batch_size * grad_accum examples; the loss is the mean over all their
+    assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens,
+    finite): not finite (the loss or the gradient norm, returned in the loss's place when the loss
+    itself is finite) means no update was made."""
+    micro = step_examples(step, len(ds.examples), sched, cfg)
+    n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
+    n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
+    torch.manual_seed(step_seed(cfg.seed, step))  # dropout (if any) depends only on the step
+    total = 0.0
+    for mb in micro:
+        batch = data.collate([ds.examples[i] for i in mb], data.pad_id(lm.tokenizer), lm.processor)
+        loss = loss_head(to_device(batch, device, dtype)) / n_tokens
+        loss.backward()
+        total += float(loss.detach())
+    # the norm is taken even without clipping: a non-finite one means this update must not happen
+    norm = opt.clip_grad_norm_(cfg.max_grad_norm)
+    if not (math.isfinite(total) and math.isfinite(norm)):
+        opt.zero_grad()
+        return total if not math.isfinite(total) else norm, n_tokens, n_input, False
+    for group in opt.param_groups:
+        group["lr"] = group["peak_lr"] * lr_at(step)
+    if method is not None:
+        method.before_step(opt)
+    opt.step()
+    if method is not None:
+        method.after_step(opt)
+    opt.zero_grad()
+    return total, n_tokens, n_input, True
+
+
+def trainable_values(tr: Trainable) -> dict[str, torch.Tensor]:
+    """The delta's tensors: masked parameters' trainable entries (1-D, mask order), dense ones whole."""
+    out = {}
+    for name, p in tr.params.items():
+        v = p.detach()
+        out[name] = v.reshape(-1)[tr.masks[name].reshape(-1)] if name in tr.masks else v
+        out[name] = out[name].cpu()
+    return out
+
+
+def apply_values(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
+                 values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            v = values[name].to(p.device, p.dtype)
+            if name in masks:
+                p.view(-1)[masks[name].reshape(-1).nonzero().squeeze(1)] = v
+            else:
+                p.copy_(v)
+
+
+def write_delta(path: Path, tr: Trainable, fingerprint: str, base_digest: str, mask_sha: str | None,
+                values: dict[str, torch.Tensor] | None = None) -> None:
+    params = {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "masked": n in tr.masks}
+              for n, p in tr.params.items()}
+    meta = artifacts.base_metadata(DELTA_KIND, fingerprint, weights_digest=base_digest,
+                                   mask_sha256=mask_sha or "", params=json.dumps(params, sort_keys=True))
+    values = trainable_values(tr) if values is None else values
+    bad = [n for n, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # an update that overflowed without a non-finite loss or norm (yet): never write it
+        raise UserError(f"{bad[0]} (and {len(bad) - 1} more) holds NaN or inf after training; no delta written "
+                        f"(lower --lr)")
+    artifacts.write_safetensors(path, values, meta)
