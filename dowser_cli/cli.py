@@ -12,9 +12,9 @@ import typer
 from dowser_cli import __version__
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.evaluate import EvalConfig
-from dowser_cli.mask import MaskConfig
+from dowser_cli.masking import MaskConfig
 from dowser_cli.merge import MergeConfig
-from dowser_cli.probe import ProbeConfig
+from dowser_cli.probing import ProbeConfig
 from dowser_cli.training import FinetuneConfig
 
 # rich_markup_mode None: help texts print as written (rich markup would eat "[auto]"-style defaults)

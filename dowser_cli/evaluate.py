@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from dowser_cli import artifacts, metrics
+from dowser_cli import artifacts, metrics, probing
 from dowser_cli.config import find, option
 from dowser_cli.data import Encoder, image_inputs, pack_right, pad_id, prompt_ids
 from dowser_cli.errors import UserError
@@ -69,7 +69,8 @@ def _base_subject(spec: str, random_init: bool, dtype: torch.dtype, device: str)
 
 def _run_subjects(paths: list[Path], base: LoadedModel, base_identity: str, dtype: torch.dtype,
                   device: str) -> list[Subject]:
-    from dowser_cli.export import load_run, open_run
+    from dowser_cli.artifacts.runs import open_run
+    from dowser_cli.models.runs import load_run
 
     out, labels = [], set()
     base_fp = {}
@@ -251,14 +252,12 @@ class DriftText:
     def get(self, base: LoadedModel, task: Task, device: str) -> list[list[int]]:
         key = f"{task.samples}:{task.seq_len}:{task.seed}"
         if key not in self._cache:
-            from dowser_cli import probe
-
-            cfg = probe.ProbeConfig(samples=task.samples, seq_len=task.seq_len, seed=task.seed)
-            ids = probe.token_ids(base)
+            cfg = probing.ProbeConfig(samples=task.samples, seq_len=task.seq_len, seed=task.seed)
+            ids = probing.token_ids(base)
             samples = []
             for start in range(0, task.samples, cfg.gen_chunk()):
                 n = min(cfg.gen_chunk(), task.samples - start)
-                samples += probe.make_samples(base, cfg, ids, start, n, None, device)
+                samples += probing.make_samples(base, cfg, ids, start, n, None, device)
             self._cache[key] = [s.tokens for s in samples]
         return self._cache[key]
 
@@ -336,9 +335,7 @@ def cache_key(subject: Subject, task: Task, cfg: EvalConfig) -> str:
 
 
 def _drift_sampling() -> str:
-    from dowser_cli import probe
-
-    c = probe.ProbeConfig()
+    c = probing.ProbeConfig()
     return f"{c.temperature}:{c.top_p}:{c.top_k}:{c.repetition_penalty}:{c.suppress}:{c.prefix_len}"
 
 
@@ -429,7 +426,7 @@ def _check_out(out: Path) -> None:
 
 def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dtype: torch.dtype) -> None:
     """Fingerprints on a weightless copy of the base: a run of another model fails before anything loads."""
-    from dowser_cli.export import open_run
+    from dowser_cli.artifacts.runs import open_run
 
     source = resolve_source(base_spec, random_init=random_init)
     config = load_config(source)

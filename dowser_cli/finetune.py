@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dowser_cli import artifacts, data, distributed
+from dowser_cli import artifacts, data, distributed, masking
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.artifacts.scores import open_scores
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.models import (LoadedModel, ModelSource, ensure_tokenizer, load_config, load_model, meta_model,
                                num_decoder_layers, resolve_source)
@@ -29,7 +31,7 @@ from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.progress import stderr_console
 from dowser_cli.resources import host_peak_since_reset_mb, peak_memory, reset_host_peak
 from dowser_cli.selection import default_layers, format_ranges, layer_of, parse_layers
-from dowser_cli.training import (CHECKPOINT_KIND, FinetuneConfig, LossHead, Schedule, Trainable,
+from dowser_cli.training import (FinetuneConfig, LossHead, Schedule, Trainable,
                                  TrainState, apply_values, make_lr_lambda, make_schedule, param_groups, train_step,
                                  trainable_values, validate, write_delta)
 
@@ -48,18 +50,16 @@ class MaskInput:
 
 
 def open_mask_input(path: Path) -> MaskInput:
-    from dowser_cli import mask as mask_mod
-
     meta = artifacts.read_header(path)
     kind = meta.get("dowser_kind")
     if kind == artifacts.MASK_KIND:
-        mf = mask_mod.open_mask(path)
+        mf = open_mask(path)
         dtypes = {v["dtype"] for v in mf.params.values()}
         side = artifacts.sidecar_path(path)
         layers = artifacts.read_yaml(side).get("layers") if side.exists() else None
         return MaskInput(path, kind, meta, layers, getattr(torch, dtypes.pop() if len(dtypes) == 1 else "float32"))
     if kind == artifacts.SCORES_KIND:
-        sf = mask_mod.open_scores(path)
+        sf = open_scores(path)
         return MaskInput(path, kind, meta, None, getattr(torch, sf.sidecar.get("model", {}).get("dtype", "float32")))
     raise UserError(f"--mask {path}: is a {kind} artifact, expected a mask or a scores file")
 
@@ -151,15 +151,13 @@ def load_masks(p: Plan, lm: LoadedModel, command: str) -> dict[str, torch.Tensor
 def load_rank_masks(d: distributed.Dist, p: Plan, lm: LoadedModel, command: str) -> dict[str, torch.Tensor | None]:
     """Rank 0 puts the run's mask file in place (a copy, or built from scores); then every rank reads
     it: DDP the whole mask; FSDP only the names here, its rows once the model is sharded (shard_masks)."""
-    from dowser_cli import mask as mask_mod
-
     if p.mask is None:
         return {}
     distributed.main_first(d, lambda: prepare_mask(p, lm, command))
     if not d.main and p.mask.kind == artifacts.SCORES_KIND:
         target = p.out / "mask.safetensors"
         p.mask = MaskInput(target, artifacts.MASK_KIND, artifacts.read_header(target), p.layers, p.mask.dtype)
-    mf = mask_mod.open_mask(p.mask.path)
+    mf = open_mask(p.mask.path)
     if d.strategy == "fsdp":
         return dict.fromkeys(mf.params)
     return {name: mf.dense(name).to(d.device) for name in mf.params}
@@ -167,23 +165,21 @@ def load_rank_masks(d: distributed.Dist, p: Plan, lm: LoadedModel, command: str)
 
 def prepare_mask(p: Plan, lm: LoadedModel, command: str):
     """Put the run's mask file in place (a copy, or built from scores) and check it; the opened MaskFile."""
-    from dowser_cli import mask as mask_mod
-
     if p.mask is None:
         return None
     if p.mask.kind == artifacts.SCORES_KIND:
-        scores = mask_mod.open_scores(p.mask.path)
-        mcfg = mask_mod.MaskConfig(ratio=p.cfg.ratio, layers=_ranges_spec(p.layers), targets=p.cfg.targets)
-        strategy = mask_mod.validate(mcfg)
-        modules, layers = mask_mod.select_modules(scores, lm, mcfg)
-        packed, params = mask_mod.build_masks(lm, scores, strategy, mcfg, modules, stderr_console())
+        scores = open_scores(p.mask.path)
+        mcfg = masking.MaskConfig(ratio=p.cfg.ratio, layers=_ranges_spec(p.layers), targets=p.cfg.targets)
+        strategy = masking.validate(mcfg)
+        modules, layers = masking.select_modules(scores, lm, mcfg)
+        packed, params = masking.build_masks(lm, scores, strategy, mcfg, modules, stderr_console())
         target = p.out / "mask.safetensors"
-        mask_mod.write_for(target, packed, params, mcfg, scores, lm, artifacts.weights_digest(lm.model), layers,
+        masking.write_for(target, packed, params, mcfg, scores, lm, artifacts.weights_digest(lm.model), layers,
                            command)
         p.mask = MaskInput(target, artifacts.MASK_KIND, artifacts.read_header(target), layers, p.mask.dtype)
     elif p.mask.path.resolve() != (p.out / "mask.safetensors").resolve():
         _copy_beside(p.mask.path, p.out / "mask.safetensors")
-    mf = mask_mod.open_mask(p.mask.path)
+    mf = open_mask(p.mask.path)
     digest = p.mask.meta.get("weights_digest")
     if digest and digest != artifacts.weights_digest(lm.model):
         raise UserError(f"--mask {p.mask.path}: was made from different weights than {p.source.spec} "
@@ -437,7 +433,7 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
         tensors.update({k: v.cpu() for k, v in opt.named_state(names).items()})
     if method is not None:  # (methods with state of their own run in one process only: see plan)
         tensors.update({f"method/{k}": v.cpu() for k, v in method.state().items()})
-    meta = artifacts.base_metadata(CHECKPOINT_KIND, fingerprint, step=state.step,
+    meta = artifacts.base_metadata(artifacts.CHECKPOINT_KIND, fingerprint, step=state.step,
                                    training_digest=cfg.training_digest())
     # the new checkpoint is built beside the old one and replaces it whole: a failed write (a full
     # disk) leaves the previous checkpoint as it was
@@ -460,7 +456,7 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
     if side.get("state_sha256") != artifacts.sha256_file(path):
         raise UserError(f"--resume: {path} does not match the sha256 in its state.yaml (truncated or altered); "
                         f"nothing was resumed")
-    meta = artifacts.read_header(path, CHECKPOINT_KIND)
+    meta = artifacts.read_header(path, artifacts.CHECKPOINT_KIND)
     if meta.get("model_fingerprint") != fingerprint:
         raise UserError(f"--resume: {path} is from a different model (fingerprint mismatch)")
     if side.get("training_digest") != cfg.training_digest() or meta.get("training_digest") != cfg.training_digest():

@@ -5,8 +5,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dowser_cli import artifacts, scoring
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.artifacts.runs import open_run
 from dowser_cli.errors import UserError
+from dowser_cli.models import load_config, load_model, resolve_source
+from dowser_cli.models.runs import load_run
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -23,8 +29,6 @@ def _type(name: str) -> str:
 
 def describe(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        from dowser_cli.export import describe_run
-
         return describe_run(path)
     meta = artifacts.read_header(path)
     kind = meta["dowser_kind"]
@@ -43,8 +47,6 @@ def describe(path: Path) -> dict[str, Any]:
         for name, m in side.get("modules", {}).items():
             table.setdefault(_layer(name), {})[m["type"]] = m["score_mean"]
     elif kind == artifacts.MASK_KIND:
-        from dowser_cli.mask import open_mask
-
         mf = open_mask(path)
         info.update({k: meta.get(k) for k in ("strategy", "ratio", "granularity")})
         info["metric"] = "trainable fraction"
@@ -108,3 +110,38 @@ def _render_run(info: dict[str, Any]):
         table.add_row(r["layer"], r["module"], f"{r['numel']:,}", f"{r['trained']:,}", f"{r['changed']:,}",
                       f"{r['rel_change']:.2e}")
     return Group(head, table)
+
+
+def describe_run(run_path: Path) -> dict[str, Any]:
+    """What a run changed, per decoder layer and module type: trained entries, entries that moved,
+    and the relative size of the change ||dW|| / ||W||."""
+    from dowser_cli.selection import layer_of
+
+    run = open_run(run_path)
+    info = run.sidecar["model"]
+    source = resolve_source(info["spec"], random_init=bool(info.get("random_init")))
+    base = load_model(source, load_config(source), getattr(torch, info.get("dtype", "float32")), "cpu",
+                      tokenizer=False)
+    tuned = load_run(run)
+    rows: dict[str, dict[str, float]] = {}
+    for name in run.params:
+        w0 = base.model.get_parameter(name).detach().float()
+        w1 = tuned.model.get_parameter(name).detach().float()
+        layer = layer_of(name, info["layers_path"])
+        typ = name.rsplit(".", 2)[-2] if name.endswith(".weight") or name.endswith(".bias") else name
+        key = f"{'-' if layer is None else layer}\t{typ}"
+        r = rows.setdefault(key, {"numel": 0, "trained": 0, "changed": 0, "sq_delta": 0.0, "sq_base": 0.0})
+        r["numel"] += w0.numel()
+        r["trained"] += w0.numel() if not run.params[name]["masked"] else int(
+            artifacts.read_tensors(run.delta, [name])[name].numel())
+        r["changed"] += int((w1 != w0).sum())
+        r["sq_delta"] += float((w1 - w0).pow(2).sum())
+        r["sq_base"] += float(w0.pow(2).sum())
+    table = []
+    for key, r in rows.items():
+        layer, typ = key.split("\t")
+        table.append({"layer": layer, "module": typ, "numel": r["numel"], "trained": r["trained"],
+                      "changed": r["changed"], "rel_change": (r["sq_delta"] / max(r["sq_base"], 1e-30)) ** 0.5})
+    return {"kind": "dowser.run", "path": str(run_path), "method": run.sidecar.get("method"),
+            "model": info["spec"], "steps": run.sidecar.get("steps"), "tuned_layers": run.sidecar.get("tuned_layers"),
+            "trainable": run.sidecar.get("trainable"), "rows": table}

@@ -1,78 +1,24 @@
-"""`dowser mask`: per-unit exact-k trainable masks from probe scores (DESIGN sections 1 and 2), plus
-mask comparison and set operations.
-
-Scores are materialised one module at a time from the factors (|W| * Psi^T A / P); units larger than
-one matrix (layer, global) are selected by a streaming radix select, so no stage holds more than one
-module's dense scores."""
+"""`dowser mask`: per-unit exact-k trainable masks from probe scores (the selection is dowser_cli.masking),
+plus mask comparison and set operations (`compare`, `combine`)."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from dowser_cli import artifacts, scoring
-from dowser_cli.config import option
+from dowser_cli.artifacts.masks import MaskFile, open_mask, param_entry, write_mask
+from dowser_cli.artifacts.scores import ScoresFile, open_scores
 from dowser_cli.errors import UserError
-from dowser_cli.methods import MASK_STRATEGIES, MaskStrategy
-from dowser_cli.models import (LoadedModel, ModelSource, load_config, load_model, meta_model, num_decoder_layers,
-                               resolve_source)
+from dowser_cli.masking import MaskConfig, build_masks, selected_modules, validate, write_mask_from_scores
+from dowser_cli.models import ModelSource, load_config, load_model, meta_model, num_decoder_layers, resolve_source
 from dowser_cli.models.registry import adapter_for_config, resolve_parts
-from dowser_cli.progress import progress_bar, stderr_console
-from dowser_cli.resources import peak_memory
-from dowser_cli.selection import (DEFAULT_LAYERS, TARGETS, default_layers, format_ranges, layer_of, parse_layers,
-                                  parse_targets)
-
-GRANULARITIES = ("matrix", "row", "layer", "global")
-
-
-@dataclass
-class MaskConfig:
-    ratio: float = option(0.1, "rho: fraction of each unit that is TRAINABLE.")
-    strategy: str = option("dowser", "dowser | magnitude | wanda | random | inverse.")
-    granularity: str = option("matrix", "Unit of exact-k selection: matrix | row | layer | global.")
-    layers: str = option(DEFAULT_LAYERS, "Decoder layers to mask: last:N | all | ranges.", show="last:20; all if fewer")
-    targets: str = option("attn,mlp", "Linears of those layers: attn (q/k/v/o) | mlp (gate/up/down) | attn,mlp.")
-    seed: int = option(0, "Seed of the random strategy.")
-
-
-def validate(cfg: MaskConfig) -> MaskStrategy:
-    if not 0 < cfg.ratio <= 1:
-        raise UserError(f"--ratio {cfg.ratio}: must be in (0, 1]")
-    if cfg.granularity not in GRANULARITIES:
-        raise UserError(f"--granularity {cfg.granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-    parse_targets(cfg.targets)
-    return MASK_STRATEGIES.get(cfg.strategy, "--strategy")
+from dowser_cli.progress import stderr_console
 
 
 # ---- scores input ------------------------------------------------------------------------------------
-
-@dataclass
-class ScoresFile:
-    path: Path
-    meta: dict[str, str]
-    sidecar: dict[str, Any]
-    modules: list[str]
-
-    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """psi [P, out], act [P, in] of one module, read on demand (memory-mapped)."""
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(f"{module}.psi"), f.get_tensor(f"{module}.act")
-
-
-def open_scores(path: Path) -> ScoresFile:
-    meta = artifacts.read_header(path, artifacts.SCORES_KIND)
-    keys = artifacts.tensor_names(path)
-    modules = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith((".psi", ".act"))})
-    side_path = artifacts.sidecar_path(path)
-    sidecar = artifacts.read_yaml(side_path) if side_path.exists() else {}
-    return ScoresFile(path, meta, sidecar, modules)
 
 
 def _model_for(scores: ScoresFile, model_spec: str | None) -> tuple[ModelSource, Any, torch.dtype]:
@@ -98,86 +44,8 @@ def check_model(scores_path: Path, meta: dict[str, str], fingerprint: str, diges
 
 # ---- selection -------------------------------------------------------------------------------------
 
-def module_units(modules: list[str], layers_path: str, granularity: str) -> list[list[str]]:
-    """Groups of modules selected together: one matrix (matrix, row), a decoder layer, or all."""
-    if granularity == "global":
-        return [modules]
-    if granularity == "layer":
-        groups: dict[int, list[str]] = {}
-        for m in modules:
-            groups.setdefault(layer_of(m, layers_path), []).append(m)
-        return list(groups.values())
-    return [[m] for m in modules]
-
-
-def module_seed(seed: int, module: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"dowser-mask:{seed}:{module}".encode()).digest()[:7], "little")
-
-
-class UnitSelector:
-    """Computes strategy scores per module and turns them into trainable masks, unit by unit."""
-
-    def __init__(self, lm: LoadedModel, scores: ScoresFile, strategy: MaskStrategy, cfg: MaskConfig):
-        self.lm, self.scores, self.strategy, self.cfg = lm, scores, strategy, cfg
-
-    def module_scores(self, module: str) -> torch.Tensor:
-        # selection runs on the host whatever device holds the model (one module at a time), so a
-        # mask is the same bits whether it was built beside a GPU run or by `dowser mask` on a CPU
-        weight = self.lm.model.get_submodule(module).weight.detach().cpu()
-        psi = act = None
-        if self.strategy.needs_factors:
-            psi, act = self.scores.factors(module)
-        gen = torch.Generator().manual_seed(module_seed(self.cfg.seed, module))
-        return self.strategy.score(weight, psi, act, gen)
-
-    def select(self, unit: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (module, bool trainable mask [out, in]) for every module of the unit."""
-        invert, rho = self.strategy.invert, self.cfg.ratio
-        if self.cfg.granularity == "row":
-            for m in unit:
-                s = self.module_scores(m)
-                k = scoring.exact_k(rho, s.shape[1])
-                # inverse: freeze the (in - k) lowest per row, train the rest
-                sel = scoring.select_lowest_rows(s, s.shape[1] - k if invert else k)
-                yield m, ~sel if invert else sel
-            return
-        n = sum(self.lm.model.get_submodule(m).weight.numel() for m in unit)
-        k = scoring.exact_k(rho, n)
-        k_low = n - k if invert else k
-        if len(unit) == 1:
-            s = self.module_scores(unit[0])
-            sel = scoring.select_lowest(s, k_low)
-            yield unit[0], ~sel if invert else sel
-            return
-        threshold = scoring.lowest_k_threshold(lambda: (self.module_scores(m) for m in unit), k_low)
-        selector = scoring.LowestKSelector(threshold)
-        for m in unit:
-            sel = selector(self.module_scores(m))
-            yield m, ~sel if invert else sel
-
 
 # ---- the run ---------------------------------------------------------------------------------------
-
-def _selected_modules(scores: ScoresFile, layers_path: str, num_layers: int, cfg: MaskConfig) -> tuple[list[str], list[int]]:
-    spec = default_layers(num_layers) if cfg.layers == DEFAULT_LAYERS else cfg.layers
-    layers = parse_layers(spec, num_layers)
-    targets = parse_targets(cfg.targets)
-    probed = {layer_of(m, layers_path) for m in scores.modules} - {None}
-    missing = [i for i in layers if i not in probed]
-    if missing:
-        have = f"{min(probed)}-{max(probed)}" if probed else "none"
-        raise UserError(f"--layers {cfg.layers}: layer(s) {format_ranges(missing)} are not in {scores.path} "
-                        f"(probed decoder layers: {have})")
-    chosen = []
-    for m in scores.modules:
-        i = layer_of(m, layers_path)
-        if i in layers and any(TARGETS[t].search(m[len(layers_path):]) for t in targets):
-            chosen.append(m)
-    if not chosen:
-        raise UserError(f"--targets {cfg.targets}: no such modules in {scores.path}")
-    return sorted(chosen, key=lambda m: (layer_of(m, layers_path), m)), layers
-
-
 
 
 def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = None,
@@ -192,7 +60,7 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
     meta = meta_model(source, config, dtype)
     check_model(scores_path, scores.meta, artifacts.model_fingerprint(meta), None, source.spec)
     parts = resolve_parts(adapter, meta)
-    modules, layers = _selected_modules(scores, parts.layers_path, num_decoder_layers(config), cfg)
+    modules, layers = selected_modules(scores, parts.layers_path, num_decoder_layers(config), cfg)
     del meta
     lm = load_model(source, config, dtype, "cpu", tokenizer=False)
     digest = artifacts.weights_digest(lm.model)
@@ -200,79 +68,9 @@ def run(scores_path: Path, out: Path, cfg: MaskConfig, model_spec: str | None = 
     console = stderr_console()
     packed, params = build_masks(lm, scores, strategy, cfg, modules, console)
     timings = {"total_s": round(time.perf_counter() - t0, 3)}
-    sidecar = _write(out, packed, params, cfg, scores, source, lm, digest, layers, timings, command)
+    sidecar = write_mask_from_scores(out, packed, params, cfg, scores, source, lm, digest, layers, timings, command)
     _print_summary(console, sidecar, out)
     return sidecar
-
-
-def build_masks(lm: LoadedModel, scores: ScoresFile, strategy: MaskStrategy, cfg: MaskConfig, modules: list[str],
-                console) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Packed trainable masks {"<module>.weight": uint8 [ceil(numel/8)]} and their parameter table."""
-    selector = UnitSelector(lm, scores, strategy, cfg)
-    packed, params = {}, {}
-    with progress_bar(console) as bar:
-        task = bar.add_task(f"mask {cfg.strategy} rho={cfg.ratio}", total=len(modules))
-        for unit in module_units(modules, lm.parts.layers_path, cfg.granularity):
-            for module, trainable in selector.select(unit):
-                name = f"{module}.weight"
-                weight = lm.model.get_submodule(module).weight
-                packed[name] = scoring.pack_bits(trainable)
-                params[name] = _param_entry(list(trainable.shape), str(weight.dtype).removeprefix("torch."),
-                                            int(trainable.sum()))
-                bar.update(task, advance=1)
-    return packed, params
-
-
-def select_modules(scores: ScoresFile, lm: LoadedModel, cfg: MaskConfig) -> tuple[list[str], list[int]]:
-    return _selected_modules(scores, lm.parts.layers_path, lm.parts.num_layers, cfg)
-
-
-def write_for(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, lm: LoadedModel, digest: str,
-              layers: list[int], command: str) -> dict[str, Any]:
-    """Write a mask built in another stage (e.g. `dowser finetune --mask scores.safetensors`)."""
-    return _write(out, packed, params, cfg, scores, lm.source, lm, digest, layers, {}, command)
-
-
-def _param_entry(shape: list[int], dtype: str, trainable: int) -> dict[str, Any]:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return {"shape": shape, "dtype": dtype, "numel": numel, "trainable": trainable,
-            "fraction": round(trainable / numel, 6)}
-
-
-def write_mask(out: Path, packed: dict[str, torch.Tensor], params: dict[str, dict], fingerprint: str,
-               digest: str, meta_extra: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
-    """The one writer of mask artifacts: packed bits + the parameter table in the metadata, and the
-    YAML sidecar (``sidecar`` fields, then totals and per-parameter counts)."""
-    shapes = {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in params.items()}
-    meta = artifacts.base_metadata(artifacts.MASK_KIND, fingerprint, weights_digest=digest,
-                                   params=json.dumps(shapes, sort_keys=True), **meta_extra)
-    numel = sum(v["numel"] for v in params.values())
-    trainable = sum(v["trainable"] for v in params.values())
-    sidecar = {**sidecar, "totals": {"numel": numel, "trainable": trainable,
-                                     "fraction": round(trainable / max(numel, 1), 6)}, "params": params}
-    artifacts.write_safetensors(out, packed, meta)
-    artifacts.write_yaml(artifacts.sidecar_path(out), sidecar)
-    return sidecar
-
-
-def _write(out: Path, packed, params, cfg: MaskConfig, scores: ScoresFile, source: ModelSource, lm: LoadedModel,
-           digest: str, layers: list[int], timings: dict, command: str) -> dict[str, Any]:
-    scores_sha = artifacts.sha256_file(scores.path)
-    fingerprint = scores.meta["model_fingerprint"]
-    sidecar = {
-        **artifacts.sidecar_header(artifacts.MASK_KIND, command),
-        "config": dataclasses.asdict(cfg),
-        "model": {"spec": source.spec, "random_init": source.random_init, "fingerprint": fingerprint,
-                  "weights_digest": digest, "layers_path": lm.parts.layers_path, "num_layers": lm.parts.num_layers},
-        "inputs": {"scores": {"path": str(scores.path), "sha256": scores_sha}},
-        "layers": layers,
-        "timings": timings, "peak_memory": peak_memory("cpu"),
-    }
-    return write_mask(out, packed, params, fingerprint, digest,
-                      dict(strategy=cfg.strategy, ratio=cfg.ratio, granularity=cfg.granularity,
-                           scores_sha256=scores_sha), sidecar)
 
 
 def _print_summary(console, sidecar: dict, out: Path) -> None:
@@ -294,44 +92,6 @@ def _print_summary(console, sidecar: dict, out: Path) -> None:
 
 
 # ---- reading, comparing and combining masks -----------------------------------------------------------
-
-@dataclass
-class MaskFile:
-    path: Path
-    meta: dict[str, str]
-    params: dict[str, dict]   # name -> {"shape", "dtype"}
-
-    def packed(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def numel(self, name: str) -> int:
-        n = 1
-        for d in self.params[name]["shape"]:
-            n *= d
-        return n
-
-    def dense(self, name: str) -> torch.Tensor:
-        return scoring.unpack_bits(self.packed(name), self.numel(name)).reshape(self.params[name]["shape"])
-
-
-def open_mask(path: Path) -> MaskFile:
-    meta = artifacts.read_header(path, artifacts.MASK_KIND)
-    try:
-        params = json.loads(meta["params"])
-    except (KeyError, ValueError):
-        raise UserError(f"{path}: mask metadata has no readable parameter table") from None
-    names = set(artifacts.tensor_names(path))
-    if names != set(params):
-        raise UserError(f"{path}: tensors and parameter table disagree")
-    mf = MaskFile(path, meta, params)
-    for name in params:
-        want = (mf.numel(name) + 7) // 8
-        with safe_open(str(path), framework="pt") as f:
-            got = f.get_slice(name).get_shape()
-        if list(got) != [want]:
-            raise UserError(f"{path}: {name} has {got} packed bytes, its shape needs [{want}]")
-    return mf
 
 
 def _same_model(a_meta: dict, b_meta: dict, a: Path, b: Path) -> None:
@@ -368,7 +128,7 @@ def combine(a_path: Path, b_path: Path, op: str, out: Path, command: str = "") -
         pa = a.packed(name) if name in a.params else zero
         pb = b.packed(name) if name in b.params else zero
         packed[name] = OPS[op](pa, pb)
-        params[name] = _param_entry(src.params[name]["shape"], src.params[name]["dtype"],
+        params[name] = param_entry(src.params[name]["shape"], src.params[name]["dtype"],
                                     scoring.popcount(packed[name]))
     sidecar = {
         **artifacts.sidecar_header(artifacts.MASK_KIND, command),

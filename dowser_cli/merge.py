@@ -23,8 +23,9 @@ import torch
 from dowser_cli import artifacts, data, merging
 from dowser_cli.config import option
 from dowser_cli.errors import UserError
-from dowser_cli.export import RunDir, apply_delta, open_run
-from dowser_cli.training import DELTA_KIND, LossHead, to_device
+from dowser_cli.artifacts.runs import RunDir, open_run
+from dowser_cli.models.runs import apply_delta
+from dowser_cli.training import LossHead, to_device
 from dowser_cli.methods import MERGE_METHODS, MergeMethod
 from dowser_cli.models import LoadedModel, ensure_tokenizer, load_config, load_model, resolve_source
 from dowser_cli.runtime import resolve_device, step_seed
@@ -357,7 +358,7 @@ def write_run(tmp: Path, ctx: MergeContext, values: dict[str, torch.Tensor], cou
     run, cfg = ctx.run, ctx.cfg
     params = {n: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "masked": False}
               for n, v in values.items()}
-    meta = artifacts.base_metadata(DELTA_KIND, run.meta["model_fingerprint"], weights_digest=run.meta["weights_digest"],
+    meta = artifacts.base_metadata(artifacts.DELTA_KIND, run.meta["model_fingerprint"], weights_digest=run.meta["weights_digest"],
                                    mask_sha256="", params=json.dumps(params, sort_keys=True),
                                    merge_method=cfg.method)
     delta = tmp / "delta.safetensors"

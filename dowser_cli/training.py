@@ -22,19 +22,7 @@ from dowser_cli.runtime import step_seed, world_size
 from dowser_cli.selection import TARGETS, layer_of, parse_targets
 
 STRATEGIES = ("ddp", "fsdp")   # the multi-process backends (dowser_cli.distributed)
-
-
-DELTA_KIND = "dowser.delta"
-
-
-CHECKPOINT_KIND = "dowser.checkpoint"
-
-
-
-
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-
-
 NAN_POLICIES = ("stop", "skip-step")
 
 
@@ -347,7 +335,7 @@ def write_delta(path: Path, tr: Trainable, fingerprint: str, base_digest: str, m
                 values: dict[str, torch.Tensor] | None = None) -> None:
     params = {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "masked": n in tr.masks}
               for n, p in tr.params.items()}
-    meta = artifacts.base_metadata(DELTA_KIND, fingerprint, weights_digest=base_digest,
+    meta = artifacts.base_metadata(artifacts.DELTA_KIND, fingerprint, weights_digest=base_digest,
                                    mask_sha256=mask_sha or "", params=json.dumps(params, sort_keys=True))
     values = trainable_values(tr) if values is None else values
     bad = [n for n, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -46,9 +46,9 @@ def _setup(model: str, cfg):
 
 
 def variant(name: str, model: str, cfg_json: str) -> dict:
-    from dowser_cli import probe, scoring
+    from dowser_cli import probe, probing, scoring
 
-    cfg = probe.ProbeConfig(**json.loads(cfg_json))
+    cfg = probing.ProbeConfig(**json.loads(cfg_json))
     if name == "probe":
         keep = os.environ.get("BENCH_KEEP_SCORES")
         with tempfile.TemporaryDirectory() as d:
@@ -58,7 +58,7 @@ def variant(name: str, model: str, cfg_json: str) -> dict:
         return {"seconds": t["total_s"] - t["load_s"], "peak_mb": _peak_mb(device)}
 
     lm, device = _setup(model, cfg)
-    ids = probe.token_ids(lm)
+    ids = probing.token_ids(lm)
     layers = list(range(lm.parts.num_layers))
     scored = probe.scored_modules(lm, cfg, layers)
     mods = scored.modules
@@ -82,7 +82,7 @@ def variant(name: str, model: str, cfg_json: str) -> dict:
             xi = torch.stack([scoring.rademacher(tuple(f.shape), xi_gen, device) for _ in range(cfg.probes)])
             cot = (xi / n).to(f.dtype)
             # the same M backward passes as the probe (vmapped or one by one), down to the embeddings
-            if probe.use_batched_probes(cfg, device):
+            if probing.use_batched_probes(cfg, device):
                 torch.autograd.grad(f, seen["e"], grad_outputs=cot, is_grads_batched=True)
             else:
                 for p in range(cfg.probes):
@@ -91,7 +91,7 @@ def variant(name: str, model: str, cfg_json: str) -> dict:
         else:
             with scored.hooks(device, cfg.probes) as hooks:
                 batch_psi = probe.probe_batch(lm, hooks, input_ids, mask, img, xi_gen, cfg.probes, device,
-                                              probe.use_batched_probes(cfg, device))
+                                              probing.use_batched_probes(cfg, device))
                 for mname in mods:
                     psi, act = hooks.batch_factors(mname, batch_psi, cfg.probes)
                     for p in range(cfg.probes):

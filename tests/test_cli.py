@@ -114,9 +114,9 @@ def test_every_config_field_is_an_option_of_its_command_declared_once():
 
     from dowser_cli.cli import app
     from dowser_cli.evaluate import EvalConfig
-    from dowser_cli.mask import MaskConfig
+    from dowser_cli.masking import MaskConfig
     from dowser_cli.merge import MergeConfig
-    from dowser_cli.probe import ProbeConfig
+    from dowser_cli.probing import ProbeConfig
     from dowser_cli.training import FinetuneConfig
 
     group = get_command(app)

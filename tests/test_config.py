@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 
 from dowser_cli import config as cfgmod
-from dowser_cli import finetune, mask, merge, probe
+from dowser_cli import finetune, masking, merge, probing
 from dowser_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {
-    "probe": (probe.ProbeConfig, probe.validate),
-    "mask": (mask.MaskConfig, mask.validate),
+    "probe": (probing.ProbeConfig, probing.validate),
+    "mask": (masking.MaskConfig, masking.validate),
     "finetune": (finetune.FinetuneConfig, finetune.validate),
     "merge": (merge.MergeConfig, merge.validate),
 }
@@ -46,7 +46,7 @@ def test_paper_recipes_follow_the_official_runs_on_lm_head(recipe, lm_head):
     # the authors' LLaVA run freezes only the backbone (lm_head trains); their NVILA run freezes the LLM
     cfg = cfgmod.resolve(finetune.FinetuneConfig(), ROOT / "dowser_cli" / "configs" / "recipes" / recipe, "finetune", {})
     assert cfg.train_lm_head is lm_head and cfg.tune_layers == "last:20" and cfg.lr == 2e-5
-    p = cfgmod.resolve(probe.ProbeConfig(), ROOT / "dowser_cli" / "configs" / "recipes" / recipe, "probe", {})
+    p = cfgmod.resolve(probing.ProbeConfig(), ROOT / "dowser_cli" / "configs" / "recipes" / recipe, "probe", {})
     assert (p.top_k, p.temperature, p.top_p, p.repetition_penalty, p.suppress) == (50, 0.9, 0.9, 1.05, "multimodal")
 
 

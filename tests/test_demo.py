@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from dowser_cli import artifacts
-from dowser_cli.export import open_run
+from dowser_cli.artifacts.runs import open_run
 
 from conftest import ROOT
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from dowser_cli import artifacts, finetune, mask, probe
-from dowser_cli.export import load_run, open_run
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.artifacts.runs import open_run
+from dowser_cli.models.runs import load_run
 from dowser_cli.finetune import FinetuneConfig
-from dowser_cli.mask import MaskConfig
-from dowser_cli.probe import ProbeConfig
+from dowser_cli.masking import MaskConfig
+from dowser_cli.probing import ProbeConfig
 
 from conftest import ROOT, run_cli
 
@@ -109,7 +111,7 @@ def test_two_ranks_give_the_single_process_delta_and_keep_frozen_entries(work, s
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
     base = _base()
-    mf = mask.open_mask(out / "mask.safetensors")
+    mf = open_mask(out / "mask.safetensors")
     assert all(not torch.allclose(b[n], base.get_parameter(n).detach()[mf.dense(n)]) for n in mf.params)  # trained
     tuned = dict(load_run(open_run(out)).model.named_parameters())
     for name, p0 in base.named_parameters():

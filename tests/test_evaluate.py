@@ -93,7 +93,8 @@ def test_choice_likelihood_with_a_shared_prompt_cache_equals_one_sequence_per_op
 
 def test_drift_is_the_kl_of_next_token_distributions(setup):
     """Against a brute-force KL on one sequence: sum_v p log(p / q), mean over positions."""
-    from dowser_cli.export import load_run, open_run
+    from dowser_cli.artifacts.runs import open_run
+    from dowser_cli.models.runs import load_run
     from dowser_cli.models import load_config, load_model, resolve_source
 
     src = resolve_source("tiny-llava")

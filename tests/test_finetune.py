@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from dowser_cli import artifacts, finetune, mask, probe
-from dowser_cli.export import load_run, open_run
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.artifacts.runs import open_run
+from dowser_cli.models.runs import load_run
 from dowser_cli.finetune import FinetuneConfig
-from dowser_cli.mask import MaskConfig
-from dowser_cli.probe import ProbeConfig
+from dowser_cli.masking import MaskConfig
+from dowser_cli.probing import ProbeConfig
 
 from conftest import ROOT, run_cli
 
@@ -62,7 +64,7 @@ def test_frozen_entries_stay_bit_identical_and_tuned_matrices_change_only_inside
     side = _train(work, tmp_path / "run")
     base = dict(_base("tiny-llava").named_parameters())
     tuned = dict(load_run(open_run(tmp_path / "run")).model.named_parameters())
-    mf = mask.open_mask(tmp_path / "run" / "mask.safetensors")
+    mf = open_mask(tmp_path / "run" / "mask.safetensors")
     assert set(mf.params) and side["trainable"]["masked_params"] == len(mf.params)
     for name, p0 in base.items():
         p1 = tuned[name].detach()
@@ -83,7 +85,7 @@ def test_optimiser_state_scales_with_rho(work, tmp_path):
     for rho in (0.1, 0.5):
         side = _train(work, tmp_path / f"r{rho}", rho=rho, max_steps=1)
         c = side["trainable"]
-        mf = mask.open_mask(work / f"mask{rho}.safetensors")
+        mf = open_mask(work / f"mask{rho}.safetensors")
         k = sum(int(mf.dense(n).sum()) for n in mf.params)
         dense = c["trainable_entries"] - k                              # norms
         # two fp32 moments per trainable entry + one int32 index per masked entry, nothing for frozen ones
@@ -139,7 +141,7 @@ def test_mask_built_from_scores_in_process(work, tmp_path):
     cfg = FinetuneConfig(lr=1e-3, max_steps=1, ratio=0.1)
     finetune.run("tiny-llava", work / "train.json", tmp_path / "run", cfg, mask_path=work / "scores.safetensors",
                  image_folder=work / "img")
-    a, b = mask.open_mask(tmp_path / "run" / "mask.safetensors"), mask.open_mask(work / "mask0.1.safetensors")
+    a, b = open_mask(tmp_path / "run" / "mask.safetensors"), open_mask(work / "mask0.1.safetensors")
     assert all(torch.equal(a.packed(n), b.packed(n)) for n in b.params)     # same as `dowser mask` gives
 
 

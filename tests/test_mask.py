@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dowser_cli import artifacts, mask, probe
-from dowser_cli.mask import MaskConfig
-from dowser_cli.probe import ProbeConfig
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.masking import MaskConfig
+from dowser_cli.probing import ProbeConfig
 
 from conftest import run_cli
 
@@ -21,7 +22,7 @@ def scores(tmp_path_factory):
 def _mask(tmp_path, scores, name="m", **kw):
     out = tmp_path / f"{name}.safetensors"
     side = mask.run(scores, out, MaskConfig(**kw))
-    return out, side, mask.open_mask(out)
+    return out, side, open_mask(out)
 
 
 def _brute_order(values: torch.Tensor) -> list[int]:
@@ -134,7 +135,7 @@ def test_combine_set_operations(tmp_path, scores):
         out = tmp_path / f"{op}.safetensors"
         r = run_cli("combine", a_path, b_path, "--op", op, "--out", out)
         assert r.returncode == 0, r.stderr
-        c = mask.open_mask(out)
+        c = open_mask(out)
         for name in a.params:
             assert torch.equal(c.dense(name), fn(a.dense(name), b.dense(name)))
 

@@ -8,7 +8,9 @@ import torch
 
 from dowser_cli import artifacts, finetune, merge, merging
 from dowser_cli.errors import UserError
-from dowser_cli.export import describe_run, load_run, open_run
+from dowser_cli.artifacts.runs import open_run
+from dowser_cli.inspection import describe_run
+from dowser_cli.models.runs import load_run
 from dowser_cli.finetune import FinetuneConfig
 from dowser_cli.merge import MergeConfig
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dowser_cli import artifacts, finetune
-from dowser_cli.export import load_run, open_run
+from dowser_cli import probing
+from dowser_cli.artifacts.runs import open_run
+from dowser_cli.models.runs import load_run
 from dowser_cli.finetune import FinetuneConfig
 from dowser_cli.methods import FINETUNE_METHODS
 
@@ -196,7 +198,7 @@ def test_a_mask_over_the_attention_alone_trains_with_targets_attn(data, tmp_path
     from dowser_cli import probe
 
     scores = tmp_path / "s.safetensors"
-    probe.run("tiny-llava", scores, probe.ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
+    probe.run("tiny-llava", scores, probing.ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
     m = tmp_path / "attn-mask.safetensors"
     mask_mod.run(scores, m, mask_mod.MaskConfig(ratio=0.2, targets="attn"))
     r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "refused", "--mask", m, "--max-steps", "1")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dowser_cli import artifacts, probe, scoring
-from dowser_cli.probe import ProbeConfig
+from dowser_cli import probing
+from dowser_cli.probing import ProbeConfig
 
 from conftest import ROOT, run_cli
 
@@ -56,8 +57,8 @@ def test_psi_and_act_match_autograd_reference(tmp_path, tiny_models):
     out, sidecar, t = _probe(tmp_path, "tiny-llama", texts=str(texts), seq_len=40)
     lm = tiny_models("tiny-llama")
     cfg = ProbeConfig(samples=4, batch_size=2, probes=3, seq_len=40, texts=str(texts))
-    ids = probe.token_ids(lm)
-    input_ids, mask, _ = probe.BatchSource(lm, cfg, ids, probe.read_texts(texts, 4), "cpu").batch(0)
+    ids = probing.token_ids(lm)
+    input_ids, mask, _ = probe.BatchSource(lm, cfg, ids, probing.read_texts(texts, 4), "cpu").batch(0)
     assert not mask.all(), "the batch must contain padding for this test to mean anything"
     name = "model.layers.1.mlp.up_proj"
     mod = lm.model.get_submodule(name)
@@ -122,7 +123,7 @@ def test_same_seed_gives_byte_identical_scores(tmp_path):
 def test_noise_images_go_through_the_vision_tower(tmp_path, tiny_models, model, image_key):
     lm = tiny_models(model)
     cfg = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=10, images="noise", include_projector=True)
-    ids = probe.token_ids(lm)
+    ids = probing.token_ids(lm)
     input_ids, mask, kwargs = probe.BatchSource(lm, cfg, ids, None, "cpu").batch(0)
     n_img = (input_ids == getattr(lm.config, image_key)).sum(1)
     assert (n_img > 0).all() and "pixel_values" in kwargs
@@ -150,16 +151,16 @@ def test_generation_never_samples_the_suppressed_ids(tiny_models, suppress):
     # a sampled image placeholder made the next forward ask for image features it was not given
     # ("Image features and image tokens do not match"): push the model towards the suppressed ids
     lm = tiny_models("tiny-llava")
-    ids = probe.token_ids(lm)
+    ids = probing.token_ids(lm)
     banned = ids.suppressed(suppress)
     assert lm.config.image_token_id in banned
     # multimodal (the default) bans only the placeholders; special also every special/added id
     assert (ids.pad in banned) == (suppress == "special")
     assert set(ids.eos).isdisjoint(banned)
     cfg = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=12, images="noise", suppress=suppress)
-    heads = [probe.image_segment(lm, torch.Generator().manual_seed(i)) for i in range(2)]
+    heads = [probing.image_segment(lm, torch.Generator().manual_seed(i)) for i in range(2)]
     prompts = [[ids.bos] + img + [5, 6, 7] for img, _ in heads]
-    kwargs = probe._collate_images([probe.Sample([], k) for _, k in heads])
+    kwargs = probing.collate_images([probing.Sample([], k) for _, k in heads])
 
     def favour_banned(mod, args, out):
         out = out.clone()
@@ -167,7 +168,7 @@ def test_generation_never_samples_the_suppressed_ids(tiny_models, suppress):
         return out
     h = lm.model.lm_head.register_forward_hook(favour_banned)
     try:
-        seqs = probe.generate_batch(lm, prompts, [4, 4], cfg, ids, kwargs, seed=3, device="cpu")
+        seqs = probing.generate_batch(lm, prompts, [4, 4], cfg, ids, kwargs, seed=3, device="cpu")
     finally:
         h.remove()
     for p, s in zip(prompts, seqs):
@@ -348,13 +349,13 @@ def test_sampling_options_from_the_cli_reach_generate_and_scores_yaml(tmp_path):
 def test_top_k_limits_sampling_to_the_k_likeliest_tokens(tiny_models):
     """With --top-k 1 sampling is greedy whatever the temperature: two seeds give the same text."""
     lm = tiny_models("tiny-llama")
-    ids = probe.token_ids(lm)
+    ids = probing.token_ids(lm)
     cfg = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=12, top_k=1, repetition_penalty=1.0)
     prompts = [[ids.bos, 5, 6, 7], [ids.bos, 9, 10]]
-    a = probe.generate_batch(lm, prompts, [4, 3], cfg, ids, {}, seed=1, device="cpu")
-    b = probe.generate_batch(lm, prompts, [4, 3], cfg, ids, {}, seed=2, device="cpu")
+    a = probing.generate_batch(lm, prompts, [4, 3], cfg, ids, {}, seed=1, device="cpu")
+    b = probing.generate_batch(lm, prompts, [4, 3], cfg, ids, {}, seed=2, device="cpu")
     assert a == b
     wide = ProbeConfig(samples=2, batch_size=2, probes=2, seq_len=12, top_k=0, repetition_penalty=1.0)
-    c = probe.generate_batch(lm, prompts, [4, 3], wide, ids, {}, seed=1, device="cpu")
-    d = probe.generate_batch(lm, prompts, [4, 3], wide, ids, {}, seed=2, device="cpu")
+    c = probing.generate_batch(lm, prompts, [4, 3], wide, ids, {}, seed=1, device="cpu")
+    d = probing.generate_batch(lm, prompts, [4, 3], wide, ids, {}, seed=2, device="cpu")
     assert c != d

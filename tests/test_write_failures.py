@@ -13,8 +13,8 @@ from dowser_cli import artifacts, evaluate, finetune, mask, probe
 from dowser_cli.errors import UserError
 from dowser_cli.evaluate import EvalConfig
 from dowser_cli.finetune import FinetuneConfig
-from dowser_cli.mask import MaskConfig
-from dowser_cli.probe import ProbeConfig
+from dowser_cli.masking import MaskConfig
+from dowser_cli.probing import ProbeConfig
 
 from conftest import ROOT
 

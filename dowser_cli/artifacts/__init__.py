@@ -20,8 +20,12 @@ from dowser_cli import __version__
 from dowser_cli.errors import UserError
 
 FORMAT_VERSION = "1"
+# every artifact kind, as its safetensors metadata names it (readers check it first)
 SCORES_KIND = "dowser.scores"
+PARTIAL_KIND = "dowser.scores.partial"     # an interrupted probe's factors so far (OUT.partial)
 MASK_KIND = "dowser.mask"
+DELTA_KIND = "dowser.delta"
+CHECKPOINT_KIND = "dowser.checkpoint"
 
 
 def sidecar_path(path: Path) -> Path:

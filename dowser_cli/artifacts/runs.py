@@ -1,0 +1,48 @@
+"""Run directories (`dowser finetune`, `merge`): delta.safetensors + run.yaml (+ mask.safetensors)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dowser_cli import artifacts
+from dowser_cli.errors import UserError
+
+
+@dataclass
+class RunDir:
+    path: Path
+    sidecar: dict[str, Any]
+    delta: Path
+    meta: dict[str, str]
+    params: dict[str, dict]          # name -> {"shape", "dtype", "masked"}
+    mask: Path | None
+
+    @property
+    def model_spec(self) -> str:
+        return self.sidecar["model"]["spec"]
+
+
+def open_run(path: Path) -> RunDir:
+    """Check a run directory's files and their recorded hashes (no model loaded)."""
+    if not path.is_dir():
+        raise UserError(f"{path}: not a run directory")
+    side_path = path / "run.yaml"
+    if not side_path.is_file():
+        hint = " (unfinished: it has a checkpoint; finish it with --resume)" if (path / "checkpoint").exists() else ""
+        raise UserError(f"{path}: no run.yaml{hint}")
+    side = artifacts.read_yaml(side_path)
+    delta = path / "delta.safetensors"
+    meta = artifacts.read_header(delta, artifacts.DELTA_KIND)
+    if meta.get("model_fingerprint") != side.get("model", {}).get("fingerprint"):
+        raise UserError(f"{delta}: fingerprint differs from {side_path}")
+    params = json.loads(meta["params"])
+    mask = path / "mask.safetensors"
+    masked = any(v["masked"] for v in params.values())
+    if masked:
+        if not mask.is_file():
+            raise UserError(f"{path}: the delta is masked but mask.safetensors is missing")
+        if artifacts.sha256_file(mask) != meta.get("mask_sha256"):
+            raise UserError(f"{mask}: does not match the mask the run was trained with (sha256 differs)")
+    return RunDir(path, side, delta, meta, params, mask if masked else None)
