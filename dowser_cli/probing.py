@@ -102,7 +102,7 @@ class ProbeConfig:
 
 def validate(cfg: ProbeConfig) -> None:
     for name, value in (("--samples", cfg.samples), ("--batch-size", cfg.batch_size), ("--probes", cfg.probes),
-                        ("--seq-len", cfg.seq_len), ("gen_batch_size", cfg.gen_batch_size)):
+                        ("--seq-len", cfg.seq_len), ("--gen-batch-size", cfg.gen_batch_size)):
         if value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
     if cfg.batch_size > cfg.samples:
@@ -111,7 +111,7 @@ def validate(cfg: ProbeConfig) -> None:
     if cfg.texts is None and hi + 1 >= cfg.seq_len:
         raise UserError(f"--seq-len {cfg.seq_len}: must exceed 1 + the longest prefix ({hi})")
     if str(cfg.batched_probes) not in ("auto", "on", "off"):
-        raise UserError(f"batched_probes {cfg.batched_probes!r}: expected auto, on or off")
+        raise UserError(f"--batched-probes {cfg.batched_probes!r}: expected auto, on or off")
     if cfg.device_map not in DEVICE_MAPS:
         raise UserError(f"--device-map {cfg.device_map!r}: expected one of {', '.join(m for m in DEVICE_MAPS if m)}")
     if cfg.images not in ("off", "noise"):

@@ -98,7 +98,7 @@ def validate(cfg: FinetuneConfig) -> None:
         (cfg.grad_accum >= 1, f"--grad-accum {cfg.grad_accum}: must be >= 1"),
         (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be >= 0"),
         (0 <= cfg.warmup_ratio < 1, f"--warmup-ratio {cfg.warmup_ratio}: must be in [0, 1)"),
-        (cfg.lr_scheduler in SCHEDULERS, f"lr_scheduler {cfg.lr_scheduler!r}: expected one of {', '.join(SCHEDULERS)}"),
+        (cfg.lr_scheduler in SCHEDULERS, f"--lr-scheduler {cfg.lr_scheduler!r}: expected one of {', '.join(SCHEDULERS)}"),
         (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
         (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
