@@ -50,6 +50,7 @@ def config_options(cls, section: str, kind: str = "recipes", config_help: str = 
     import dataclasses
     import functools
     import inspect
+    import types
     import typing
 
     from dowser_cli import config as cfgmod
@@ -58,14 +59,13 @@ def config_options(cls, section: str, kind: str = "recipes", config_help: str = 
     fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
     extra = []
     for f in fields:
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
-        typ = str if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else typ
-        decls = [f"{flag}/{f.metadata.get('off') or '--no-' + flag[2:]}" if typ is bool else flag]
-        if f.metadata.get("short"):
-            decls.append(f.metadata["short"])
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):   # `str | None`: the option's type is str
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        decl = f"{flag}/{f.metadata.get('off') or '--no-' + flag[2:]}" if typ is bool else flag
         extra.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[typ],
-                                       default=typer.Option(None, *decls, help=cfgmod.option_help(f))))
+                                       default=typer.Option(None, decl, help=cfgmod.option_help(f))))
     extra.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                    default=typer.Option(None, "--config", help=config_help)))
 
@@ -258,8 +258,6 @@ def make_data(
     if name in datasets.BUILTIN:
         if source is not None or limit is not None:
             raise UserError(f"make-data {name}: a built-in dataset takes no --from / --limit (use --train / --test)")
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"--out {out}: exists and is not empty")
         files = datasets.write(name, out, train, test)
     elif name in prepare.PREPARERS:
         if source is None:

@@ -48,15 +48,13 @@ def find(spec: Path | str, kind: str, flag: str = "--config") -> Path:
     raise UserError(f"{flag} {spec}: no such file")
 
 
-def option(default: Any, help: str, *, show: str | None = None, flag: str | None = None, off: str | None = None,
-           short: str | None = None):
+def option(default: Any, help: str, *, show: str | None = None, off: str | None = None):
     """A stage's config field that is also its command-line option, declared once: the default, the help
-    (shown with the default in brackets, or ``show`` where the bare value says too little), the flag
-    (``--field-name``; a bool gets ``--flag/--off``, ``off`` naming the second). The CLI builds the
+    (shown with the default in brackets, or ``show`` where the bare value says too little); the flag is
+    ``--field-name``, and a bool gets ``--flag/--off``, ``off`` naming the second (``--no-field-name``). The CLI builds the
     options from these fields (cli.config_options), the YAML section is the same names, validate()
     checks the values."""
-    return dataclasses.field(default=default, metadata={"help": help, "show": show, "flag": flag, "off": off,
-                                                        "short": short})
+    return dataclasses.field(default=default, metadata={"help": help, "show": show, "off": off})
 
 
 def option_help(f: dataclasses.Field) -> str:

@@ -111,6 +111,8 @@ def write(name: str, out: Path, n_train: int | None = None, n_test: int | None =
     """`dowser make-data NAME` for a built-in dataset: ``out`` appears whole or not at all."""
     from dowser_cli.artifacts import atomic_dir
 
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         files = BUILTIN[name](tmp, n_train, n_test)

@@ -37,7 +37,7 @@ from dowser_cli.selection import TARGETS, layer_of
 @dataclass
 class MergeConfig:
     method: str = option("dare", "dare | tailor | graft.")
-    p: float = option(0.9, "DARE: drop probability of each delta entry.", flag="--p")
+    p: float = option(0.9, "DARE: drop probability of each delta entry.")
     keep: float = option(0.1, "Tailor: fraction of each 128-column block that keeps its change.")
     block: int = option(128, "Tailor: columns per block (selection and lazy compensation).")
     compensation: str = option("official", "Tailor: official (the authors' += update) | sparsegpt (the textbook -=).")

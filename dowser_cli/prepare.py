@@ -432,6 +432,19 @@ def _missing(value: Any) -> bool:
     return value is None or str(value).strip().lower() in ("", "nan", "none")
 
 
+def read_tsv(path: Path) -> tuple[list[str], list[dict]]:
+    """A UTF-8 TSV with a header row: (columns, rows). MMBench's cells hold base64 images, far above
+    csv's default 128 KiB field limit, which is lifted while reading (and restored)."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            return list(reader.fieldnames or []), list(reader)
+    finally:
+        csv.field_size_limit(old)
+
+
 def mmbench(source: Path) -> Rows:
     """MMBench: ``--from`` one of its TSV files (e.g. mmbench_dev_20230712.tsv, mmbench_dev_cn_20231003.tsv
     from download.openmmlab.com) with columns index, question, hint, A..D (the options; the first empty
@@ -441,17 +454,10 @@ def mmbench(source: Path) -> Rows:
     if not source.is_file():
         raise _fail(name, source, "no such file (expected an MMBench TSV, e.g. mmbench_dev_20230712.tsv)"
                     if not source.exists() else "not a file (expected an MMBench TSV, e.g. mmbench_dev_20230712.tsv)")
-    old = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)  # base64 images are larger than csv's default field limit
     try:
-        with open(source, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            columns = reader.fieldnames or []
-            rows = list(reader)
+        columns, rows = read_tsv(source)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{name}: {source}: not a UTF-8 TSV ({e})") from None
-    finally:
-        csv.field_size_limit(old)
     lacking = [c for c in ("index", "question", "A", "B", "answer", "image") if c not in columns]
     if lacking:
         extra = " (a test split without answers cannot be scored; use a dev TSV)" if lacking == ["answer"] else ""

@@ -19,6 +19,7 @@ from typing import Any
 from dowser_cli import metrics
 from dowser_cli.config import find, load_yaml_file
 from dowser_cli.errors import UserError
+from dowser_cli.prepare import read_tsv
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def read_records(task: Task) -> list[EvalRecord]:
     path = task.data
     try:
         if path.suffix == ".tsv":
-            rows = _read_tsv(path)
+            rows = read_tsv(path)[1]
         else:
             text = path.read_text(encoding="utf-8")
             rows = json.loads(text) if text.lstrip().startswith("[") else \
@@ -209,18 +210,6 @@ def read_records(task: Task) -> list[EvalRecord]:
     if not out:
         raise UserError(f"task {task.name}: {path}: no records")
     return out
-
-
-def _read_tsv(path: Path) -> list[dict]:
-    import csv
-
-    limit = csv.field_size_limit()
-    csv.field_size_limit(1 << 30)   # MMBench's TSVs hold base64 images far above csv's 128 KiB field limit
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t"))
-    finally:
-        csv.field_size_limit(limit)
 
 
 def _answers(r: dict) -> list[str]:
