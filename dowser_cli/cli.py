@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from dowser_cli import __version__
+from dowser_cli.version import __version__
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.evaluate import EvalConfig
 from dowser_cli.masking import MaskConfig
@@ -187,18 +187,45 @@ def merge(
     typer.echo(str(out))
 
 
-@app.command(epilog="Example: dowser export runs/digits --out exported/digits")
+@app.command("import-scores", epilog="Example: dowser import-scores importance_mats_mc_selfgen --model llava-1.5-7b "
+                                      "--out scores.safetensors")
+def import_scores(
+    directory: Path = typer.Argument(..., help="The authors' importance directory (llm_<i>_<module>.pt files)."),
+    model: str = typer.Option(..., "--model", help="The model they were computed on (alias, dir, hub id)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Scores artifact to write (.safetensors; .yaml beside it)."),
+    dtype: str = typer.Option("float32", help="The model dtype masks from these scores are for."),
+    random_init: bool = typer.Option(False, "--random-init", help="The model is built from its shipped config."),
+    trust_remote_code: bool = TRUST,
+):
+    """Convert the official script's per-module importance files (mean and std matrices, read with
+    torch.load(weights_only=True) only) into a dowser scores artifact of the dense kind; `dowser mask`
+    selects from it as from a probe's scores (strategies dowser, inverse, magnitude, random)."""
+    from dowser_cli import import_scores as mod
+
+    mod.run(directory, model, out, dtype, random_init=random_init, command=_command_line())
+    typer.echo(str(out))
+
+
+@app.command(epilog="Example: dowser export runs/digits --out exported/digits  (or --format peft --out adapters/digits)")
 def export(
     run: Path = typer.Argument(..., help="Run directory from `dowser finetune`."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must not exist or be empty)."),
+    fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (save_pretrained of base + delta) | peft "
+                            "(a PEFT adapter: Super-Tuning for a masked run)."),
     dtype: Optional[str] = typer.Option(None, help="Weights dtype of the export [the run's]."),
     trust_remote_code: bool = TRUST,
 ):
     """Write the fine-tuned model (base + delta) as a normal save_pretrained checkpoint with its
-    tokenizer/processor, loadable by plain transformers."""
+    tokenizer/processor, loadable by plain transformers; or, with --format peft, as a PEFT adapter that
+    PeftModel.from_pretrained(base, OUT) loads (the mask's entries and their changes only)."""
     from dowser_cli import export as export_mod
 
-    export_mod.export(run, out, dtype)
+    if fmt not in export_mod.FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(export_mod.FORMATS)}")
+    if fmt == "peft":
+        export_mod.export_peft(run, out)
+    else:
+        export_mod.export(run, out, dtype)
     typer.echo(str(out))
 
 

@@ -50,6 +50,7 @@ class Dataset:
     examples: list[Example]
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"index", "reason"} of --skip-bad records
     total: int = 0
+    format: str = "llava"   # the file's record layout (record_format)
 
 
 # ---- reading records ---------------------------------------------------------------------------------
@@ -77,14 +78,30 @@ def read_records(path: Path) -> list[Any]:
     return records
 
 
-def parse_record(raw: Any, index: int, image_folder: Path) -> Record:
-    """Check one raw record; raises ValueError with the reason (the caller adds file and index)."""
-    if not isinstance(raw, dict):
-        raise ValueError("not a JSON object")
+FORMATS = ("llava", "sharegpt", "messages")
+
+
+def record_format(raw: list[Any]) -> str:
+    """The layout of a training file, decided from its first record (one layout per file):
+    ``llava`` (``conversations`` of ``from``/``value`` turns, an ``image``), ``sharegpt``
+    (LLaMA-Factory's: the same turns, ``images`` as a list, an optional ``system``) or ``messages``
+    (OpenAI-style ``role``/``content`` turns, content a string or a list of ``text``/``image`` parts,
+    and ``images``, as TRL's and LLaMA-Factory's openai layout)."""
+    first = next((r for r in raw if isinstance(r, dict)), {})
+    if "messages" in first:
+        return "messages"
+    if "conversations" in first and ("images" in first or "system" in first):
+        return "sharegpt"
+    return "llava"
+
+
+def _turns_from_conversations(raw: dict) -> list[dict]:
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise ValueError("no 'conversations' list")
     messages = []
+    if isinstance(raw.get("system"), str) and raw["system"]:
+        messages.append({"role": "system", "content": raw["system"]})
     for t in turns:
         if not isinstance(t, dict) or not isinstance(t.get("value"), str):
             raise ValueError("a turn without a string 'value'")
@@ -92,13 +109,57 @@ def parse_record(raw: Any, index: int, image_folder: Path) -> Record:
         if role is None:
             raise ValueError(f"turn from {t.get('from')!r} (expected human or gpt)")
         messages.append({"role": role, "content": t["value"]})
+    return messages
+
+
+def _turns_from_messages(raw: dict) -> list[dict]:
+    turns = raw.get("messages")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no 'messages' list")
+    messages = []
+    for t in turns:
+        role = ROLES.get(str(t.get("role", "")).lower()) if isinstance(t, dict) else None
+        if role is None:
+            raise ValueError(f"a message with role {(t.get('role') if isinstance(t, dict) else t)!r} "
+                             f"(expected system, user or assistant)")
+        content = t.get("content")
+        if isinstance(content, list):  # typed parts: an image part becomes the <image> placeholder
+            text = ""
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    text += part["text"]
+                elif kind in ("image", "image_url"):
+                    text += IMAGE_PLACEHOLDER
+                else:
+                    raise ValueError(f"a content part of type {kind!r} (expected text or image)")
+            content = text
+        if not isinstance(content, str):
+            raise ValueError("a message without string or list 'content'")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def parse_record(raw: Any, index: int, image_folder: Path, fmt: str = "llava") -> Record:
+    """Check one raw record of layout ``fmt`` (``record_format``); raises ValueError with the reason
+    (the caller adds file and index). Every layout becomes the same messages and image."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    if fmt == "messages":
+        messages = _turns_from_messages(raw)
+    else:
+        messages = _turns_from_conversations(raw)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant (gpt) turn")
-    image = raw.get("image")
+    image = raw.get("images", raw.get("image")) if fmt != "llava" else raw.get("image")
     if isinstance(image, list):  # multi-image records: the LLaVA format allows a list; we take one
-        if len(image) != 1:
+        if len(image) > 1:
             raise ValueError("records with several images are not supported")
-        image = image[0]
+        image = image[0] if image else None
+    if isinstance(image, dict):  # {"path": ...} as some exporters write it
+        image = image.get("path")
+    if image is not None and not isinstance(image, str):
+        raise ValueError("'image' is not a path")
     n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if image is None:
         if n_placeholders:
@@ -108,7 +169,9 @@ def parse_record(raw: Any, index: int, image_folder: Path) -> Record:
     if not path.is_file():
         raise ValueError(f"image {path} does not exist")
     if n_placeholders == 0:  # LLaVA's convention: the image goes before the first human turn
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first is None:
+            raise ValueError("an image but no user turn to put it in")
         messages[first] = {**messages[first], "content": f"{IMAGE_PLACEHOLDER}\n{messages[first]['content']}"}
     elif n_placeholders > 1:
         raise ValueError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders for one image")
@@ -233,10 +296,10 @@ def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_b
     if not isinstance(raw, list):
         raise UserError(f"--data {path}: expected a list of records (JSON list or JSONL)")
     folder = image_folder if image_folder is not None else path.parent
-    ds = Dataset(path, [], total=len(raw))
+    ds = Dataset(path, [], total=len(raw), format=record_format(raw))
     for i, r in enumerate(raw):
         try:
-            rec = parse_record(r, i, folder)
+            rec = parse_record(r, i, folder, ds.format)
             image = load_image(rec.image) if rec.image is not None else None
             ds.examples.append(encoder.encode(rec, image))
         except (ValueError, OSError) as e:

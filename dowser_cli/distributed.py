@@ -12,7 +12,7 @@ Fine-tuning strategies:
   moments and fp32 masters cover its shard only.
 
 The global batch: ``--batch-size`` is per rank. Optimiser step s takes the examples a single process
-would take with batch size ``world * batch_size`` and the same ``grad_accum`` (``finetune.step_examples``),
+would take with batch size ``world * batch_size`` and the same ``grad_accum`` (``training.step_examples``),
 and rank r takes slice ``[r * batch_size, (r + 1) * batch_size)`` of every such global micro-batch. So a
 global step is ``world * batch_size * grad_accum`` examples, and the loss of every rank is divided by the
 global step's assistant-token count (times ``world``, since DDP and FSDP average gradients over ranks):
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -38,9 +37,8 @@ from torch import nn
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.optim import local
 from dowser_cli.resources import host_peak_since_reset_mb
-from dowser_cli.runtime import step_seed
 from dowser_cli import training
-from dowser_cli.training import STRATEGIES, FinetuneConfig, LossHead, Trainable, apply_values, step_examples, to_device
+from dowser_cli.training import STRATEGIES, FinetuneConfig, LocalBackend, LossHead, Trainable, apply_values
 
 if TYPE_CHECKING:
     from dowser_cli.models import LoadedModel
@@ -61,7 +59,10 @@ class ShardInfo:
 
 
 @dataclass
-class Dist:
+class Dist(LocalBackend):
+    """One rank of a launched run, and the training backend for DDP and FSDP: the operations of
+    ``training.LocalBackend`` done with collectives (every rank must call each of them, in order)."""
+
     world: int
     rank: int
     local_rank: int
@@ -73,9 +74,135 @@ class Dist:
     start_rss_mb: float | None = None                           # host RSS when training began
     load_peak_rss_mb: float | None = None                       # host peak before it (loading, sharding)
 
+    compact_grads = False   # DDP and FSDP reduce the dense (sharded) gradient in .grad: no compact hooks
+    stop_grace_s = 2.0
+
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def empty(self) -> bool:
+        """Under FSDP only rank 0 reads the weights; the other ranks build the module tree on device
+        "meta" and receive their shards from it (``_fill_from_rank0``), so a host holds one copy of the
+        model, not one per rank."""
+        return self.strategy == "fsdp" and not self.main
+
+    def load_device(self, device: str) -> str:
+        # FSDP: rank 0 loads on the host; fully_shard then moves one unit at a time to the device, as shards
+        return "cpu" if self.strategy == "fsdp" else device
+
+    def global_cfg(self, cfg: FinetuneConfig) -> FinetuneConfig:
+        """The single-process settings whose steps these ranks take together: batch size world * per-rank."""
+        return dataclasses.replace(cfg, batch_size=cfg.batch_size * self.world)
+
+    def wrap(self, lm: "LoadedModel", tr: Trainable, cfg: FinetuneConfig, mask_path: Path | None) -> nn.Module:
+        return wrap(self, lm, tr, cfg, mask_path)
+
+    def share(self, mb: list[int], batch_size: int) -> tuple[list[int], float]:
+        # every rank runs the same number of micro-batches, so the collectives stay in step; a rank with
+        # no example in a short last micro-batch runs one with weight 0
+        mine = mb[self.rank * batch_size:(self.rank + 1) * batch_size]
+        return (mine, float(self.world)) if mine else (mb[:1], 0.0)
+
+    def accumulating(self, model, last: bool):
+        # DDP: all-reduce once per optimiser step, after the last micro-batch
+        return contextlib.nullcontext() if self.strategy != "ddp" or last else model.no_sync()
+
+    def agree(self, loss: float, stop: bool) -> tuple[float, bool]:
+        # every rank sees the same loss (and, below, the same reduced norm): all skip or stop together
+        agreed = torch.tensor([loss, float(stop)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(agreed)
+        return float(agreed[0]), bool(agreed[1] > 0)
+
+    def after_backward(self, model, opt: "MaskedAdamW") -> None:
+        if not self.held:
+            self.held = held_bytes(model, opt)
+
+    def norm_reduce(self) -> Callable[[float], float] | None:
+        """Gradient clipping's squared norm over all ranks: FSDP grads are disjoint shards (sum them); DDP
+        grads are already the same everywhere after the all-reduce (nothing to add)."""
+        if self.strategy != "fsdp":
+            return None
+
+        def reduce(sq: float) -> float:
+            t = torch.tensor([sq], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            return float(t)
+        return reduce
+
+    def trainable_values(self, tr: Trainable) -> dict[str, torch.Tensor] | None:
+        """The delta's tensors on rank 0 (one process's layout), None on the other ranks."""
+        if self.strategy != "fsdp":
+            return training.trainable_values(tr) if self.main else None
+        out = {}
+        for n, v in training.trainable_values(_local_trainable(tr)).items():
+            full = gather_cat(self, v)
+            if self.main:
+                out[n] = full if n in tr.masks else full.reshape(tr.params[n].shape)
+        return out if self.main else None
+
+    def checkpoint_tensors(self, tr: Trainable, opt: "MaskedAdamW") -> dict[str, torch.Tensor] | None:
+        """Values and optimiser state, gathered to rank 0 in the single-process checkpoint layout."""
+        if self.strategy != "fsdp":
+            return super().checkpoint_tensors(tr, opt) if self.main else None
+        values = self.trainable_values(tr)
+        state = opt.named_state({q: n for n, q in tr.params.items()})
+        out = {f"value/{n}": v for n, v in values.items()} if self.main else {}
+        for key, t in state.items():
+            full = gather_cat(self, t)
+            if self.main:
+                n = key.split("/", 1)[1]
+                out[key] = full if n in tr.masks else full.reshape(tr.params[n].shape)
+        return out if self.main else None
+
+    def load_checkpoint(self, path: Path, tr: Trainable, opt: "MaskedAdamW", step: int, method=None) -> None:
+        """FSDP: each rank reads only its part of every checkpoint tensor (safetensors slices)."""
+        if self.strategy != "fsdp":
+            return super().load_checkpoint(path, tr, opt, step, method)
+        from safetensors import safe_open
+
+        loc = _local_trainable(tr)
+        names = {q: n for n, q in tr.params.items()}
+
+        def part(f, key: str, n: str) -> torch.Tensor:
+            s = self.shards[n]
+            sl = f.get_slice(key)
+            return sl[s.k0:s.k0 + s.k] if n in tr.masks else sl[s.row0:s.row1]
+
+        with safe_open(str(path), framework="pt") as f:
+            apply_values(loc.params, tr.masks, {n: part(f, f"value/{n}", n) for n in tr.params})
+            keys = list(opt.named_state(names))
+            opt.load_named_state(names, {k: part(f, k, k.split("/", 1)[1]) for k in keys}, step)
+
+    def counts(self, tr: Trainable) -> dict[str, int]:
+        if self.strategy != "fsdp":
+            return tr.counts()
+        k = torch.tensor([sum(int(m.sum()) for m in tr.masks.values())], dtype=torch.int64, device=self.device)
+        dist.all_reduce(k)
+        dense = sum(q.numel() for n, q in tr.params.items() if n not in tr.masks)
+        return {"params": len(tr.params), "masked_params": len(tr.masks),
+                "numel": sum(q.numel() for q in tr.params.values()), "trainable_entries": int(k) + dense}
+
+    def rank_report(self, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
+        """Per rank: peak memory (whole run; host peak while loading, and since training began) and the
+        bytes held at the first step's peak (after its backward)."""
+        from dowser_cli.resources import peak_memory
+
+        mine = {"rank": self.rank, "device": self.device, "peak_memory": peak_memory(self.device),
+                "load_peak_host_rss_mb": self.load_peak_rss_mb, "train_start_host_rss_mb": self.start_rss_mb,
+                "train_peak_host_rss_mb": host_peak_since_reset_mb(),
+                **(self.held or held_bytes(model, opt))}
+        return all_gather_objects(mine)
+
+    def optimizer_state_bytes(self, opt: "MaskedAdamW", ranks: list[dict] | None) -> int:
+        # under FSDP the state is split over the ranks: the run's total; DDP: one rank's (each has it all)
+        return sum(r["optimizer_state_bytes"] for r in ranks) if self.strategy == "fsdp" else opt.state_bytes()
+
+    def describe(self, cfg: FinetuneConfig, ranks: list[dict] | None) -> dict:
+        return {"world_size": self.world, "strategy": self.strategy, "backend": self.backend,
+                "per_rank_batch_size": cfg.batch_size,
+                "global_step_examples": self.world * cfg.batch_size * cfg.grad_accum, "ranks": ranks}
 
 
 def launched_world() -> int:
@@ -195,13 +322,6 @@ def gather_cat(d: Dist, t: torch.Tensor) -> torch.Tensor | None:
 
 # ---- fine-tuning -----------------------------------------------------------------------------------
 
-def global_cfg(d: Dist, cfg: "FinetuneConfig") -> "FinetuneConfig":
-    """The single-process settings whose steps these ranks take together: batch size world * per-rank."""
-    return dataclasses.replace(cfg, batch_size=cfg.batch_size * d.world)
-
-
-
-
 def shard_rows(d: Dist, rows: int) -> tuple[int, int]:
     """FSDP2's dim-0 split (torch.chunk): rank r holds rows [r*c, min((r+1)*c, rows)), c = ceil(rows/world)."""
     c = -(-rows // d.world)
@@ -287,13 +407,6 @@ def wrap(d: Dist, lm: "LoadedModel", tr: Trainable, cfg: FinetuneConfig, mask_pa
     return mod
 
 
-def empty_on_this_rank(d: Dist | None) -> bool:
-    """Under FSDP only rank 0 reads the weights; the other ranks build the module tree on device "meta"
-    and receive their shards from it (``_fill_from_rank0``), so a host holds one copy of the model, not
-    one per rank."""
-    return d is not None and d.strategy == "fsdp" and not d.main
-
-
 def _fill_from_rank0(d: Dist, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """After ``fully_shard``: ranks > 0 allocate their (still meta) shards, then every rank gets its rows
     of rank 0's ``full`` state dict (torch.distributed.checkpoint's broadcast_from_rank0), and buffers
@@ -307,121 +420,8 @@ def _fill_from_rank0(d: Dist, model: nn.Module, full: dict[str, torch.Tensor]) -
         dist.broadcast(_comm_view(b), src=0)
 
 
-def _norm_reduce(d: Dist) -> Callable[[float], float] | None:
-    """Gradient clipping's squared norm over all ranks: FSDP grads are disjoint shards (sum them); DDP
-    grads are already the same everywhere after the all-reduce (nothing to add)."""
-    if d.strategy != "fsdp":
-        return None
-
-    def reduce(sq: float) -> float:
-        t = torch.tensor([sq], dtype=torch.float64, device=d.device)
-        dist.all_reduce(t)
-        return float(t)
-    return reduce
-
-
-def train_step(d: Dist, model: nn.Module, step: int, ds, sched, cfg: "FinetuneConfig", opt: "MaskedAdamW", lr_at,
-               device: str, dtype: torch.dtype, stop: bool, processor, pad: int) -> tuple[float, int, int, bool, bool]:
-    """One global optimiser step (see the module docstring). Every rank runs the same number of
-    micro-batches, so the collectives stay in step; a rank with no example in a short last micro-batch
-    runs one with weight 0. Returns (global loss, global assistant tokens, global tokens, stop agreed,
-    finite): not finite (the loss or the reduced gradient norm) means no update was made."""
-    from dowser_cli import data
-
-    micro = step_examples(step, len(ds.examples), sched, global_cfg(d, cfg))
-    n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
-    n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
-    torch.manual_seed(step_seed(cfg.seed, step))
-    total = 0.0
-    for j, mb in enumerate(micro):
-        mine = mb[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
-        weight = d.world / n_tokens  # DDP / FSDP divide the summed gradient by world
-        if not mine:
-            mine, weight = mb[:1], 0.0
-        batch = data.collate([ds.examples[i] for i in mine], pad, processor)
-        # DDP: all-reduce once per optimiser step, after the last micro-batch
-        sync = d.strategy != "ddp" or j == len(micro) - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
-            loss_sum = model(to_device(batch, device, dtype))
-            (loss_sum * weight).backward()
-        if weight:
-            total += float(loss_sum.detach()) / n_tokens
-    agreed = torch.tensor([total, float(stop)], dtype=torch.float64, device=d.device)
-    dist.all_reduce(agreed)
-    if not d.held:  # gradients, parameters and state are all alive here
-        d.held = held_bytes(model, opt)
-    # every rank sees the same reduced norm and loss, so all of them skip or stop together
-    norm = opt.clip_grad_norm_(cfg.max_grad_norm, reduce=_norm_reduce(d))
-    loss = float(agreed[0])
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        opt.zero_grad()
-        return loss if not math.isfinite(loss) else norm, n_tokens, n_input, bool(agreed[1] > 0), False
-    for group in opt.param_groups:
-        group["lr"] = group["peak_lr"] * lr_at(step)
-    opt.step()
-    opt.zero_grad()
-    return loss, n_tokens, n_input, bool(agreed[1] > 0), True
-
-
 def _local_trainable(tr: "Trainable") -> "Trainable":
     return Trainable({n: local(q) for n, q in tr.params.items()}, tr.masks, tr.layers)
-
-
-def trainable_values(d: Dist, tr: "Trainable") -> dict[str, torch.Tensor] | None:
-    """The delta's tensors on rank 0 (finetune.trainable_values' layout), None on the other ranks."""
-    if d.strategy != "fsdp":
-        return training.trainable_values(tr) if d.main else None
-    out = {}
-    for n, v in training.trainable_values(_local_trainable(tr)).items():
-        full = gather_cat(d, v)
-        if d.main:
-            out[n] = full if n in tr.masks else full.reshape(tr.params[n].shape)
-    return out if d.main else None
-
-
-def checkpoint_tensors(d: Dist, tr: "Trainable", opt: "MaskedAdamW") -> dict[str, torch.Tensor] | None:
-    """Values and optimiser state, gathered to rank 0 in the single-process checkpoint layout."""
-    values = trainable_values(d, tr)
-    names = {q: n for n, q in tr.params.items()}
-    state = opt.named_state(names)
-    if d.strategy != "fsdp":
-        return {**{f"value/{n}": v for n, v in values.items()}, **{k: v.cpu() for k, v in state.items()}} \
-            if d.main else None
-    out = {f"value/{n}": v for n, v in values.items()} if d.main else {}
-    for key, t in state.items():
-        full = gather_cat(d, t)
-        if d.main:
-            n = key.split("/", 1)[1]
-            out[key] = full if n in tr.masks else full.reshape(tr.params[n].shape)
-    return out if d.main else None
-
-
-def load_sharded_checkpoint(d: Dist, path, tr: "Trainable", opt: "MaskedAdamW", step: int) -> None:
-    """Each rank reads only its part of every checkpoint tensor (safetensors slices)."""
-    from safetensors import safe_open
-
-    loc = _local_trainable(tr)
-    names = {q: n for n, q in tr.params.items()}
-
-    def part(f, key: str, n: str) -> torch.Tensor:
-        s = d.shards[n]
-        sl = f.get_slice(key)
-        return sl[s.k0:s.k0 + s.k] if n in tr.masks else sl[s.row0:s.row1]
-
-    with safe_open(str(path), framework="pt") as f:
-        apply_values(loc.params, tr.masks, {n: part(f, f"value/{n}", n) for n in tr.params})
-        keys = list(opt.named_state(names))
-        opt.load_named_state(names, {k: part(f, k, k.split("/", 1)[1]) for k in keys}, step)
-
-
-def counts(d: Dist, tr: "Trainable") -> dict[str, int]:
-    if d.strategy != "fsdp":
-        return tr.counts()
-    k = torch.tensor([sum(int(m.sum()) for m in tr.masks.values())], dtype=torch.int64, device=d.device)
-    dist.all_reduce(k)
-    dense = sum(q.numel() for n, q in tr.params.items() if n not in tr.masks)
-    return {"params": len(tr.params), "masked_params": len(tr.masks),
-            "numel": sum(q.numel() for q in tr.params.values()), "trainable_entries": int(k) + dense}
 
 
 def held_bytes(model: nn.Module, opt: "MaskedAdamW") -> dict[str, int]:
@@ -430,18 +430,6 @@ def held_bytes(model: nn.Module, opt: "MaskedAdamW") -> dict[str, int]:
     grads = sum(local(q.grad).numel() * q.grad.element_size() for q in model.parameters() if q.grad is not None)
     grads += sum(g.numel() * g.element_size() for g in opt.compact.values())
     return {"param_bytes": params, "grad_bytes": grads, "optimizer_state_bytes": opt.state_bytes()}
-
-
-def rank_report(d: Dist, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
-    """Per rank: peak memory (whole run; host peak while loading, and since training began) and the bytes
-    held at the first step's peak (after its backward)."""
-    from dowser_cli.resources import peak_memory
-
-    mine = {"rank": d.rank, "device": d.device, "peak_memory": peak_memory(d.device),
-            "load_peak_host_rss_mb": d.load_peak_rss_mb, "train_start_host_rss_mb": d.start_rss_mb,
-            "train_peak_host_rss_mb": host_peak_since_reset_mb(),
-            **(d.held or held_bytes(model, opt))}
-    return all_gather_objects(mine)
 
 
 # ---- probing -------------------------------------------------------------------------------------

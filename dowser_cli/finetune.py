@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dowser_cli import artifacts, data, distributed, masking
 from dowser_cli.artifacts.masks import open_mask
@@ -29,11 +28,11 @@ from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.optim import MaskedAdamW
 from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.progress import stderr_console
-from dowser_cli.resources import host_peak_since_reset_mb, peak_memory, reset_host_peak
+from dowser_cli.resources import host_peak_since_reset_mb, host_rss_mb, peak_memory, reset_host_peak
+from dowser_cli.trackers import open_tracker
 from dowser_cli.selection import default_layers, format_ranges, layer_of, parse_layers
-from dowser_cli.training import (FinetuneConfig, LossHead, Schedule, Trainable,
-                                 TrainState, apply_values, make_lr_lambda, make_schedule, param_groups, train_step,
-                                 trainable_values, validate, write_delta)
+from dowser_cli.training import (FinetuneConfig, LocalBackend, Schedule, Trainable, TrainState, make_lr_lambda,
+                                 make_schedule, param_groups, train_step, validate, write_delta)
 
 
 # ---- setup: what trains -----------------------------------------------------------------------------------
@@ -199,12 +198,6 @@ def _copy_beside(src: Path, dst: Path) -> None:
             shutil.copyfile(a, b)
 
 
-# ---- training --------------------------------------------------------------------------------------------
-
-
-# ---- checkpoints --------------------------------------------------------------------------------------
-
-
 # ---- the run ---------------------------------------------------------------------------------------------
 
 def _progress(console):
@@ -229,33 +222,28 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
          mask_path: Path | None, image_folder: Path | None, random_init: bool, resume: bool,
          command: str) -> dict[str, Any]:
     p = plan(model_spec, cfg, out, mask_path, random_init, resume)
-    if dist is not None:
-        if not p.method.distributed:
-            raise UserError(f"--method {cfg.method}: runs in one process only, not under torchrun / accelerate "
-                            f"launch (its per-step hooks and state are not sharded)")
-        p.device = dist.device
-    # FSDP: rank 0 loads the weights on the host, the others only the module tree; fully_shard then moves
-    # one unit at a time to the device, as shards, and rank 0 sends every rank its rows
-    empty = distributed.empty_on_this_rank(dist)
-    lm = load_model(p.source, p.config, p.dtype, "cpu" if dist is not None and dist.strategy == "fsdp" else p.device,
-                    empty=empty)
-    console = stderr_console() if dist is None or dist.main else stderr_console(quiet=True)
+    if dist is not None and not p.method.distributed:
+        raise UserError(f"--method {cfg.method}: runs in one process only, not under torchrun / accelerate "
+                        f"launch (its per-step hooks and state are not sharded)")
+    backend = dist or LocalBackend(p.device)
+    p.device = backend.device
+    lm = load_model(p.source, p.config, p.dtype, backend.load_device(p.device), empty=backend.empty)
+    console = stderr_console(quiet=not backend.main)
     ensure_tokenizer(lm, console)
     ds = data.read_dataset(lm.tokenizer, lm.processor, data_path, image_folder, cfg.max_len, cfg.skip_bad, console)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
     # (only rank 0 writes it; an empty rank has no values to digest)
-    base_digest = "" if empty else artifacts.weights_digest(lm.model)
+    base_digest = "" if backend.empty else artifacts.weights_digest(lm.model)
     masks = load_rank_masks(dist, p, lm, command) if dist else load_masks(p, lm, command)
     method = p.method.make(lm, cfg)
     tr = method.trainable(p.layers, masks)
-    model = distributed.wrap(dist, lm, tr, p.cfg, p.mask.path if p.mask else None) if dist else None  # FSDP: tr now holds this rank's shards
-    # DDP and FSDP need the dense (sharded) gradient in .grad for their reduction: no compact hooks there
+    model = backend.wrap(lm, tr, p.cfg, p.mask.path if p.mask else None)  # FSDP: tr now holds this rank's shards
     opt = MaskedAdamW(param_groups(tr, lm, cfg), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                      compact_grads=dist is None)
-    state = load_checkpoint(out, tr, opt, cfg, fingerprint, method, dist) if resume else TrainState()
-    sched = make_schedule(len(ds.examples), distributed.global_cfg(dist, cfg) if dist else cfg)
+                      compact_grads=backend.compact_grads)
+    state = load_checkpoint(out, tr, opt, cfg, fingerprint, method, backend) if resume else TrainState()
+    sched = make_schedule(len(ds.examples), backend.global_cfg(cfg))
     if cfg.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
@@ -263,42 +251,37 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     # the training steps' peak apart from loading's (under FSDP rank 0 holds the whole model while loading)
     load_peak_rss = host_peak_since_reset_mb()
     pre_train_rss = reset_host_peak()
-    if dist is not None:
-        dist.start_rss_mb, dist.load_peak_rss_mb = pre_train_rss, load_peak_rss
+    backend.start_rss_mb, backend.load_peak_rss_mb = pre_train_rss, load_peak_rss
     load_s = time.perf_counter() - t0
-    _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method, dist, model)
+    _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method, backend, model)
     timings = {"load_s": round(load_s, 3), "train_s": round(state.train_s, 3)}
     sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path, timings, t0, command,
-                    method, pre_train_rss, dist, model)
-    if dist is None or dist.main:
+                    method, pre_train_rss, backend, model)
+    if backend.main:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         _print_summary(console, sidecar, out)
     return sidecar
 
 
 def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
-           sched: Schedule, fingerprint: str, console, method, dist: distributed.Dist | None = None,
-           model: nn.Module | None = None) -> None:
+           sched: Schedule, fingerprint: str, console, method, backend: LocalBackend, model) -> None:
     cfg = p.cfg
     lr_at = make_lr_lambda(sched, cfg)
-    loss_head = LossHead(lm)
+    pad = data.pad_id(lm.tokenizer)
     lm.model.train()
-    agreed = False  # under a launcher: all ranks decided to stop (so all of them join the checkpoint)
+    agreed = False  # all ranks decided to stop (so all of them join the checkpoint)
+    logdir = Path(cfg.logging_dir) if cfg.logging_dir else p.out / "logs"
+    tracker = open_tracker(cfg.report_to if backend.main else "none", logdir, dataclasses.asdict(cfg))
     try:
         # a launcher forwards the terminal's Ctrl-C to ranks that already got it: not a second Ctrl-C
-        with StopRequests("abort", grace_s=2.0 if dist else 0.0, message="\ndowser: stopping after this step (Ctrl-C "
-                          "again to abort without a checkpoint)") as stop, _progress(console) as bar:
+        with StopRequests("abort", grace_s=backend.stop_grace_s, message="\ndowser: stopping after this step "
+                          "(Ctrl-C again to abort without a checkpoint)") as stop, _progress(console) as bar:
             task = bar.add_task(f"finetune {p.source.spec}", total=sched.total_steps, completed=state.step, info="")
             while state.step < sched.total_steps:
                 t = time.perf_counter()
-                if dist is None:
-                    loss, tokens, seen, finite = train_step(state.step, ds, sched, cfg, loss_head, opt, lr_at, lm,
-                                                            p.device, p.dtype, method)
-                    stop_now = stop.requested
-                else:
-                    loss, tokens, seen, stop_now, finite = distributed.train_step(
-                        dist, model, state.step, ds, sched, cfg, opt, lr_at, p.device, p.dtype, stop.requested,
-                        lm.processor, data.pad_id(lm.tokenizer))
+                r = train_step(state.step, ds, sched, cfg, model, opt, lr_at, backend, p.dtype, pad, lm.processor,
+                               lambda: stop.requested, method)
+                loss, tokens, seen, finite, stop_now = r.loss, r.tokens, r.seen, r.finite, r.stop
                 if not finite:
                     _diverged(p, state, loss, sched)
                 else:
@@ -311,25 +294,37 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                                      "seconds": round(dt, 4), **({} if finite else {"skipped": True})})
                 state.step += 1
                 bar.update(task, advance=1, info=f"loss {loss:.4f}  {seen / dt:,.0f} tok/s")
+                tracker.log(state.step, _step_metrics(r, cfg.lr * lr_at(state.step - 1), dt, p.device))
                 if stop_now and state.step < sched.total_steps:
                     agreed = True
                     raise KeyboardInterrupt
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < sched.total_steps:
-                    save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method, dist)
+                    save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method, backend)
     except KeyboardInterrupt:
         opt.zero_grad()  # a half-accumulated step is dropped; the checkpoint is at a step boundary
-        if dist is not None and not agreed:  # one rank aborted mid-step: the others cannot join a save
+        if backend.world > 1 and not agreed:  # one rank aborted mid-step: the others cannot join a save
             err = Interrupted("aborted; no checkpoint written")
             err.together = False  # nor a last barrier: the launcher ends the others
             raise err from None
         if state.step:
-            save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method, dist)
+            save_checkpoint(p.out, tr, opt, state, cfg, fingerprint, method, backend)
             raise Interrupted(f"interrupted at step {state.step}/{sched.total_steps}; checkpoint in "
                               f"{p.out / 'checkpoint'}; rerun with --resume to continue") from None
         raise Interrupted("interrupted before the first step finished; nothing to resume") from None
     finally:
+        tracker.close()
         lm.model.eval()
         opt.remove_hooks()
+
+
+def _step_metrics(r, lr: float, seconds: float, device: str) -> dict[str, float]:
+    """What --report-to logs for one step."""
+    out = {"loss": r.loss, "lr": lr, "tokens_per_s": r.seen / seconds, "assistant_tokens": float(r.tokens),
+           "grad_norm": r.grad_norm, "host_rss_mb": host_rss_mb() or float("nan")}
+    if device.startswith("cuda"):
+        out["device_mb"] = torch.cuda.memory_allocated() / 2**20
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def _diverged(p: Plan, state: TrainState, value: float, sched: Schedule) -> None:
@@ -354,18 +349,18 @@ def _diverged(p: Plan, state: TrainState, value: float, sched: Schedule) -> None
 
 def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
           sched: Schedule, fingerprint: str, base_digest: str, data_path: Path, timings: dict, t0: float,
-          command: str, method, pre_train_rss: float | None, dist: distributed.Dist | None = None,
-          model: nn.Module | None = None) -> dict[str, Any]:
-    values = counts = ranks = None
-    if dist is not None:  # the collectives first, on every rank; then rank 0 writes
-        values = distributed.trainable_values(dist, tr)
-        counts, ranks = distributed.counts(dist, tr), distributed.rank_report(dist, model, opt)
-        if not dist.main:
-            return {}
+          command: str, method, pre_train_rss: float | None, backend: LocalBackend, model) -> dict[str, Any]:
+    # the collectives first, on every rank; then rank 0 writes. A method's finish (PEFT: merge the
+    # adapters) gives the delta's tensors; the counts are of what trained
+    finished = method.finish(tr, p.out)
+    values = backend.trainable_values(finished)
+    counts, ranks = backend.counts(tr), backend.rank_report(model, opt)
+    if not backend.main:
+        return {}
     mask_file = p.out / "mask.safetensors" if p.mask is not None else None
     mask_sha = artifacts.sha256_file(mask_file) if mask_file else None
     delta = p.out / "delta.safetensors"
-    write_delta(delta, method.finish(tr, p.out), fingerprint, base_digest, mask_sha, values)
+    write_delta(delta, finished, fingerprint, base_digest, mask_sha, values)
     full_bytes = sum(q.numel() * q.element_size() for q in lm.model.parameters())
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     sidecar = {
@@ -384,12 +379,10 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
                     **({"mask": {"path": "mask.safetensors", "sha256": mask_sha}} if mask_file else {}),
                     "full_checkpoint_bytes": full_bytes},
         "tuned_layers": p.layers,
-        "trainable": counts or tr.counts(),
-        # under FSDP the state is split over the ranks: the run's total; DDP: one rank's (each has it all)
-        "optimizer": {"name": "masked-adamw", "state_bytes": sum(r["optimizer_state_bytes"] for r in ranks)
-                      if dist and dist.strategy == "fsdp" else opt.state_bytes(),
+        "trainable": counts,
+        "optimizer": {"name": "masked-adamw", "state_bytes": backend.optimizer_state_bytes(opt, ranks),
                       "method_state_bytes": method.state_bytes()},
-        "data": {"records": ds.total, "used": len(ds.examples), "skipped": len(ds.skipped),
+        "data": {"records": ds.total, "format": ds.format, "used": len(ds.examples), "skipped": len(ds.skipped),
                  "skipped_records": ds.skipped[:100]},
         "schedule": dataclasses.asdict(sched),
         "steps": state.step, "tokens": state.tokens,
@@ -401,11 +394,8 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
         "peak_memory": {**peak_memory(p.device), "train_rss_mb": host_peak_since_reset_mb(),
                         "pre_train_rss_mb": pre_train_rss},
     }
-    if dist is not None:
-        sidecar["distributed"] = {"world_size": dist.world, "strategy": dist.strategy, "backend": dist.backend,
-                                  "per_rank_batch_size": p.cfg.batch_size,
-                                  "global_step_examples": dist.world * p.cfg.batch_size * p.cfg.grad_accum,
-                                  "ranks": ranks}
+    if (section := backend.describe(p.cfg, ranks)) is not None:
+        sidecar["distributed"] = section
     artifacts.write_yaml(p.out / "run.yaml", sidecar)
     return sidecar
 
@@ -422,15 +412,10 @@ def _print_summary(console, sidecar: dict, out: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: TrainState, cfg: FinetuneConfig,
-                    fingerprint: str, method=None, dist: distributed.Dist | None = None) -> None:
-    if dist is not None:  # every rank joins the gather; rank 0 writes the same layout as one process
-        tensors = distributed.checkpoint_tensors(dist, tr, opt)
-        if not dist.main:
-            return
-    else:
-        names = {p: n for n, p in tr.params.items()}
-        tensors = {f"value/{n}": v for n, v in trainable_values(tr).items()}
-        tensors.update({k: v.cpu() for k, v in opt.named_state(names).items()})
+                    fingerprint: str, method, backend: LocalBackend) -> None:
+    tensors = backend.checkpoint_tensors(tr, opt)  # under a launcher every rank joins the gather
+    if not backend.main:  # rank 0 writes the same layout as one process
+        return
     if method is not None:  # (methods with state of their own run in one process only: see plan)
         tensors.update({f"method/{k}": v.cpu() for k, v in method.state().items()})
     meta = artifacts.base_metadata(artifacts.CHECKPOINT_KIND, fingerprint, step=state.step,
@@ -446,7 +431,7 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
 
 
 def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: FinetuneConfig,
-                    fingerprint: str, method=None, dist: distributed.Dist | None = None) -> TrainState:
+                    fingerprint: str, method, backend: LocalBackend) -> TrainState:
     ckpt = run_dir / "checkpoint"
     side = artifacts.read_yaml(ckpt / "state.yaml")
     path = ckpt / "state.safetensors"
@@ -462,13 +447,6 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
     if side.get("training_digest") != cfg.training_digest() or meta.get("training_digest") != cfg.training_digest():
         raise UserError(f"--resume: {run_dir} was trained with different settings; resume with the same options "
                         f"(see {run_dir / 'checkpoint' / 'state.yaml'} and the run's config) or start a new --out")
-    if dist is not None and dist.strategy == "fsdp":
-        distributed.load_sharded_checkpoint(dist, path, tr, opt, int(side["step"]))
-    else:
-        tensors = artifacts.read_tensors(path)
-        apply_values(tr.params, tr.masks, {n: tensors[f"value/{n}"] for n in tr.params})
-        opt.load_named_state({p: n for n, p in tr.params.items()}, tensors, int(side["step"]))
-        if method is not None:
-            method.load_state({k.removeprefix("method/"): v for k, v in tensors.items() if k.startswith("method/")})
+    backend.load_checkpoint(path, tr, opt, int(side["step"]), method)
     return TrainState(int(side["step"]), list(side.get("losses") or []), float(side.get("train_s", 0.0)),
                       int(side.get("tokens", 0)), list(side.get("skipped") or []))

@@ -28,6 +28,7 @@ from dowser_cli.selection import (DEFAULT_LAYERS, TARGETS, default_layers, forma
 
 
 GRANULARITIES = ("matrix", "row", "layer", "global")
+COUNT_RULES = ("round", "peft")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class MaskConfig:
     layers: str = option(DEFAULT_LAYERS, "Decoder layers to mask: last:N | all | ranges.", show="last:20; all if fewer")
     targets: str = option("attn,mlp", "Linears of those layers: attn (q/k/v/o) | mlp (gate/up/down) | attn,mlp.")
     seed: int = option(0, "Seed of the random strategy.")
+    count_rule: str = option("round", "Entries a unit keeps: round (round(rho * numel)) | peft (int(numel * (1 - "
+                             "(1 - rho))), PEFT Super-Tuning's rule, so that `export --format peft` holds the mask; "
+                             "matrix granularity).")
 
 
 def validate(cfg: MaskConfig) -> MaskStrategy:
@@ -45,8 +49,20 @@ def validate(cfg: MaskConfig) -> MaskStrategy:
         raise UserError(f"--ratio {cfg.ratio}: must be in (0, 1]")
     if cfg.granularity not in GRANULARITIES:
         raise UserError(f"--granularity {cfg.granularity!r}: expected one of {', '.join(GRANULARITIES)}")
+    if cfg.count_rule not in COUNT_RULES:
+        raise UserError(f"--count-rule {cfg.count_rule!r}: expected one of {', '.join(COUNT_RULES)}")
+    if cfg.count_rule == "peft" and cfg.granularity != "matrix":
+        raise UserError(f"--count-rule peft: PEFT counts per matrix; use --granularity matrix "
+                        f"(not {cfg.granularity})")
     parse_targets(cfg.targets)
     return MASK_STRATEGIES.get(cfg.strategy, "--strategy")
+
+
+def unit_k(cfg: MaskConfig, n: int) -> int:
+    """Trainable entries of a unit of n entries under the count rule."""
+    if cfg.count_rule == "peft":   # PEFT's SupertuningLayer._num_trainable with sparsity = 1 - rho
+        return int(n * (1 - (1.0 - cfg.ratio)))
+    return scoring.exact_k(cfg.ratio, n)
 
 
 def module_units(modules: list[str], layers_path: str, granularity: str) -> list[list[str]]:
@@ -75,10 +91,12 @@ class UnitSelector:
         # selection runs on the host whatever device holds the model (one module at a time), so a
         # mask is the same bits whether it was built beside a GPU run or by `dowser mask` on a CPU
         weight = self.lm.model.get_submodule(module).weight.detach().cpu()
+        gen = torch.Generator().manual_seed(module_seed(self.cfg.seed, module))
+        if self.strategy.needs_factors and self.scores.dense:
+            return self.strategy.from_dense(weight, self.scores.score(module), gen)
         psi = act = None
         if self.strategy.needs_factors:
             psi, act = self.scores.factors(module)
-        gen = torch.Generator().manual_seed(module_seed(self.cfg.seed, module))
         return self.strategy.score(weight, psi, act, gen)
 
     def select(self, unit: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -93,7 +111,7 @@ class UnitSelector:
                 yield m, ~sel if invert else sel
             return
         n = sum(self.lm.model.get_submodule(m).weight.numel() for m in unit)
-        k = scoring.exact_k(rho, n)
+        k = unit_k(self.cfg, n)
         k_low = n - k if invert else k
         if len(unit) == 1:
             s = self.module_scores(unit[0])
@@ -130,6 +148,9 @@ def selected_modules(scores: ScoresFile, layers_path: str, num_layers: int, cfg:
 def build_masks(lm: LoadedModel, scores: ScoresFile, strategy: MaskStrategy, cfg: MaskConfig, modules: list[str],
                 console) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Packed trainable masks {"<module>.weight": uint8 [ceil(numel/8)]} and their parameter table."""
+    if scores.dense and strategy.needs_factors and strategy.from_dense is None:
+        raise UserError(f"--strategy {strategy.name}: needs the probe's factors, and {scores.path} holds dense "
+                        f"importance scores (import-scores); use dowser, inverse, magnitude or random")
     selector = UnitSelector(lm, scores, strategy, cfg)
     packed, params = {}, {}
     with progress_bar(console) as bar:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,17 +380,6 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
-@contextmanager
-def _sigterm_as_interrupt():
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 @dataclass
 class Session:
     """A loaded model ready to probe, with the factor store (resumed or empty)."""
@@ -433,7 +420,7 @@ def probe_all(s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[s
         artifacts.write_safetensors(partial, s.store.tensors(batches * cfg.probes), meta)
 
     try:
-        with _sigterm_as_interrupt(), s.scored.hooks(device, cfg.probes) as hooks, \
+        with StopRequests(first="interrupt"), s.scored.hooks(device, cfg.probes) as hooks, \
                 progress_bar(stderr_console()) as bar:
             task = bar.add_task(f"probing {label}", total=len(sizes), completed=s.done)
             for b in range(s.done, len(sizes)):

@@ -30,6 +30,11 @@ def _proc_status_mb(key: str) -> float | None:
     return None
 
 
+def host_rss_mb() -> float | None:
+    """This process's resident set size now, MiB (None where /proc is missing)."""
+    return _proc_status_mb("VmRSS")
+
+
 def reset_host_peak() -> float | None:
     """Start a new host peak (Linux VmHWM, reset through /proc/self/clear_refs), so that a stage's
     peak shows apart from loading's (ru_maxrss cannot be reset). Returns the RSS now, MiB (None where

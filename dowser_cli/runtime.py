@@ -39,17 +39,22 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class StopRequests:
-    """Ctrl-C / SIGTERM ask a loop to stop at its next safe point (after the current optimiser step, or
-    round of probe batches: an update cut in half, or ranks left waiting in a collective, would be
-    worse). ``second``: what a second request does, "abort" (KeyboardInterrupt at once, no checkpoint)
-    or "ignore"; within ``grace_s`` of the first it counts as the same request (a launcher passes on
-    the terminal's Ctrl-C that the ranks already got). ``message`` is printed once, on rank 0."""
+    """What Ctrl-C / SIGTERM do inside a loop that can stop cleanly. ``first="stop"``: the first request
+    asks the loop to stop at its next safe point (after the current optimiser step, or round of probe
+    batches: an update cut in half, or ranks left waiting in a collective, would be worse); the loop
+    reads ``requested``. ``first="interrupt"``: KeyboardInterrupt at once, for a loop whose work since
+    its last saved state can simply be dropped (one process's probe batch). ``second``: what a second
+    request does, "abort" (KeyboardInterrupt at once, no checkpoint) or "ignore"; within ``grace_s`` of
+    the first it counts as the same request (a launcher passes on the terminal's Ctrl-C that the ranks
+    already got). ``message`` is printed once, on rank 0."""
 
-    def __init__(self, second: str = "abort", grace_s: float = 0.0, message: str = ""):
+    def __init__(self, second: str = "abort", grace_s: float = 0.0, message: str = "", first: str = "stop"):
         self.requested = False
-        self.second, self.grace_s, self.message, self._first = second, grace_s, message, 0.0
+        self.first, self.second, self.grace_s, self.message, self._first = first, second, grace_s, message, 0.0
 
     def _handler(self, signum, frame):
+        if self.first == "interrupt":
+            raise KeyboardInterrupt
         if self.requested:
             if self.second == "ignore" or time.monotonic() - self._first < self.grace_s:
                 return

@@ -3,12 +3,14 @@
 optimiser step, the values that make a delta, and checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ from dowser_cli.selection import TARGETS, layer_of, parse_targets
 STRATEGIES = ("ddp", "fsdp")   # the multi-process backends (dowser_cli.distributed)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 NAN_POLICIES = ("stop", "skip-step")
+REPORT_TO = ("none", "tensorboard", "wandb")   # dowser_cli.trackers
 
 
 @dataclass
@@ -65,6 +68,9 @@ class FinetuneConfig:
     nan_policy: str = option("stop", "A non-finite loss or gradient norm: stop (one line, the last checkpoint kept) | "
                              "skip-step (drop that update, counted in run.yaml).")
     nan_max_skips: int = option(5, "skip-step: stop after this many in a row.")
+    report_to: str = option("none", "Log loss, lr, tokens/s, grad-norm and memory per step: none | tensorboard | wandb "
+                            "(WANDB_MODE=offline needs no network).")
+    logging_dir: str = option("", "The tracker's directory.", show="OUT/logs")
     lora_r: int = option(8, "--method lora: adapter rank.")
     lora_alpha: float = option(16.0, "--method lora: scaling alpha (update alpha/r * BA).")
     lora_dropout: float = option(0.0, "--method lora: dropout on the adapter input.")
@@ -82,6 +88,8 @@ class FinetuneConfig:
         d.pop("save_every")
         d.pop("nan_policy")       # they decide what happens after a divergence, not the numbers before it
         d.pop("nan_max_skips")
+        d.pop("report_to")        # where the curves go, not what they are
+        d.pop("logging_dir")
         d.pop("device")
         d.pop("strategy")
         d["batch_size"] *= world_size()
@@ -109,6 +117,7 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
         (cfg.osf_effective_rank > 0 and (cfg.osf_effective_rank < 1 or float(cfg.osf_effective_rank).is_integer()),
          f"--osf-effective-rank {cfg.osf_effective_rank}: a fraction in (0, 1) or a whole number of directions"),
+        (cfg.report_to in REPORT_TO, f"--report-to {cfg.report_to!r}: expected one of {', '.join(REPORT_TO)}"),
         (cfg.strategy in ("",) + STRATEGIES,
          f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}"),
     ]
@@ -277,28 +286,123 @@ def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
 
-def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, loss_head: LossHead,
-               opt: MaskedAdamW, lr_at, lm: LoadedModel, device: str, dtype: torch.dtype,
-               method=None) -> tuple[float, int, int, bool]:
-    """One optimiser step over batch_size * grad_accum examples; the loss is the mean over all their
-    assistant tokens (so accumulation equals one big batch). Returns (loss, assistant tokens, tokens,
-    finite): not finite (the loss or the gradient norm, returned in the loss's place when the loss
-    itself is finite) means no update was made."""
-    micro = step_examples(step, len(ds.examples), sched, cfg)
+class StepResult(NamedTuple):
+    loss: float       # the step's mean loss over its assistant tokens (or the non-finite value)
+    tokens: int       # assistant tokens in the (global) step
+    seen: int         # all tokens in the (global) step
+    finite: bool      # False: the loss or the gradient norm was not finite and no update was made
+    stop: bool        # a stop was requested (under a launcher: on any rank, agreed by all)
+    grad_norm: float = float("nan")   # the trainable entries' gradient norm before clipping
+
+
+class LocalBackend:
+    """The operations of a training run that depend on how it was launched, for one process. The
+    training loop (``train_step``, finetune's checkpoints and report) calls only these;
+    ``distributed.Dist`` provides the same operations for DDP and FSDP (wrap the model, take this
+    rank's share of a micro-batch, agree on the loss and stop flag, reduce the gradient norm, gather the
+    values and checkpoint tensors, load a checkpoint, count)."""
+
+    main = True
+    empty = False           # no weights on this rank (FSDP ranks > 0 before sharding)
+    compact_grads = True    # the optimiser may gather masked gradients in its hooks (no reduction needs .grad)
+    stop_grace_s = 0.0      # a second Ctrl-C within this counts as the first (a launcher forwards it)
+
+    def __init__(self, device: str):
+        self.device, self.world, self.strategy = device, 1, ""
+        self.start_rss_mb = self.load_peak_rss_mb = None   # host RSS when training began / peak before it
+
+    def load_device(self, device: str) -> str:
+        """Where the weights are loaded."""
+        return device
+
+    def global_cfg(self, cfg: FinetuneConfig) -> FinetuneConfig:
+        """The settings the data order is drawn with (one process: the run's own)."""
+        return cfg
+
+    def wrap(self, lm: LoadedModel, tr: Trainable, cfg: FinetuneConfig, mask_path: Path | None):
+        """The loss as a callable: batch -> summed loss over its assistant tokens (scalar)."""
+        return LossHead(lm)
+
+    def share(self, mb: list[int], batch_size: int) -> tuple[list[int], float]:
+        """This process's examples of a micro-batch and the factor on its loss (0: a stand-in example)."""
+        return mb, 1.0
+
+    def accumulating(self, model, last: bool):
+        """Context for one micro-batch's forward and backward (DDP: no gradient sync before the last)."""
+        return contextlib.nullcontext()
+
+    def agree(self, loss: float, stop: bool) -> tuple[float, bool]:
+        """The step's loss and stop flag as every process sees them."""
+        return loss, stop
+
+    def after_backward(self, model, opt: MaskedAdamW) -> None:
+        """Called when the step's gradients, parameters and optimiser state are all alive (its peak)."""
+
+    def norm_reduce(self):
+        """How clipping combines the squared gradient norm over processes (None: nothing to combine)."""
+        return None
+
+    def trainable_values(self, tr: Trainable) -> dict[str, torch.Tensor] | None:
+        """The delta's tensors (None on processes that do not write)."""
+        return trainable_values(tr)
+
+    def checkpoint_tensors(self, tr: Trainable, opt: MaskedAdamW) -> dict[str, torch.Tensor] | None:
+        """Values and optimiser state in the checkpoint layout (None on processes that do not write)."""
+        names = {p: n for n, p in tr.params.items()}
+        return {**{f"value/{n}": v for n, v in trainable_values(tr).items()},
+                **{k: v.cpu() for k, v in opt.named_state(names).items()}}
+
+    def load_checkpoint(self, path: Path, tr: Trainable, opt: MaskedAdamW, step: int, method=None) -> None:
+        tensors = artifacts.read_tensors(path)
+        apply_values(tr.params, tr.masks, {n: tensors[f"value/{n}"] for n in tr.params})
+        opt.load_named_state({p: n for n, p in tr.params.items()}, tensors, step)
+        if method is not None:
+            method.load_state({k.removeprefix("method/"): v for k, v in tensors.items() if k.startswith("method/")})
+
+    def counts(self, tr: Trainable) -> dict[str, int]:
+        return tr.counts()
+
+    def rank_report(self, model, opt: MaskedAdamW) -> list[dict] | None:
+        """Per-process memory for run.yaml (None: one process, nothing beyond the run's own peak)."""
+        return None
+
+    def optimizer_state_bytes(self, opt: MaskedAdamW, ranks: list[dict] | None) -> int:
+        return opt.state_bytes()
+
+    def describe(self, cfg: FinetuneConfig, ranks: list[dict] | None) -> dict | None:
+        """run.yaml's ``distributed`` section (None for one process)."""
+        return None
+
+
+def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, model, opt: MaskedAdamW, lr_at,
+               backend: LocalBackend, dtype: torch.dtype, pad: int, processor=None, stop: Callable[[], bool] = bool,
+               method=None) -> StepResult:
+    """One optimiser step over the step's ``batch_size * grad_accum`` examples (times the world size under
+    a launcher, each process taking its share); the loss is the mean over all their assistant tokens, so
+    accumulation and processes equal one big batch. ``model``: ``backend.wrap``'s loss callable. When the
+    loss or the gradient norm is not finite no update is made (``finite`` False; the non-finite norm is
+    returned in the loss's place when the loss itself is finite)."""
+    micro = step_examples(step, len(ds.examples), sched, backend.global_cfg(cfg))
     n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
     n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
     torch.manual_seed(step_seed(cfg.seed, step))  # dropout (if any) depends only on the step
     total = 0.0
-    for mb in micro:
-        batch = data.collate([ds.examples[i] for i in mb], data.pad_id(lm.tokenizer), lm.processor)
-        loss = loss_head(to_device(batch, device, dtype)) / n_tokens
-        loss.backward()
-        total += float(loss.detach())
+    for j, mb in enumerate(micro):
+        mine, factor = backend.share(mb, cfg.batch_size)
+        batch = data.collate([ds.examples[i] for i in mine], pad, processor)
+        with backend.accumulating(model, last=j == len(micro) - 1):
+            loss = model(to_device(batch, backend.device, dtype)) / n_tokens
+            # DDP and FSDP average the gradients over ranks: the factor (world) makes it their sum
+            (loss if factor == 1.0 else loss * factor).backward()
+        if factor:
+            total += float(loss.detach())
+    total, stop_now = backend.agree(total, stop())
+    backend.after_backward(model, opt)
     # the norm is taken even without clipping: a non-finite one means this update must not happen
-    norm = opt.clip_grad_norm_(cfg.max_grad_norm)
+    norm = opt.clip_grad_norm_(cfg.max_grad_norm, reduce=backend.norm_reduce())
     if not (math.isfinite(total) and math.isfinite(norm)):
         opt.zero_grad()
-        return total if not math.isfinite(total) else norm, n_tokens, n_input, False
+        return StepResult(total if not math.isfinite(total) else norm, n_tokens, n_input, False, stop_now, norm)
     for group in opt.param_groups:
         group["lr"] = group["peak_lr"] * lr_at(step)
     if method is not None:
@@ -307,7 +411,7 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
     if method is not None:
         method.after_step(opt)
     opt.zero_grad()
-    return total, n_tokens, n_input, True
+    return StepResult(total, n_tokens, n_input, True, stop_now, norm)
 
 
 def trainable_values(tr: Trainable) -> dict[str, torch.Tensor]:

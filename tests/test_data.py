@@ -101,3 +101,53 @@ def test_chat_template_of_the_real_model_is_used(tmp_path):
     ex = ds.examples[0]
     assert tok.decode([x for x in ex.labels if x != data.IGNORE]) == "Paris<|im_end|>\n"
     assert "<|im_start|>user\nCapital of France?<|im_end|>" in tok.decode(ex.input_ids)
+
+
+def _as_formats(tmp_path):
+    """The same three records (system prompt, image, two turns) in each layout."""
+    img = _image(tmp_path)
+    llava = [{"image": img, "conversations": _conv(("human", "<image>\nWhat colour?"), ("gpt", "Red."),
+                                                   ("human", "Sure?"), ("gpt", "Yes."))},
+             {"conversations": _conv(("human", "Hi"), ("gpt", "Hello"))},
+             {"image": img, "conversations": _conv(("human", "Describe"), ("gpt", "A square"))}]
+    sharegpt = [{"images": [img], "conversations": llava[0]["conversations"]},
+                {"conversations": llava[1]["conversations"], "images": []},
+                {"images": [img], "conversations": llava[2]["conversations"]}]
+    messages = [{"images": [img], "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                    {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]},
+                {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+                {"images": [img], "messages": [{"role": "user", "content": "Describe"},
+                                               {"role": "assistant", "content": "A square"}]}]
+    return llava, sharegpt, messages
+
+
+def test_messages_and_sharegpt_layouts_train_to_the_llava_tokens_and_labels(tmp_path, llava):
+    _, enc = llava
+    want = None
+    for name, recs in zip(("llava", "sharegpt", "messages"), _as_formats(tmp_path)):
+        assert data.record_format(recs) == name
+        ds = data.load_dataset(_write(tmp_path, recs, f"{name}.json"), None, enc, skip_bad=False)
+        assert ds.format == name
+        got = [(e.input_ids, e.labels, e.image) for e in ds.examples]
+        if want is None:
+            want = got
+        assert got == want, name
+
+
+def test_a_system_prompt_and_bad_messages_records(tmp_path, llava):
+    _, enc = llava
+    with_system = [{"system": "Be brief.", "conversations": _conv(("human", "Hi"), ("gpt", "Hello"))}]
+    as_messages = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello"}]}]
+    a = data.load_dataset(_write(tmp_path, with_system, "s.json"), None, enc, skip_bad=False).examples[0]
+    b = data.load_dataset(_write(tmp_path, as_messages, "m.json"), None, enc, skip_bad=False).examples[0]
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+    assert "Be brief." in enc.tokenizer.decode(a.input_ids)
+    bad = [{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+    with pytest.raises(UserError, match="record 0: a message with role 'robot'"):
+        data.load_dataset(_write(tmp_path, bad, "bad.json"), None, enc, skip_bad=False)
+    bad = [{"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "y"}]}]
+    with pytest.raises(UserError, match="content part of type 'video'"):
+        data.load_dataset(_write(tmp_path, bad, "bad2.json"), None, enc, skip_bad=False)

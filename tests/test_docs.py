@@ -1,5 +1,5 @@
-"""The docs cannot drift from the code: every fenced block marked ```` ```bash runnable ```` in README.md
-and docs/*.md runs (a file's blocks in order, in one temporary directory, as a user would paste them),
+"""The docs cannot drift from the code: every fenced block marked ```` ```bash runnable ```` (or
+```` ```python runnable ````) in README.md and docs/*.md runs (a file's blocks in order, in one temporary directory, as a user would paste them),
 and every other `dowser` command line shown in a shell block parses against the real CLI (subcommand,
 options, argument types), so a renamed option or command fails here."""
 import os
@@ -23,7 +23,18 @@ def blocks(path: Path) -> list[tuple[str, str]]:
 
 
 def runnable(path: Path) -> str:
-    return "\n".join(body for info, body in blocks(path) if info.split()[:1] == ["bash"] and "runnable" in info.split())
+    """The file's runnable blocks as one bash script, in order: bash blocks as they are, python blocks
+    through the environment's python."""
+    parts = []
+    for info, body in blocks(path):
+        words = info.split()
+        if "runnable" not in words:
+            continue
+        if words[0] == "bash":
+            parts.append(body)
+        elif words[0] == "python":
+            parts.append(f"python - <<'DOWSER_PY'\n{body}DOWSER_PY\n")
+    return "\n".join(parts)
 
 
 def command_lines(body: str) -> list[str]:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from dowser_cli import artifacts, finetune, mask, probe
+from dowser_cli import artifacts, finetune, mask, probe, training
 from dowser_cli.artifacts.masks import open_mask
 from dowser_cli.artifacts.runs import open_run
 from dowser_cli.models.runs import load_run
@@ -135,6 +135,29 @@ def test_text_only_jsonl_full_ft_on_tiny_llama_from_the_cli(work, tmp_path):
     r = run_cli("inspect", out, "--json")
     rows = json.loads(r.stdout)["rows"]
     assert {row["layer"] for row in rows} == {"0", "1", "2"} and all(row["changed"] > 0 for row in rows)
+
+
+def test_report_to_tensorboard_logs_every_steps_scalars(work, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    r = run_cli("finetune", "tiny-llama", "--data", work / "text.jsonl", "--out", out, "--max-steps", "3",
+                "--lr", "1e-3", "--batch-size", "2", "--report-to", "tensorboard")
+    assert r.returncode == 0, r.stderr
+    acc = EventAccumulator(str(out / "logs"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "train/host_rss_mb"} <= tags
+    curve = artifacts.read_yaml(out / "run.yaml")["loss_curve"]
+    logged = acc.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 2, 3]
+    assert [round(e.value, 4) for e in logged] == [round(c["loss"], 4) for c in curve]
+    assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
+    r = run_cli("finetune", "tiny-llama", "--data", work / "text.jsonl", "--out", tmp_path / "r2", "--max-steps", "1",
+                "--report-to", "mlflow")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "dowser: error: --report-to 'mlflow': expected one of none, tensorboard, wandb"]
 
 
 def test_mask_built_from_scores_in_process(work, tmp_path):
@@ -291,13 +314,13 @@ def test_a_learning_rate_that_overflows_stops_in_one_line_and_keeps_the_last_goo
 def _nan_on(monkeypatch, steps):
     """Make the loss NaN on the given (1-based) optimiser steps: one micro-batch per step here."""
     calls = {"n": 0}
-    original = finetune.LossHead.__call__
+    original = training.LossHead.__call__
 
     def call(self, batch):
         calls["n"] += 1
         loss = original(self, batch)
         return loss * float("nan") if calls["n"] in steps else loss
-    monkeypatch.setattr(finetune.LossHead, "__call__", call)
+    monkeypatch.setattr(training.LossHead, "__call__", call)
 
 
 def test_skip_step_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(work, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dowser_cli import __version__
+from dowser_cli.version import __version__
 from dowser_cli.errors import UserError
 
 FORMAT_VERSION = "1"

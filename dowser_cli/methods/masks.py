@@ -11,6 +11,10 @@ def _dowser(weight, psi, act, gen):
     return scoring.mean_score(weight, psi, act)
 
 
+def _dowser_dense(weight, importance, gen):
+    return importance.float()
+
+
 def _magnitude(weight, psi, act, gen):
     return weight.detach().float().abs()
 
@@ -25,10 +29,12 @@ def _random(weight, psi, act, gen):
 
 
 for strategy in (
-    MaskStrategy("dowser", _dowser, True, help="Model-Dowser score |W| * mean_p psi a (train the least important)"),
+    MaskStrategy("dowser", _dowser, True, help="Model-Dowser score |W| * mean_p psi a (train the least important)",
+                 from_dense=_dowser_dense),
     MaskStrategy("magnitude", _magnitude, False, help="|W| only"),
     MaskStrategy("wanda", _wanda, True, help="|W| * mean activation, from the same factors"),
     MaskStrategy("random", _random, False, help="uniformly random entries (seeded)"),
-    MaskStrategy("inverse", _dowser, True, invert=True, help="ablation: train the MOST important entries"),
+    MaskStrategy("inverse", _dowser, True, invert=True, help="ablation: train the MOST important entries",
+                 from_dense=_dowser_dense),
 ):
     MASK_STRATEGIES.register(strategy.name, strategy)

@@ -31,13 +31,16 @@ class Registry(Generic[T]):
 class MaskStrategy:
     """``score(weight [out, in], psi [P, out] | None, act [P, in] | None, generator)`` returns
     non-negative scores [out, in]; the ratio's k LOWEST become trainable, or, with ``invert``, the k
-    highest (freezing the least important: an ablation)."""
+    highest (freezing the least important: an ablation). ``from_dense(weight, importance [out, in],
+    generator)``: the same scores from dense importance scores (`import-scores`); None when the
+    strategy needs the factors themselves."""
 
     name: str
     score: Callable
     needs_factors: bool
     invert: bool = False
     help: str = ""
+    from_dense: Callable | None = None
 
 
 MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
