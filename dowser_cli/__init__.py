@@ -18,3 +18,6 @@ def __getattr__(name: str):
 
         return UserError
     raise AttributeError(f"module 'dowser_cli' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API, "UserError"]

@@ -31,6 +31,7 @@ from dowser_cli.optim import MaskedAdamW
 from dowser_cli.progress import stderr_console
 from dowser_cli.selection import layer_of
 from dowser_cli.training import Trainable, write_delta
+from dowser_cli.runtime import resolve_dtype
 
 
 @dataclass
@@ -63,7 +64,6 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", random_in
                trust_remote_code: bool = False) -> LoadedModel:
     """A model as every dowser command loads it: an alias (`dowser configs`), a local
     ``save_pretrained`` directory or a hub id. ``.model``, ``.tokenizer``, ``.processor``."""
-    from dowser_cli.runtime import resolve_dtype
 
     source = resolve_source(spec, random_init=random_init, trust_remote_code=trust_remote_code)
     return models.load_model(source, models.load_config(source), resolve_dtype(dtype, device), device)

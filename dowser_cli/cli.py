@@ -364,6 +364,29 @@ def inspect(
         Console().print(inspect_mod.render(info))
 
 
+@app.command("inspect-model", epilog="Example: dowser inspect-model nvila-lite-2b --trust-remote-code")
+def inspect_model(
+    model: str = typer.Argument(..., help="Alias (`dowser configs` lists them), local save_pretrained dir, or hub id."),
+    random_init: bool = typer.Option(False, "--random-init", help="Use the alias's shipped config."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+    trust_remote_code: bool = TRUST,
+):
+    """Where dowser finds a model's parts: its architecture adapter resolved against the module tree
+    (built without weights): decoder layers, the linears probed per layer, vision tower, projector,
+    final norm, lm_head, and whether noise-image probes are supported."""
+    import json
+
+    from rich.console import Console
+
+    from dowser_cli import inspection as inspect_mod
+
+    info = inspect_mod.describe_model(model, random_init=random_init)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        Console().print(inspect_mod.render_model(info))
+
+
 @app.command(epilog="Example: DOWSER_CONFIG_DIR=~/my-configs dowser configs --json")
 def configs(as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout.")):
     """The config directories (DOWSER_CONFIG_DIR's entries in front of the shipped one) and the model

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from dowser_cli.errors import UserError
+from dowser_cli.progress import progress_bar
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE = -100  # label of tokens without loss (prompt, system text, image, padding)
@@ -363,7 +364,6 @@ def read_dataset(tokenizer, processor, path: Path, image_folder: Path | None, ma
                  console) -> Dataset:
     """A training file read and encoded as `finetune` (and `merge`'s calibration) read it, with a
     progress line; skipped records (``skip_bad``) are reported in one line."""
-    from dowser_cli.progress import progress_bar
 
     if image_folder is not None and not image_folder.is_dir():
         raise UserError(f"--image-folder {image_folder}: no such directory")

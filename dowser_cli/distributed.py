@@ -39,6 +39,8 @@ from dowser_cli.optim import local
 from dowser_cli.resources import host_peak_since_reset_mb
 from dowser_cli import training
 from dowser_cli.training import STRATEGIES, FinetuneConfig, LocalBackend, LossHead, Trainable, apply_values
+from dowser_cli.resources import peak_memory
+from dowser_cli import scoring
 
 if TYPE_CHECKING:
     from dowser_cli.models import LoadedModel
@@ -187,7 +189,6 @@ class Dist(LocalBackend):
     def rank_report(self, model: nn.Module, opt: "MaskedAdamW") -> list[dict]:
         """Per rank: peak memory (whole run; host peak while loading, and since training began) and the
         bytes held at the first step's peak (after its backward)."""
-        from dowser_cli.resources import peak_memory
 
         mine = {"rank": self.rank, "device": self.device, "peak_memory": peak_memory(self.device),
                 "load_peak_host_rss_mb": self.load_peak_rss_mb, "train_start_host_rss_mb": self.start_rss_mb,
@@ -332,8 +333,6 @@ def shard_rows(d: Dist, rows: int) -> tuple[int, int]:
 def read_mask_rows(path, name: str, shape: list[int], r0: int, r1: int) -> torch.Tensor:
     """Rows [r0, r1) of a packed mask (bool [r1 - r0, *shape[1:]]), unpacking only their bytes."""
     from safetensors import safe_open
-
-    from dowser_cli import scoring
 
     row = 1
     for s in shape[1:]:

@@ -24,6 +24,10 @@ from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, 
 from dowser_cli.runtime import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
+from dowser_cli.artifacts.runs import open_run
+from dowser_cli.models.runs import load_run
+from dowser_cli.artifacts import atomic_file
+from dowser_cli.scoring import spearman
 
 PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy", "cider", "choice_likelihood",
                    "answer_likelihood"}
@@ -69,8 +73,6 @@ def _base_subject(spec: str, random_init: bool, dtype: torch.dtype, device: str)
 
 def _run_subjects(paths: list[Path], base: LoadedModel, base_identity: str, dtype: torch.dtype,
                   device: str) -> list[Subject]:
-    from dowser_cli.artifacts.runs import open_run
-    from dowser_cli.models.runs import load_run
 
     out, labels = [], set()
     base_fp = {}
@@ -350,7 +352,6 @@ def _cache_get(cache: Path, key: str) -> dict | None:
 
 
 def _cache_put(cache: Path, key: str, result: dict) -> None:
-    from dowser_cli.artifacts import atomic_file
 
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_file(cache / f"{key}.json") as tmp:
@@ -426,7 +427,6 @@ def _check_out(out: Path) -> None:
 
 def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dtype: torch.dtype) -> None:
     """Fingerprints on a weightless copy of the base: a run of another model fails before anything loads."""
-    from dowser_cli.artifacts.runs import open_run
 
     source = resolve_source(base_spec, random_init=random_init)
     config = load_config(source)
@@ -513,7 +513,6 @@ def _intervals(subjects: list[Subject], tasks: list[Task], results: dict, cfg: E
 
 def _drift_tracking(rows: list[dict]) -> dict[str, float]:
     """How well the data-free drift ranks the runs' upstream loss: Spearman of drift against -dU."""
-    from dowser_cli.scoring import spearman
 
     x = torch.tensor([r["drift"] for r in rows], dtype=torch.float64)
     y = torch.tensor([-r["dU"] for r in rows], dtype=torch.float64)
@@ -575,7 +574,6 @@ def write_chart(path: Path, report: dict) -> None:
     ax.set_title(f"Forgetting: {report['base']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    from dowser_cli.artifacts import atomic_file
 
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -585,7 +583,6 @@ def write_chart(path: Path, report: dict) -> None:
 def write_report(out: Path, report: dict, tasks: list[Task]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_yaml(out / "report.yaml", report)
-    from dowser_cli.artifacts import atomic_file
 
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(render_markdown(report, tasks))

@@ -10,6 +10,8 @@ from dowser_cli import artifacts
 from dowser_cli.artifacts.runs import open_run
 from dowser_cli.errors import UserError
 from dowser_cli.models.runs import load_run
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.models import load_config, load_model, resolve_source
 
 
 def export(run_path: Path, out: Path, dtype: str | None = None) -> Path:
@@ -54,6 +56,32 @@ def peft_sparsity(counts: dict[str, tuple[int, int]]) -> float | None:
     return None
 
 
+def _supertuning_layout(run_path: Path, run, mf) -> tuple[dict[str, str], float, list[str]]:
+    """What a Super-Tuning adapter of this masked run holds: {masked weight: its linear}, the one
+    sparsity whose count rule gives every mask's k, the densely trained modules (modules_to_save).
+    Everything it cannot hold is one UserError."""
+    masked = [n for n, v in run.params.items() if v["masked"]]
+    bad = [n for n in masked if not n.endswith(".weight")]
+    if bad:
+        raise UserError(f"{bad[0]}: a masked tensor that is not a linear's weight; PEFT's Super-Tuning adapts "
+                        f"linear weights only")
+    counts = {n: (int(mf.dense(n).sum()), mf.numel(n)) for n in masked}
+    sparsity = peft_sparsity(counts)
+    if sparsity is None:
+        ks = sorted(counts.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        raise UserError(f"{run_path}: PEFT's Super-Tuning keeps int(numel * (1 - sparsity)) entries of every "
+                        f"matrix, and no one sparsity gives this mask's counts (e.g. {ks[0][0]}: {ks[0][1][0]} of "
+                        f"{ks[0][1][1]}, {ks[-1][0]}: {ks[-1][1][0]} of {ks[-1][1][1]}); build the mask with "
+                        f"`dowser mask --count-rule peft` (one rate per matrix, PEFT's rounding)")
+    modules = {n: n.rsplit(".", 1)[0] for n in masked}
+    dense_modules = sorted({n.rsplit(".", 1)[0] for n, v in run.params.items() if not v["masked"]})
+    clash = sorted(set(dense_modules) & set(modules.values()))
+    if clash:
+        raise UserError(f"{clash[0]}: has a masked weight and a densely trained tensor (its bias); a Super-Tuning "
+                        f"adapter cannot hold both")
+    return modules, sparsity, dense_modules
+
+
 def export_peft(run_path: Path, out: Path) -> Path:
     """Write the run as a PEFT adapter directory (``PeftModel.from_pretrained(base, out)``): a masked
     run as a Super-Tuning adapter whose precomputed indices are the mask's trainable entries and whose
@@ -77,51 +105,28 @@ def export_peft(run_path: Path, out: Path) -> Path:
                         f"there is no sparse adapter to write; export it as a checkpoint (--format checkpoint)")
     from peft import SupertuningConfig, get_peft_model
 
-    from dowser_cli.artifacts.masks import open_mask
-    from dowser_cli.models import load_config, load_model, resolve_source
-
+    mf = open_mask(run.mask)
+    modules, sparsity, dense_modules = _supertuning_layout(run_path, run, mf)
     info = run.sidecar["model"]
     source = resolve_source(info["spec"], random_init=bool(info.get("random_init")))
     lm = load_model(source, load_config(source), getattr(torch, info.get("dtype", "float32")), "cpu")
-    mf = open_mask(run.mask)
-    masked = [n for n, v in run.params.items() if v["masked"]]
-    dense = [n for n, v in run.params.items() if not v["masked"]]
-    modules = {n: n.rsplit(".", 1)[0] for n in masked}
-    bad = [n for n in masked if not n.endswith(".weight")]
-    if bad:
-        raise UserError(f"{bad[0]}: a masked tensor that is not a linear's weight; PEFT's Super-Tuning adapts "
-                        f"linear weights only")
-    counts = {n: (int(mf.dense(n).sum()), mf.numel(n)) for n in masked}
-    sparsity = peft_sparsity(counts)
-    if sparsity is None:
-        ks = sorted(counts.items(), key=lambda kv: kv[1][0] / kv[1][1])
-        raise UserError(f"{run_path}: PEFT's Super-Tuning keeps int(numel * (1 - sparsity)) entries of every "
-                        f"matrix, and no one sparsity gives this mask's counts (e.g. {ks[0][0]}: {ks[0][1][0]} of "
-                        f"{ks[0][1][1]}, {ks[-1][0]}: {ks[-1][1][0]} of {ks[-1][1][1]}); build the mask with "
-                        f"`dowser mask --count-rule peft` (one rate per matrix, PEFT's rounding)")
-    dense_modules = sorted({n.rsplit(".", 1)[0] for n in dense})
-    clash = sorted(set(dense_modules) & set(modules.values()))
-    if clash:
-        raise UserError(f"{clash[0]}: has a masked weight and a densely trained tensor (its bias); a Super-Tuning "
-                        f"adapter cannot hold both")
     values = artifacts.read_tensors(run.delta)
     config = SupertuningConfig(target_modules=sorted(modules.values()), sparsity=sparsity,
                                modules_to_save=dense_modules or None, save_precomputed_indices=True)
-    named = dict(lm.model.named_parameters())
-    base_dense = {n: named[n].detach().clone() for n in dense}
     model = get_peft_model(lm.model, config)
     inner = model.base_model.model
     with torch.no_grad():
-        for n, module in modules.items():
+        for n, module in modules.items():   # the mask's entries and their change from the base
             layer = inner.get_submodule(module)
             w = layer.get_base_layer().weight
             idx = mf.dense(n).reshape(-1).nonzero().squeeze(1)
             layer.supertuning_indices["default"] = idx.to(torch.int32)
             layer.supertuning_values["default"].data = values[n].float() - w.detach().reshape(-1)[idx].float()
-        for n in dense:
-            module, attr = n.rsplit(".", 1)
-            copy = inner.get_submodule(module).modules_to_save["default"]
-            getattr(copy, attr).copy_(values[n].reshape(base_dense[n].shape))
+        for n, v in run.params.items():     # densely trained tensors: the modules_to_save copies
+            if not v["masked"]:
+                module, attr = n.rsplit(".", 1)
+                target = getattr(inner.get_submodule(module).modules_to_save["default"], attr)
+                target.copy_(values[n].reshape(target.shape))
     with artifacts.atomic_dir(parent / out.name) as tmp:
         model.save_pretrained(tmp)
         artifacts.write_yaml(tmp / "dowser_export.yaml", {

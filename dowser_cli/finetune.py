@@ -33,6 +33,7 @@ from dowser_cli.trackers import open_tracker
 from dowser_cli.selection import default_layers, format_ranges, layer_of, parse_layers
 from dowser_cli.training import (FinetuneConfig, LocalBackend, Schedule, Trainable, TrainState, make_lr_lambda,
                                  make_schedule, param_groups, train_step, validate, write_delta)
+from dowser_cli.methods.finetuning import FINETUNE_METHODS
 
 
 # ---- setup: what trains -----------------------------------------------------------------------------------
@@ -80,7 +81,6 @@ class Plan:
 
 def resolve_method(cfg: FinetuneConfig, mask_path: Path | None):
     """The registered method; with no --method, masked when there is a mask, else full-ft."""
-    from dowser_cli.methods.finetuning import FINETUNE_METHODS
 
     name = cfg.method or ("masked" if mask_path else "full-ft")
     method = FINETUNE_METHODS.get(name, "--method")

@@ -13,6 +13,7 @@ from dowser_cli.artifacts.runs import open_run
 from dowser_cli.errors import UserError
 from dowser_cli.models import load_config, load_model, resolve_source
 from dowser_cli.models.runs import load_run
+from dowser_cli.selection import layer_of
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -115,7 +116,6 @@ def _render_run(info: dict[str, Any]):
 def describe_run(run_path: Path) -> dict[str, Any]:
     """What a run changed, per decoder layer and module type: trained entries, entries that moved,
     and the relative size of the change ||dW|| / ||W||."""
-    from dowser_cli.selection import layer_of
 
     run = open_run(run_path)
     info = run.sidecar["model"]
@@ -145,3 +145,56 @@ def describe_run(run_path: Path) -> dict[str, Any]:
     return {"kind": "dowser.run", "path": str(run_path), "method": run.sidecar.get("method"),
             "model": info["spec"], "steps": run.sidecar.get("steps"), "tuned_layers": run.sidecar.get("tuned_layers"),
             "trainable": run.sidecar.get("trainable"), "rows": table}
+
+
+def describe_model(spec: str, random_init: bool = False) -> dict[str, Any]:
+    """Where dowser finds a model's parts (its architecture adapter resolved against the module tree,
+    built without weights): decoder layers, vision tower, projector, final norm, lm_head, and the
+    linears a probe scores per layer. Nothing is downloaded beyond the config (and, with
+    --trust-remote-code, the model's own code)."""
+    from torch import nn
+
+    from dowser_cli.models import meta_model
+    from dowser_cli.models.registry import adapter_for_config, resolve_parts
+    from dowser_cli.selection import TARGETS
+
+    source = resolve_source(spec, random_init=random_init)
+    config = load_config(source)
+    adapter = adapter_for_config(config)
+    model = meta_model(source, config, torch.float32)
+    parts = resolve_parts(adapter, model)
+    first = f"{parts.layers_path}.0."
+    linears = [n.removeprefix(first) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.startswith(first)]
+    scored = [n for n in linears if any(rx.search(n) for rx in TARGETS.values())]
+    count = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if prefix and n.startswith(prefix + "."))
+    return {"kind": "model", "spec": spec, "model_type": getattr(config, "model_type", None),
+            "class": type(model).__name__, "adapter": adapter.name,
+            "decoder_layers": {"path": parts.layers_path, "count": parts.num_layers},
+            "layer_linears": linears, "scored_per_layer": scored,
+            "vision_tower": parts.vision_tower, "projector": parts.projector, "final_norm": parts.final_norm,
+            "lm_head": parts.lm_head, "noise_images": adapter.noise_images is not None,
+            "image_token_id": getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
+            "params": {"total": sum(p.numel() for p in model.parameters()),
+                       "decoder_layers": count(parts.layers_path), "vision_tower": count(parts.vision_tower),
+                       "projector": count(parts.projector)}}
+
+
+def render_model(info: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title=f"{info['spec']}: {info['class']} (adapter {info['adapter']}, model_type {info['model_type']})")
+    t.add_column("part")
+    t.add_column("module")
+    t.add_column("params", justify="right")
+    p = info["params"]
+    d = info["decoder_layers"]
+    t.add_row("decoder layers", f"{d['path']} (x{d['count']})", f"{p['decoder_layers']:,}")
+    t.add_row("  scored per layer", ", ".join(info["scored_per_layer"]) or "-", "")
+    t.add_row("vision tower", info["vision_tower"] or "-", f"{p['vision_tower']:,}" if info["vision_tower"] else "")
+    t.add_row("projector", info["projector"] or "-", f"{p['projector']:,}" if info["projector"] else "")
+    t.add_row("final norm", info["final_norm"] or "-", "")
+    t.add_row("lm_head", info["lm_head"] or "- (tied or absent)", "")
+    t.add_row("noise images", "yes" if info["noise_images"] else "no (text probes only)", "")
+    t.add_row("total", "", f"{p['total']:,}")
+    return t

@@ -26,6 +26,8 @@ from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.resources import peak_memory
 from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
+from dowser_cli.models import input_device
+from dowser_cli import distributed
 
 
 # ---- probe text ----------------------------------------------------------------------------------------
@@ -395,7 +397,6 @@ class Session:
 
 
 def open_session(p: Plan, cfg: ProbeConfig, partial: Path, resume: bool) -> Session:
-    from dowser_cli.models import input_device
 
     lm = load_model(p.source, p.config, p.dtype, p.device, device_map=cfg.device_map or None)
     if cfg.device_map:  # inputs go where the embeddings are; accelerate's hooks move activations on
@@ -442,7 +443,6 @@ def probe_all(s: Session, cfg: ProbeConfig, partial: Path, label: str) -> dict[s
 def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False, resume: bool = False,
         command: str = "") -> dict[str, Any]:
     """Probe ``model_spec`` and write ``out`` (+ ``out``.yaml). Returns the sidecar dict."""
-    from dowser_cli import distributed
 
     t0 = time.perf_counter()
     with artifacts.output_lock(out, command), \
@@ -452,7 +452,6 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
 
 def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool, resume: bool,
          command: str) -> dict[str, Any]:
-    from dowser_cli import distributed
 
     p = plan(model_spec, cfg, out, random_init)
     if dist is not None:
@@ -570,8 +569,6 @@ def probe_all_ranks(d, s: Session, cfg: ProbeConfig, partial: Path, label: str) 
     each round of W batches the ranks agree on stop requests; factor rows are summed over ranks at
     partial saves and at the end, after which every rank holds all rows. Returns generate/probe seconds."""
     import torch.distributed as tdist
-
-    from dowser_cli import distributed
 
     device, n = s.plan.device, len(cfg.batch_sizes())
     t_gen = t_probe = 0.0

@@ -14,7 +14,7 @@ import torch
 from dowser_cli.config import option
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel
-from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD
+from dowser_cli.models.registry import CLIP_MEAN, CLIP_STD, with_noise_images
 from dowser_cli.selection import parse_targets
 
 
@@ -187,7 +187,7 @@ def image_segment(lm: LoadedModel, gen: torch.Generator) -> tuple[list[int], dic
     fn = lm.adapter.noise_images
     if fn is None:
         raise UserError(f"--images noise is not supported for the {lm.adapter.name} architecture yet "
-                        f"(supported: llava, qwen2-vl)")
+                        f"(supported: {', '.join(with_noise_images())})")
     ip = getattr(lm.processor, "image_processor", None)
     mean = tuple(getattr(ip, "image_mean", None) or CLIP_MEAN)
     std = tuple(getattr(ip, "image_std", None) or CLIP_STD)

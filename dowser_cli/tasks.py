@@ -20,6 +20,8 @@ from dowser_cli import metrics
 from dowser_cli.config import find, load_yaml_file
 from dowser_cli.errors import UserError
 from dowser_cli.prepare import read_tsv
+from dowser_cli.artifacts import sha256_file
+from dowser_cli.data import load_image
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,6 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True, data_root: Pa
 
 
 def _sha(path: Path) -> str:
-    from dowser_cli.artifacts import sha256_file
 
     return sha256_file(path)
 
@@ -184,7 +185,6 @@ class EvalRecord:
     def load_image(self):
         if self.image is None or not isinstance(self.image, Path):
             return self.image
-        from dowser_cli.data import load_image
 
         return load_image(self.image)
 

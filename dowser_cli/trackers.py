@@ -51,8 +51,7 @@ class WandB(Tracker):
         except ImportError:
             raise UserError("--report-to wandb: the wandb package is not installed (pip install wandb)") from None
         logdir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dowser"), dir=str(logdir), config=config,
-                              reinit=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dowser"), dir=str(logdir), config=config)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log({f"train/{k}": v for k, v in values.items()}, step=step)

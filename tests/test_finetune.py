@@ -160,6 +160,26 @@ def test_report_to_tensorboard_logs_every_steps_scalars(work, tmp_path):
         "dowser: error: --report-to 'mlflow': expected one of none, tensorboard, wandb"]
 
 
+def test_report_to_wandb_offline_needs_no_network(work, tmp_path):
+    pytest.importorskip("wandb")
+    import re
+
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = run_cli("finetune", "tiny-llama", "--data", work / "text.jsonl", "--out", out, "--max-steps", "3",
+                "--lr", "1e-3", "--batch-size", "2", "--report-to", "wandb", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)                       # stdout carries data only
+    runs = list((out / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    # the run file is a record log of protobufs whose history values are JSON text
+    raw = runs[0].read_bytes()
+    logged = [float(v) for v in re.findall(rb"train/loss\x82\x01.([-+0-9.e]+)", raw, re.S)]
+    curve = [c["loss"] for c in artifacts.read_yaml(out / "run.yaml")["loss_curve"]]
+    assert [round(v, 5) for v in logged[:3]] == [round(c, 5) for c in curve]
+    assert b"train/grad_norm" in raw and b"train/tokens_per_s" in raw
+
+
 def test_mask_built_from_scores_in_process(work, tmp_path):
     cfg = FinetuneConfig(lr=1e-3, max_steps=1, ratio=0.1)
     finetune.run("tiny-llava", work / "train.json", tmp_path / "run", cfg, mask_path=work / "scores.safetensors",

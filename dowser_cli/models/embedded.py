@@ -144,6 +144,72 @@ def _llama_text(vocab: int, **kw):
     return LlamaConfig(**base)
 
 
+def _text(vocab: int, **kw) -> dict:
+    """The tiny decoder every family shares (3 layers, hidden 64, GQA 4/2)."""
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=256, eos_token_id=257,
+                pad_token_id=258, **kw)
+
+
+_SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _tiny_qwen3_vl(ids, vocab):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = _text(vocab, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False))
+
+
+def _tiny_gemma3(ids, vocab):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = _text(vocab, head_dim=16, sliding_window=64, query_pre_attn_scalar=16)
+    return Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=dict(_SMALL_VISION, image_size=28, patch_size=14, vision_use_head=False),
+        mm_tokens_per_image=4, image_token_index=ids["<image>"], boi_token_index=ids["<fake_token_around_image>"],
+        eoi_token_index=ids["<end_of_utterance>"]))
+
+
+def _tiny_internvl(ids, vocab):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+
+    return InternVLForConditionalGeneration(InternVLConfig(
+        text_config=Qwen2Config(**_text(vocab)).to_dict(),
+        vision_config=dict(_SMALL_VISION, image_size=[56, 56], patch_size=[14, 14]),
+        image_token_id=ids["<image>"], downsample_ratio=0.5))
+
+
+def _tiny_llava_onevision(ids, vocab):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+
+    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        text_config=Qwen2Config(**_text(vocab)).to_dict(),
+        vision_config=dict(_SMALL_VISION, model_type="siglip_vision_model", image_size=28, patch_size=14),
+        image_token_index=ids["<image>"], video_token_index=ids["<|video_pad|>"],
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]], vision_feature_layer=-1))
+
+
+def _tiny_mistral3(ids, vocab):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig
+
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(**_text(vocab, head_dim=16)).to_dict(),
+        vision_config=dict(_SMALL_VISION, image_size=56, patch_size=14, head_dim=8),
+        image_token_index=ids["<image>"], spatial_merge_size=2, vision_feature_layer=-1))
+
+
+# the families added for the 2026 model generation (one tiny seeded build each)
+_TINY_FAMILIES = {"tiny-qwen3-vl": _tiny_qwen3_vl, "tiny-gemma3": _tiny_gemma3, "tiny-internvl": _tiny_internvl,
+                  "tiny-llava-onevision": _tiny_llava_onevision, "tiny-mistral3": _tiny_mistral3}
+
+
 def build_tiny(name: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a tiny seeded model; the seed makes weights identical on every call."""
     from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration,
@@ -181,6 +247,8 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32):
                                                 num_attention_heads=4, image_size=28, patch_size=14),
                              image_token_id=ids["<image>"], scale_factor=2, pad_token_id=258)
         model = Idefics3ForConditionalGeneration(cfg)
+    elif name in _TINY_FAMILIES:
+        model = _TINY_FAMILIES[name](ids, vocab)
     else:
         raise UserError(f"unknown tiny model {name!r}")
     model.config._name_or_path = f"dowser/{name}"

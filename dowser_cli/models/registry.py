@@ -57,6 +57,11 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def with_noise_images() -> list[str]:
+    """Adapters that can feed noise images to a probe (``--images noise``)."""
+    return sorted(n for n, a in _REGISTRY.items() if a.noise_images is not None)
+
+
 def adapter_for_config(config) -> Adapter:
     """Pick the adapter from ``config.model_type``; any ``*ForCausalLM`` falls back to ``causal-lm``."""
     mt = getattr(config, "model_type", None)
@@ -138,6 +143,57 @@ def _mm_token_types(config, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mm_token_type_ids": (input_ids == config.image_token_id).int()}
 
 
+def _side(x) -> int:
+    return int(x[0] if isinstance(x, (list, tuple)) else x)
+
+
+def _gemma3_noise(model, config, n, generator, mean, std):
+    side = _side(config.vision_config.image_size)
+    ids = [config.boi_token_index] + [config.image_token_index] * config.mm_tokens_per_image + [config.eoi_token_index]
+    return torch.tensor(ids, dtype=torch.long), {"pixel_values": _noise_pixels((n, 3, side, side), 1, generator, mean,
+                                                                                std)}
+
+
+def _gemma3_token_types(config, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gemma 3 attends bidirectionally within an image and needs each position's type to train: 1 image."""
+    return {"token_type_ids": (input_ids == config.image_token_index).long()}
+
+
+def _internvl_noise(model, config, n, generator, mean, std):
+    vc = config.vision_config
+    side, patch = _side(vc.image_size), _side(vc.patch_size)
+    n_tok = int((side // patch) ** 2 * config.downsample_ratio ** 2)   # pixel shuffle merges patches
+    pixels = _noise_pixels((n, 3, side, side), 1, generator, mean, std)
+    return torch.full((n_tok,), config.image_token_id, dtype=torch.long), {"pixel_values": pixels}
+
+
+def _mistral3_noise(model, config, n, generator, mean, std):
+    vc = config.vision_config
+    side = _side(vc.image_size)
+    n_tok = (side // vc.patch_size // config.spatial_merge_size) ** 2
+    pixels = _noise_pixels((n, 3, side, side), 1, generator, mean, std)
+    return (torch.full((n_tok,), config.image_token_index, dtype=torch.long),
+            {"pixel_values": pixels, "image_sizes": torch.tensor([[side, side]] * n)})
+
+
+def _anyres_noise(model, config, n, generator, mean, std):
+    """LLaVA-NeXT / OneVision tile an image (anyres): one square image at the vision tower's size is its
+    base view plus one tile; the placeholder count (with the row-end newline tokens) is whatever the
+    model's own get_image_features makes of it."""
+    side = _side(config.vision_config.image_size)
+    pixels = _noise_pixels((n, 2, 3, side, side), 2, generator, mean, std)
+    sizes = torch.tensor([[side, side]] * n)
+    inner = getattr(model, "model", model)
+    with torch.no_grad():
+        out = inner.get_image_features(pixel_values=pixels[:1], image_sizes=sizes[:1],
+                                       vision_feature_layer=config.vision_feature_layer,
+                                       vision_feature_select_strategy=config.vision_feature_select_strategy)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    n_tok = int((feats[0] if isinstance(feats, (list, tuple)) else feats).shape[-2 if feats[0].dim() == 3 else 0])
+    return (torch.full((n_tok,), config.image_token_index, dtype=torch.long),
+            {"pixel_values": pixels, "image_sizes": sizes})
+
+
 register(Adapter(
     name="llava", model_types=("llava",),
     decoder_layers=("model.language_model.layers", "language_model.model.layers"),
@@ -152,6 +208,31 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
+    noise_images=_anyres_noise,
+))
+register(Adapter(
+    name="qwen3-vl", model_types=("qwen3_vl", "qwen3_vl_moe"),
+    decoder_layers=("model.language_model.layers",),
+    final_norm=("model.language_model.norm",),
+    vision_tower=("model.visual",),
+    projector=("model.visual.merger",),
+    noise_images=_qwen2_vl_noise, sequence_kwargs=_mm_token_types,
+))
+register(Adapter(
+    name="gemma3", model_types=("gemma3",),
+    decoder_layers=("model.language_model.layers",),
+    final_norm=("model.language_model.norm",),
+    vision_tower=("model.vision_tower",),
+    projector=("model.multi_modal_projector",),
+    noise_images=_gemma3_noise, sequence_kwargs=_gemma3_token_types,
+))
+register(Adapter(
+    name="mistral3", model_types=("mistral3",),
+    decoder_layers=("model.language_model.layers",),
+    final_norm=("model.language_model.norm",),
+    vision_tower=("model.vision_tower",),
+    projector=("model.multi_modal_projector",),
+    noise_images=_mistral3_noise,
 ))
 register(Adapter(
     name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
@@ -174,6 +255,7 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_model"),
     projector=("model.multi_modal_projector", "mlp1"),
+    noise_images=_internvl_noise,
 ))
 register(Adapter(
     name="nvila", model_types=("vila", "nvila", "llava_llama"),

@@ -1,0 +1,109 @@
+"""Every registered model family end to end on its tiny seeded build: inspect-model resolves its parts,
+probe (text, and noise images where the family supports them) -> mask -> finetune -> export ->
+eval-forgetting, frozen entries unmoved, the export reloading with from_pretrained to the same logits."""
+import json
+
+import pytest
+import torch
+
+from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.artifacts.runs import open_run
+from dowser_cli.models.runs import load_run
+
+from conftest import run_cli
+
+# (tiny build, transformers class its export loads with, noise-image probes)
+FAMILIES = [
+    ("tiny-llama", "AutoModelForCausalLM", False),
+    ("tiny-llava", "AutoModelForImageTextToText", True),
+    ("tiny-qwen2-vl", "AutoModelForImageTextToText", True),
+    ("tiny-idefics3", "AutoModelForImageTextToText", False),
+    ("tiny-qwen3-vl", "AutoModelForImageTextToText", True),
+    ("tiny-gemma3", "AutoModelForImageTextToText", True),
+    ("tiny-internvl", "AutoModelForImageTextToText", True),
+    ("tiny-llava-onevision", "AutoModelForImageTextToText", True),
+    ("tiny-mistral3", "AutoModelForImageTextToText", True),
+]
+SUITE = """tasks:
+  - {name: sums, role: downstream, kind: vqa, metric: exact_match, data: sums.jsonl, prompt: "{question}", max_new_tokens: 3}
+  - {name: facts, role: upstream, kind: likelihood, metric: choice_likelihood, data: facts.jsonl, prompt: "{question}", answer_template: "The answer is {answer}."}
+"""
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("families")
+    recs = [{"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": str(2 * i)}]}
+            for i in range(8)]
+    (d / "train.json").write_text(json.dumps(recs))
+    (d / "sums.jsonl").write_text("\n".join(json.dumps({"question_id": f"s{i}", "text": f"What is {i} plus {i}?",
+                                                        "answer": str(2 * i)}) for i in range(4)))
+    (d / "facts.jsonl").write_text("\n".join(json.dumps({"question_id": f"f{i}", "text": f"Pick {c}.", "answer": c,
+                                                         "options": ["red", "green", "blue"]})
+                                             for i, c in enumerate(["red", "green", "blue"])))
+    (d / "suite.yaml").write_text(SUITE)
+    return d
+
+
+@pytest.mark.parametrize("name,auto_class,noise", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_a_family_end_to_end(work, tmp_path, name, auto_class, noise):
+    """In process (one subprocess start costs more than a tiny stage): the stages as the CLI runs them."""
+    import transformers
+
+    from dowser_cli import evaluate, export, finetune, inspection, mask, probe
+    from dowser_cli.errors import UserError
+    from dowser_cli.evaluate import EvalConfig
+    from dowser_cli.masking import MaskConfig
+    from dowser_cli.models import load_config, load_model, resolve_source
+    from dowser_cli.probing import ProbeConfig
+    from dowser_cli.training import FinetuneConfig
+
+    info = inspection.describe_model(name)
+    assert info["decoder_layers"]["count"] == 3 and len(info["scored_per_layer"]) == 7
+    assert info["noise_images"] == noise
+    small = dict(samples=2, batch_size=2, probes=2, seq_len=10)
+    if noise:   # noise images through the vision tower and projector
+        side = probe.run(name, tmp_path / "img.safetensors", ProbeConfig(**small, images="noise", include_projector=True))
+        proj = [m for m in side["modules"] if m.startswith(info["projector"] + ".")]
+        # Gemma 3's projector is a bare matrix, no nn.Linear: nothing of it to score
+        assert (proj or name == "tiny-gemma3") and all(side["modules"][m]["psi_mean"] > 0 for m in proj)
+    else:
+        with pytest.raises(UserError, match="--images noise is not supported"):
+            probe.run(name, tmp_path / "img.safetensors", ProbeConfig(**small, images="noise"))
+    probe.run(name, tmp_path / "scores.safetensors", ProbeConfig(**small))
+    mask.run(tmp_path / "scores.safetensors", tmp_path / "mask.safetensors", MaskConfig(ratio=0.2))
+    finetune.run(name, work / "train.json", tmp_path / "run", FinetuneConfig(max_steps=2, batch_size=4, lr=1e-2,
+                                                                             weight_decay=0.1),
+                 mask_path=tmp_path / "mask.safetensors")
+    run = open_run(tmp_path / "run")
+    tuned = load_run(run).model.eval()
+    src = resolve_source(name)
+    base = dict(load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model.named_parameters())
+    mf = open_mask(tmp_path / "mask.safetensors")
+    moved = 0
+    for n, p in tuned.named_parameters():
+        if n in mf.params:
+            frozen = ~mf.dense(n)
+            assert torch.equal(p[frozen], base[n][frozen]), n           # frozen entries did not move
+            moved += int((p != base[n]).sum())
+        elif n not in run.params:
+            assert torch.equal(p, base[n]), n
+    assert moved > 0
+    export.export(tmp_path / "run", tmp_path / "hf")
+    back = getattr(transformers, auto_class).from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[256, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, tuned(input_ids=ids).logits, rtol=0, atol=0)
+    report = evaluate.run(name, [tmp_path / "run"], work / "suite.yaml", tmp_path / "report", EvalConfig())
+    assert len(report["rows"]) == 2
+
+
+def test_inspect_model_from_the_cli(tmp_path):
+    r = run_cli("inspect-model", "tiny-gemma3", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["adapter"] == "gemma3" and info["projector"] == "model.multi_modal_projector"
+    r = run_cli("inspect-model", "tiny-gemma3")
+    assert r.returncode == 0 and "model.language_model.layers (x3)" in r.stdout
+    r = run_cli("inspect-model", "nvila-lite-2b")
+    assert r.returncode == 2 and "--trust-remote-code" in r.stderr and len(r.stderr.strip().splitlines()) == 1
