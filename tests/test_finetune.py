@@ -174,9 +174,10 @@ def test_report_to_wandb_offline_needs_no_network(work, tmp_path):
     assert len(runs) == 1
     # the run file is a record log of protobufs whose history values are JSON text
     raw = runs[0].read_bytes()
-    logged = [float(v) for v in re.findall(rb"train/loss\x82\x01.([-+0-9.e]+)", raw, re.S)]
+    # each step's value appears in its history record and again in the running summary
+    logged = list(dict.fromkeys(float(v) for v in re.findall(rb"train/loss\x82\x01.([-+0-9.e]+)", raw, re.S)))
     curve = [c["loss"] for c in artifacts.read_yaml(out / "run.yaml")["loss_curve"]]
-    assert [round(v, 5) for v in logged[:3]] == [round(c, 5) for c in curve]
+    assert len(logged) >= 3 and all(abs(v - c) < 2e-6 for v, c in zip(logged, curve))   # run.yaml: 6 decimals
     assert b"train/grad_norm" in raw and b"train/tokens_per_s" in raw
 
 

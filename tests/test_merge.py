@@ -331,7 +331,7 @@ def _layer_grams(work, overrides, layer):
     """X^T X and position counts of the targets of decoder layer ``layer``, over the same calibration
     examples the stage takes, with a plain full forward of the fine-tuned model whose weights
     ``overrides`` replaces (independent of the stage's layer-by-layer flow)."""
-    from dowser_cli.finetune import LossHead
+    from dowser_cli.training import LossHead
 
     cfg = MergeConfig(method="tailor", calib_samples=8)
     ctx = merge.setup(work / "ft", cfg, merge.MERGE_METHODS.get("tailor", "--method"), work / "train.json", work / "img")
@@ -493,7 +493,7 @@ def test_config_section_and_cli_override(work, tmp_path):
 
 
 def test_grafting_stops_on_a_non_finite_loss_and_writes_nothing(work, tmp_path, monkeypatch):
-    from dowser_cli.finetune import LossHead
+    from dowser_cli.training import LossHead
 
     original = LossHead.__call__
     monkeypatch.setattr(LossHead, "__call__", lambda self, batch: original(self, batch) * float("inf"))
