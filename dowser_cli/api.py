@@ -14,7 +14,6 @@ format), so a run written here is read exactly as one of its runs."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,14 +23,15 @@ from torch import nn
 
 from dowser_cli import artifacts, data, models
 from dowser_cli.artifacts.masks import MaskFile, open_mask
+from dowser_cli.artifacts.runs import run_outputs
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, resolve_source
 from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.optim import MaskedAdamW
 from dowser_cli.progress import stderr_console
+from dowser_cli.runtime import resolve_dtype
 from dowser_cli.selection import layer_of
 from dowser_cli.training import Trainable, write_delta
-from dowser_cli.runtime import resolve_dtype
 
 
 @dataclass
@@ -64,7 +64,6 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", random_in
                trust_remote_code: bool = False) -> LoadedModel:
     """A model as every dowser command loads it: an alias (`dowser configs`), a local
     ``save_pretrained`` directory or a hub id. ``.model``, ``.tokenizer``, ``.processor``."""
-
     source = resolve_source(spec, random_init=random_init, trust_remote_code=trust_remote_code)
     return models.load_model(source, models.load_config(source), resolve_dtype(dtype, device), device)
 
@@ -80,8 +79,7 @@ def load_mask(path: str | os.PathLike, model: nn.Module) -> Mask:
     weights digest (the same base weights). Raises ``dowser_cli.errors.UserError`` saying which differs."""
     path = Path(path)
     mf = open_mask(path)
-    dtypes = {v["dtype"] for v in mf.params.values()}
-    mask_dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
+    mask_dtype = mf.dtype
     fp = artifacts.model_fingerprint(model, mask_dtype)
     if mf.meta.get("model_fingerprint") != fp:
         raise UserError(f"{path}: was made from a different model (fingerprint {mf.meta.get('model_fingerprint', '?')[:12]}"
@@ -139,10 +137,7 @@ def save_delta(model: nn.Module, mask: Mask, out: str | os.PathLike, train: Iter
     tr = Trainable({n: named[n] for n in names}, dict(mask.dense), layers)
     fingerprint = artifacts.model_fingerprint(model)
     with artifacts.replace_dir(out) as tmp:   # the directory appears whole or not at all
-        for a, b in ((mask.path, tmp / "mask.safetensors"),
-                     (artifacts.sidecar_path(mask.path), artifacts.sidecar_path(tmp / "mask.safetensors"))):
-            if a.exists():
-                shutil.copyfile(a, b)
+        artifacts.copy_with_sidecar(mask.path, tmp / "mask.safetensors")
         mask_sha = artifacts.sha256_file(tmp / "mask.safetensors")
         delta = tmp / "delta.safetensors"
         write_delta(delta, tr, fingerprint, mask.weights_digest, mask_sha)
@@ -155,10 +150,7 @@ def save_delta(model: nn.Module, mask: Mask, out: str | os.PathLike, train: Iter
                       "weights_digest": mask.weights_digest, "layers_path": parts.layers_path,
                       "num_layers": parts.num_layers},
             "inputs": {"mask": {"path": str(mask.path), "sha256": mask_sha}},
-            "outputs": {"delta": {"path": "delta.safetensors", "sha256": artifacts.sha256_file(delta),
-                                  "bytes": delta.stat().st_size},
-                        "mask": {"path": "mask.safetensors", "sha256": mask_sha},
-                        "full_checkpoint_bytes": sum(q.numel() * q.element_size() for q in model.parameters())},
+            "outputs": run_outputs(delta, mask_sha, sum(q.numel() * q.element_size() for q in model.parameters())),
             "tuned_layers": layers,
             "trainable": tr.counts(),
             **({"steps": steps} if steps is not None else {}),

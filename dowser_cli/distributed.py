@@ -34,13 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dowser_cli import scoring, training
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.optim import local
-from dowser_cli.resources import host_peak_since_reset_mb
-from dowser_cli import training
+from dowser_cli.resources import host_peak_since_reset_mb, peak_memory
 from dowser_cli.training import STRATEGIES, FinetuneConfig, LocalBackend, LossHead, Trainable, apply_values
-from dowser_cli.resources import peak_memory
-from dowser_cli import scoring
 
 if TYPE_CHECKING:
     from dowser_cli.models import LoadedModel

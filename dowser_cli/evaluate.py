@@ -17,17 +17,17 @@ from typing import Any, Callable
 import torch
 
 from dowser_cli import artifacts, metrics, probing
+from dowser_cli.artifacts import atomic_file
+from dowser_cli.artifacts.runs import open_run
 from dowser_cli.config import find, option
 from dowser_cli.data import Encoder, image_inputs, pack_right, pad_id, prompt_ids
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
+from dowser_cli.models.runs import load_run
 from dowser_cli.runtime import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
-from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
-from dowser_cli.artifacts.runs import open_run
-from dowser_cli.models.runs import load_run
-from dowser_cli.artifacts import atomic_file
 from dowser_cli.scoring import spearman
+from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
 
 PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy", "cider", "choice_likelihood",
                    "answer_likelihood"}

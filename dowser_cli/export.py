@@ -7,20 +7,26 @@ from pathlib import Path
 import torch
 
 from dowser_cli import artifacts
+from dowser_cli.artifacts.masks import open_mask
 from dowser_cli.artifacts.runs import open_run
 from dowser_cli.errors import UserError
-from dowser_cli.models.runs import load_run
-from dowser_cli.artifacts.masks import open_mask
 from dowser_cli.models import load_config, load_model, resolve_source
+from dowser_cli.models.runs import load_run
 
 
-def export(run_path: Path, out: Path, dtype: str | None = None) -> Path:
-    """Write a save_pretrained directory (weights, config, tokenizer/processor) of the fine-tuned model."""
+def _out_parent(out: Path) -> Path:
+    """``out`` must be new or empty, its parent a directory (or creatable). Returns the parent."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise UserError(f"--out {out}: {parent} is not a directory")
+    return parent
+
+
+def export(run_path: Path, out: Path, dtype: str | None = None) -> Path:
+    """Write a save_pretrained directory (weights, config, tokenizer/processor) of the fine-tuned model."""
+    parent = _out_parent(out)
     run = open_run(run_path)
     lm = load_run(run, getattr(torch, dtype) if dtype else None)
     parent.mkdir(parents=True, exist_ok=True)     # like finetune's and merge's run directories
@@ -89,10 +95,8 @@ def export_peft(run_path: Path, out: Path) -> Path:
     ``modules_to_save``; a run of a PEFT method (LoRA, OSF, Super-Tuning) as the adapter it trained."""
     import shutil
 
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: exists and is not empty")
+    parent = _out_parent(out)
     run = open_run(run_path)
-    parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     adapter = run.path / "adapter"
     if adapter.is_dir():            # --method lora | osf | supertuning kept PEFT's own adapter

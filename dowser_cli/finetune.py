@@ -9,7 +9,6 @@ step), from which ``--resume`` continues bit for bit."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,20 +19,21 @@ import torch
 
 from dowser_cli import artifacts, data, distributed, masking
 from dowser_cli.artifacts.masks import open_mask
+from dowser_cli.artifacts.runs import run_outputs
 from dowser_cli.artifacts.scores import open_scores
 from dowser_cli.errors import Interrupted, UserError
+from dowser_cli.methods.finetuning import FINETUNE_METHODS
 from dowser_cli.models import (LoadedModel, ModelSource, ensure_tokenizer, load_config, load_model, meta_model,
                                num_decoder_layers, resolve_source)
 from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.optim import MaskedAdamW
-from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.progress import stderr_console
 from dowser_cli.resources import host_peak_since_reset_mb, host_rss_mb, peak_memory, reset_host_peak
-from dowser_cli.trackers import open_tracker
+from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.selection import default_layers, format_ranges, layer_of, parse_layers
+from dowser_cli.trackers import open_tracker
 from dowser_cli.training import (FinetuneConfig, LocalBackend, Schedule, Trainable, TrainState, make_lr_lambda,
                                  make_schedule, param_groups, train_step, validate, write_delta)
-from dowser_cli.methods.finetuning import FINETUNE_METHODS
 
 
 # ---- setup: what trains -----------------------------------------------------------------------------------
@@ -54,10 +54,9 @@ def open_mask_input(path: Path) -> MaskInput:
     kind = meta.get("dowser_kind")
     if kind == artifacts.MASK_KIND:
         mf = open_mask(path)
-        dtypes = {v["dtype"] for v in mf.params.values()}
         side = artifacts.sidecar_path(path)
         layers = artifacts.read_yaml(side).get("layers") if side.exists() else None
-        return MaskInput(path, kind, meta, layers, getattr(torch, dtypes.pop() if len(dtypes) == 1 else "float32"))
+        return MaskInput(path, kind, meta, layers, mf.dtype or torch.float32)
     if kind == artifacts.SCORES_KIND:
         sf = open_scores(path)
         return MaskInput(path, kind, meta, None, getattr(torch, sf.sidecar.get("model", {}).get("dtype", "float32")))
@@ -81,7 +80,6 @@ class Plan:
 
 def resolve_method(cfg: FinetuneConfig, mask_path: Path | None):
     """The registered method; with no --method, masked when there is a mask, else full-ft."""
-
     name = cfg.method or ("masked" if mask_path else "full-ft")
     method = FINETUNE_METHODS.get(name, "--method")
     if method.mask == "required" and mask_path is None:
@@ -177,25 +175,13 @@ def prepare_mask(p: Plan, lm: LoadedModel, command: str):
                            command)
         p.mask = MaskInput(target, artifacts.MASK_KIND, artifacts.read_header(target), layers, p.mask.dtype)
     elif p.mask.path.resolve() != (p.out / "mask.safetensors").resolve():
-        _copy_beside(p.mask.path, p.out / "mask.safetensors")
+        artifacts.copy_with_sidecar(p.mask.path, p.out / "mask.safetensors")
     mf = open_mask(p.mask.path)
     digest = p.mask.meta.get("weights_digest")
     if digest and digest != artifacts.weights_digest(lm.model):
         raise UserError(f"--mask {p.mask.path}: was made from different weights than {p.source.spec} "
                         f"(same architecture, weights digest differs)")
     return mf
-
-
-def _copy_beside(src: Path, dst: Path) -> None:
-    """The run keeps its own copy of the mask (a hard link when possible), so it is self-contained."""
-    for a, b in ((src, dst), (artifacts.sidecar_path(src), artifacts.sidecar_path(dst))):
-        if not a.exists():
-            continue
-        b.unlink(missing_ok=True)
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copyfile(a, b)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -374,10 +360,7 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
                   "num_layers": lm.parts.num_layers},
         "inputs": {"data": {"path": str(data_path), "sha256": artifacts.sha256_file(data_path)},
                    **({"mask": {"path": str(p.mask.path), "sha256": mask_sha}} if mask_file else {})},
-        "outputs": {"delta": {"path": "delta.safetensors", "sha256": artifacts.sha256_file(delta),
-                              "bytes": delta.stat().st_size},
-                    **({"mask": {"path": "mask.safetensors", "sha256": mask_sha}} if mask_file else {}),
-                    "full_checkpoint_bytes": full_bytes},
+        "outputs": run_outputs(delta, mask_sha, full_bytes),
         "tuned_layers": p.layers,
         "trainable": counts,
         "optimizer": {"name": "masked-adamw", "state_bytes": backend.optimizer_state_bytes(opt, ranks),

@@ -6,14 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dowser_cli import artifacts, scoring
 from dowser_cli.artifacts.masks import open_mask
 from dowser_cli.artifacts.runs import open_run
 from dowser_cli.errors import UserError
-from dowser_cli.models import load_config, load_model, resolve_source
+from dowser_cli.models import load_config, load_model, meta_model, resolve_source
+from dowser_cli.models.registry import adapter_for_config, resolve_parts
 from dowser_cli.models.runs import load_run
-from dowser_cli.selection import layer_of
+from dowser_cli.selection import TARGETS, layer_of
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -152,12 +154,6 @@ def describe_model(spec: str, random_init: bool = False) -> dict[str, Any]:
     built without weights): decoder layers, vision tower, projector, final norm, lm_head, and the
     linears a probe scores per layer. Nothing is downloaded beyond the config (and, with
     --trust-remote-code, the model's own code)."""
-    from torch import nn
-
-    from dowser_cli.models import meta_model
-    from dowser_cli.models.registry import adapter_for_config, resolve_parts
-    from dowser_cli.selection import TARGETS
-
     source = resolve_source(spec, random_init=random_init)
     config = load_config(source)
     adapter = adapter_for_config(config)

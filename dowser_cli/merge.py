@@ -23,7 +23,7 @@ import torch
 from dowser_cli import artifacts, data, merging
 from dowser_cli.config import option
 from dowser_cli.errors import UserError
-from dowser_cli.artifacts.runs import RunDir, open_run
+from dowser_cli.artifacts.runs import RunDir, open_run, run_outputs
 from dowser_cli.models.runs import apply_delta
 from dowser_cli.training import LossHead, to_device
 from dowser_cli.methods import MERGE_METHODS, MergeMethod
@@ -377,8 +377,7 @@ def write_run(tmp: Path, ctx: MergeContext, values: dict[str, torch.Tensor], cou
                   "source_delta_sha256": source_sha,
                   "options": _method_options(cfg), "seed": cfg.seed, "kept": counts, **stats},
         "inputs": inputs,
-        "outputs": {"delta": {"path": "delta.safetensors", "sha256": artifacts.sha256_file(delta),
-                              "bytes": delta.stat().st_size}},
+        "outputs": run_outputs(delta),
         "tuned_layers": side.get("tuned_layers"),
         "trainable": {"params": len(values), "masked_params": 0, "numel": counts["numel"],
                       "trainable_entries": counts["kept"]},

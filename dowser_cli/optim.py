@@ -68,14 +68,17 @@ class MaskedAdamW(torch.optim.Optimizer):
     @classmethod
     def for_model(cls, model: torch.nn.Module, mask, lr: float = 2e-5, weight_decay: float = 0.0,
                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, train=(),
-                  compact_grads: bool = True) -> "MaskedAdamW":
+                  compact_grads: bool = True, zero_frozen_grads: bool = False) -> "MaskedAdamW":
         """A masked AdamW for ``model``. ``mask``: ``dowser_cli.load_mask``'s result, or {parameter
         name: bool tensor of its shape}. Every parameter is frozen (``requires_grad`` False) except the
         mask's, which train at their True entries only, and the names in ``train``, which train densely
         (e.g. norms). With ``compact_grads`` hooks gather each masked gradient to its trainable entries
         as backward produces it, so clip with ``opt.clip_grad_norm_`` (torch's would not see them).
         Optimiser state exists for the trainable entries only; frozen entries stay bit-identical
-        whatever the weight decay. ``opt.param_names`` maps each trained parameter to its name."""
+        whatever the weight decay. ``zero_frozen_grads`` (with dense gradients): a hook zeroes the
+        frozen entries of each masked gradient as backward writes it, so that a norm taken over ``.grad``
+        by someone else (the HF Trainer's clipping) is the trainable entries' norm.
+        ``opt.param_names`` maps each trained parameter to its name."""
         dense = getattr(mask, "dense", mask)
         named = dict(model.named_parameters())
         unknown = [n for n in [*dense, *train] if n not in named]
@@ -89,6 +92,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         opt = cls(list(params.values()), masks={named[n]: m.to(named[n].device) for n, m in dense.items()}, lr=lr,
                   betas=betas, eps=eps, weight_decay=weight_decay, compact_grads=compact_grads)
         opt.param_names = {p: n for n, p in params.items()}
+        if zero_frozen_grads:
+            for n, m in dense.items():
+                keep = m.to(named[n].device)
+                opt._hooks.append(named[n].register_hook(lambda g, keep=keep: g * keep.to(g.dtype)))
         return opt
 
     def _params(self):

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dowser_cli import artifacts, scoring
+from dowser_cli import artifacts, distributed, scoring
 from dowser_cli.data import pack_right
 from dowser_cli.errors import Interrupted, UserError
-from dowser_cli.models import LoadedModel, ModelSource, load_config, load_model, num_decoder_layers, resolve_source
+from dowser_cli.models import (LoadedModel, ModelSource, input_device, load_config, load_model, num_decoder_layers,
+                               resolve_source)
 from dowser_cli.models.registry import adapter_for_config
 from dowser_cli.probing import (ProbeConfig, Sample, TokenIds, collate_images, make_samples, read_texts, sample_seed,
                                 sequence_kwargs, token_ids, use_batched_probes, validate)
@@ -26,8 +27,6 @@ from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.resources import peak_memory
 from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.selection import decoder_linears, layer_of, parse_layers, parse_targets
-from dowser_cli.models import input_device
-from dowser_cli import distributed
 
 
 # ---- probe text ----------------------------------------------------------------------------------------
@@ -397,7 +396,6 @@ class Session:
 
 
 def open_session(p: Plan, cfg: ProbeConfig, partial: Path, resume: bool) -> Session:
-
     lm = load_model(p.source, p.config, p.dtype, p.device, device_map=cfg.device_map or None)
     if cfg.device_map:  # inputs go where the embeddings are; accelerate's hooks move activations on
         p.device = str(input_device(lm.model))
@@ -452,7 +450,6 @@ def run(model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool = False,
 
 def _run(dist, t0: float, model_spec: str, out: Path, cfg: ProbeConfig, random_init: bool, resume: bool,
          command: str) -> dict[str, Any]:
-
     p = plan(model_spec, cfg, out, random_init)
     if dist is not None:
         if cfg.device_map:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from dowser_cli import metrics
+from dowser_cli.artifacts import sha256_file
 from dowser_cli.config import find, load_yaml_file
+from dowser_cli.data import load_image
 from dowser_cli.errors import UserError
 from dowser_cli.prepare import read_tsv
-from dowser_cli.artifacts import sha256_file
-from dowser_cli.data import load_image
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,8 @@ def tiny_models():
             cache[name] = load_model(src, load_config(src), torch.float32, "cpu")
         return cache[name]
     return get
+
+
+def conv(question: str, answer: str) -> list[dict]:
+    """One human / gpt exchange in LLaVA's conversation format."""
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]

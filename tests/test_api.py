@@ -12,11 +12,7 @@ from dowser_cli.masking import MaskConfig
 from dowser_cli.models import load_config, load_model, resolve_source
 from dowser_cli.probing import ProbeConfig
 
-from conftest import run_cli
-
-
-def _conv(q, a):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+from conftest import conv, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +20,7 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("api")
     probe.run("tiny-llava", d / "scores.safetensors", ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
     mask.run(d / "scores.safetensors", d / "mask.safetensors", MaskConfig(ratio=0.1))
-    recs = [{"conversations": _conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(4)]
+    recs = [{"conversations": conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(4)]
     (d / "train.json").write_text(json.dumps(recs))
     return d
 

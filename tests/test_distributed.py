@@ -20,7 +20,7 @@ from dowser_cli.finetune import FinetuneConfig
 from dowser_cli.masking import MaskConfig
 from dowser_cli.probing import ProbeConfig
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, conv, run_cli
 
 # faulthandler: a rank that dies of a signal prints where it was
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DOWSER_QUIET": "1", "PYTHONFAULTHANDLER": "1"}
@@ -43,10 +43,6 @@ def said(text: str) -> str:
     return "\n".join(lines[:cut])[-2500:] + "\n" + root
 
 
-def _conv(q, a):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """tiny-llava scores and a rho 0.1 mask; 9 image records, so that with 2 ranks x batch 2 x accum 2
@@ -64,7 +60,7 @@ def work(tmp_path_factory):
         Image.fromarray(px).save(d / "img" / f"{i}.png")
         # answers of different lengths: the global token count, not a per-rank mean, must weigh them
         answer = str(i) * (1 + i % 4)
-        recs.append({"image": f"{i}.png", "conversations": _conv("<image>\nWhat digit is shown?", answer)})
+        recs.append({"image": f"{i}.png", "conversations": conv("<image>\nWhat digit is shown?", answer)})
     (d / "train.json").write_text(json.dumps(recs))
     return d
 

@@ -11,11 +11,7 @@ from dowser_cli.masking import MaskConfig
 from dowser_cli.probing import ProbeConfig
 from dowser_cli.training import FinetuneConfig
 
-from conftest import run_cli
-
-
-def _conv(q, a):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+from conftest import conv, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +20,7 @@ def work(tmp_path_factory):
     probe.run("tiny-llava", d / "scores.safetensors", ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
     mask.run(d / "scores.safetensors", d / "peft.safetensors", MaskConfig(ratio=0.1, count_rule="peft"))
     mask.run(d / "scores.safetensors", d / "layer.safetensors", MaskConfig(ratio=0.1, granularity="layer"))
-    recs = [{"conversations": _conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(8)]
+    recs = [{"conversations": conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(8)]
     (d / "train.json").write_text(json.dumps(recs))
     cfg = FinetuneConfig(lr=1e-3, max_steps=3, batch_size=4, warmup_ratio=0.0)   # norms train densely
     finetune.run("tiny-llava", d / "train.json", d / "run", cfg, mask_path=d / "peft.safetensors")

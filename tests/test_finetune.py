@@ -17,11 +17,7 @@ from dowser_cli.finetune import FinetuneConfig
 from dowser_cli.masking import MaskConfig
 from dowser_cli.probing import ProbeConfig
 
-from conftest import ROOT, run_cli
-
-
-def _conv(q, a):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+from conftest import ROOT, conv, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +35,9 @@ def work(tmp_path_factory):
     for i in range(12):
         px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(px).save(d / "img" / f"{i}.png")
-        recs.append({"image": f"{i}.png", "conversations": _conv("<image>\nWhat digit is shown?", str(i % 10))})
+        recs.append({"image": f"{i}.png", "conversations": conv("<image>\nWhat digit is shown?", str(i % 10))})
     (d / "train.json").write_text(json.dumps(recs))
-    text = [{"conversations": _conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(10)]
+    text = [{"conversations": conv(f"What is {i} plus {i}?", str(2 * i))} for i in range(10)]
     (d / "text.jsonl").write_text("\n".join(json.dumps(r) for r in text))
     return d
 
@@ -286,7 +282,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(work, tmp_path, case):
         want = "not valid JSON"
     elif case == "missing-image":
         data = tmp_path / "d.json"
-        data.write_text(json.dumps([{"image": "nope.png", "conversations": _conv("<image>\nx", "y")}]))
+        data.write_text(json.dumps([{"image": "nope.png", "conversations": conv("<image>\nx", "y")}]))
         want = "record 0: image"
     elif case == "empty":
         data = tmp_path / "d.json"

@@ -14,12 +14,9 @@ from dowser_cli.artifacts.runs import open_run
 from dowser_cli.probing import ProbeConfig
 from dowser_cli.training import FinetuneConfig
 
-pytest.importorskip("transformers")
+from conftest import conv
+
 STEPS, LR, WD = 3, 1e-3, 0.1
-
-
-def _conv(q, a):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def work(tmp_path_factory):
     for i in range(4):
         px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(px).save(d / "img" / f"{i}.png")
-        recs.append({"image": f"{i}.png", "conversations": _conv("<image>\nWhat digit is shown?", str(i))})
+        recs.append({"image": f"{i}.png", "conversations": conv("<image>\nWhat digit is shown?", str(i))})
     (d / "train.json").write_text(json.dumps(recs))
     # the reference: dowser finetune, one step = the whole (4-record) file, constant lr, norms frozen
     # (the Trainer path trains the mask's matrices only)

@@ -210,6 +210,20 @@ def replace_dir(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_with_sidecar(src: Path, dst: Path) -> None:
+    """Put an artifact and its YAML sidecar at ``dst`` (a hard link when possible, else a copy), so a
+    run directory holds its own mask. Artifacts are only ever replaced by rename, so a link stays the
+    file it was."""
+    for a, b in ((src, dst), (sidecar_path(src), sidecar_path(dst))):
+        if not a.exists():
+            continue
+        b.unlink(missing_ok=True)
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copyfile(a, b)
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -53,6 +53,12 @@ class MaskFile:
             n *= d
         return n
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The model dtype the mask's fingerprint was computed in (None when its tensors disagree)."""
+        dtypes = {v["dtype"] for v in self.params.values()}
+        return getattr(torch, dtypes.pop()) if len(dtypes) == 1 else None
+
     def dense(self, name: str) -> torch.Tensor:
         return scoring.unpack_bits(self.packed(name), self.numel(name)).reshape(self.params[name]["shape"])
 

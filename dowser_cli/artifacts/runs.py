@@ -24,6 +24,18 @@ class RunDir:
         return self.sidecar["model"]["spec"]
 
 
+def run_outputs(delta: Path, mask_sha: str | None = None, full_bytes: int | None = None) -> dict[str, Any]:
+    """run.yaml's ``outputs``: the delta (path relative to the run, sha256, bytes), the run's mask copy
+    when it has one, and the size a full checkpoint of the model would take."""
+    out: dict[str, Any] = {"delta": {"path": delta.name, "sha256": artifacts.sha256_file(delta),
+                                     "bytes": delta.stat().st_size}}
+    if mask_sha is not None:
+        out["mask"] = {"path": "mask.safetensors", "sha256": mask_sha}
+    if full_bytes is not None:
+        out["full_checkpoint_bytes"] = full_bytes
+    return out
+
+
 def open_run(path: Path) -> RunDir:
     """Check a run directory's files and their recorded hashes (no model loaded)."""
     if not path.is_dir():

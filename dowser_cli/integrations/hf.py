@@ -75,13 +75,9 @@ def masked_optimizer(model: torch.nn.Module, mask: Mask, args, train: Iterable[s
     """``MaskedAdamW.for_model`` with the TrainingArguments' lr, betas, eps and weight decay, for
     ``Trainer(optimizers=(opt, None))``. Gradients stay dense in ``.grad`` (the Trainer clips them),
     with the frozen entries zeroed as backward writes them."""
-    opt = MaskedAdamW.for_model(model, mask, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, train=train,
-                                compact_grads=False)
-    named = dict(model.named_parameters())
-    for n, m in mask.dense.items():
-        opt._hooks.append(named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)))
-    return opt
+    return MaskedAdamW.for_model(model, mask, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, train=train,
+                                 compact_grads=False, zero_frozen_grads=True)
 
 
 def _refusal(args) -> str | None:

@@ -189,7 +189,8 @@ def _anyres_noise(model, config, n, generator, mean, std):
                                        vision_feature_layer=config.vision_feature_layer,
                                        vision_feature_select_strategy=config.vision_feature_select_strategy)
     feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    n_tok = int((feats[0] if isinstance(feats, (list, tuple)) else feats).shape[-2 if feats[0].dim() == 3 else 0])
+    first = feats[0] if isinstance(feats, (list, tuple)) else feats   # this transformers: a list, [T, D] each
+    n_tok = int(first.shape[-2] if first.dim() == 3 else first.shape[0])
     return (torch.full((n_tok,), config.image_token_index, dtype=torch.long),
             {"pixel_values": pixels, "image_sizes": sizes})
 
