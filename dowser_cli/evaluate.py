@@ -10,13 +10,13 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from dowser_cli import artifacts, metrics, probing
+from dowser_cli import artifacts, harness, metrics, probing
 from dowser_cli.artifacts import atomic_file
 from dowser_cli.artifacts.runs import open_run
 from dowser_cli.config import find, option
@@ -27,10 +27,8 @@ from dowser_cli.models.runs import load_run
 from dowser_cli.runtime import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.scoring import spearman
-from dowser_cli.tasks import EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
+from dowser_cli.tasks import HARNESSES, EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
 
-PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy", "cider", "choice_likelihood",
-                   "answer_likelihood"}
 
 
 @dataclass
@@ -43,6 +41,8 @@ class EvalConfig:
                          off="--no-drift")
     bootstrap: int = option(1000, "Replicates of the items' bootstrap behind every 95 % interval.")
     bootstrap_seed: int = option(0, "Seed of the bootstrap.")
+    harness: str = option("dowser", "dowser | lmms-eval: lmms-eval (an optional extra) evaluates every task that "
+                          "names an lmms_task; tasks with harness: lmms-eval always go to it.")
     data_root: str = option("data", "Where the suite's `data-root:` files are: the --out parent of `dowser make-data`.",
                             show="./data")
 
@@ -331,7 +331,8 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
 def cache_key(subject: Subject, task: Task, cfg: EvalConfig) -> str:
     # "items": results hold per-item scores (the intervals need them); older cache entries do not.
     # Drift is measured on probe text sampled as the probe samples it: its settings are part of the key.
-    extra = f"|drift:{_drift_sampling()}" if task.kind == "drift" else ""
+    extra = f"|drift:{_drift_sampling()}" if task.kind == "drift" else \
+        f"|lmms-eval:{harness.version()}" if task.harness == "lmms-eval" else ""
     return hashlib.sha256(f"items|{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}{extra}"
                           .encode()).hexdigest()[:24]
 
@@ -370,7 +371,7 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
          command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     suite = find(suite, "tasks", "--tasks")    # a file, or a shipped suite's name
-    tasks = load_suite(suite, data_root=cfg.data_root)
+    tasks = _with_harness(load_suite(suite, data_root=cfg.data_root), cfg.harness, suite)
     check_complete(tasks, suite)
     if cfg.drift:
         tasks = _drift_task(tasks)
@@ -378,7 +379,9 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     _check_runs_cheaply(base_spec, random_init, run_paths, dtype)
-    records = {t.name: read_records(t) for t in tasks if t.kind != "drift"}
+    if any(t.harness == "lmms-eval" for t in tasks):
+        harness.require()      # before any model loads
+    records = {t.name: read_records(t) for t in tasks if t.kind != "drift" and t.harness == "dowser"}
     base_subject, base = _base_subject(base_spec, random_init, dtype, device)
     subjects = [base_subject] + _run_subjects(run_paths, base, base_subject.identity, dtype, device)
     cache = out / "cache"
@@ -400,7 +403,19 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
             if not todo:
                 continue
             lm = s.load()
+            lmms = [t for t in todo if t.harness == "lmms-eval"]
+            if lmms:
+                task_bar = bar.add_task(f"{s.label}: lmms-eval {', '.join(t.name for t in lmms)}", total=None)
+                with harness.checkpoint(lm, s.path if s.kind == "export" else None, out) as ckpt:
+                    got = harness.evaluate(ckpt, harness.wrapper_for(lm), lmms, device, dtype)
+                for t in lmms:
+                    _cache_put(cache, cache_key(s, t, cfg), got[t.name])
+                    results[s.label][t.name] = got[t.name]
+                    misses += 1
+                bar.remove_task(task_bar)
             for t in todo:
+                if t.harness == "lmms-eval":
+                    continue
                 n = t.samples if t.kind == "drift" else len(records[t.name])
                 task_bar = bar.add_task(f"{s.label}: {t.name}", total=n)
                 try:
@@ -418,6 +433,17 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
     write_report(out, report, tasks)
     return report
+
+
+def _with_harness(tasks: list[Task], name: str, suite: Path) -> list[Task]:
+    """--harness lmms-eval sends every task that names an lmms_task to lmms-eval."""
+    if name not in HARNESSES:
+        raise UserError(f"--harness {name}: unknown; available: {', '.join(HARNESSES)}")
+    if name == "dowser":
+        return tasks
+    if not any(t.lmms_task for t in tasks):
+        raise UserError(f"--harness lmms-eval: no task in {suite} names an lmms_task")
+    return [replace(t, harness="lmms-eval", kind="lmms") if t.lmms_task else t for t in tasks]
 
 
 def _check_out(out: Path) -> None:
@@ -446,7 +472,7 @@ def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dt
 
 
 def _display(task: Task, score: float) -> float:
-    return round(100 * score, 2) if task.metric in PERCENT_METRICS else float(f"{score:.4g}")
+    return round(100 * score, 2) if task.scale == 100 else float(f"{score:.4g}")
 
 
 def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base_spec: str, suite: Path,
@@ -473,7 +499,8 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
         "base": base_spec, "suite": str(suite),
         "tasks": [{"name": t.name, "role": t.role, "kind": t.kind, "metric": t.metric,
                    "data": str(t.data) if t.data else None, "data_sha256": t.data_sha256,
-                   "unit": "%" if t.metric in PERCENT_METRICS else "nats" if t.kind == "drift" else ""} for t in tasks],
+                   "unit": "%" if t.scale == 100 else "nats" if t.kind == "drift" else "",
+                   **({"harness": t.harness, "lmms_task": t.lmms_task} if t.harness != "dowser" else {})} for t in tasks],
         "config": asdict(cfg),
         "intervals": {"level": 0.95, "method": "percentile bootstrap over each task's items (stratified by task), "
                       "the same draw for every model (ΔU paired); drift resamples probe sequences",
@@ -481,6 +508,12 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
         "items": {t.name: results[subjects[0].label][t.name]["n"] for t in tasks},
         "rows": rows,
     }
+    lmms = [t for t in tasks if t.harness == "lmms-eval"]
+    if lmms:
+        report["harnesses"] = {"lmms-eval": {
+            "version": harness.version(),
+            "tasks": {t.name: {"lmms_task": t.lmms_task, "metric": f"{t.metric},none", "scale": t.scale,
+                               "include_path": str(t.include_path) if t.include_path else None} for t in lmms}}}
     if drift and len(rows) > 2:
         report["drift_vs_dU"] = _drift_tracking(rows[1:])
     return report
@@ -495,7 +528,7 @@ def _intervals(subjects: list[Subject], tasks: list[Task], results: dict, cfg: E
         if t.kind == "drift":
             continue
         per = [results[s.label][t.name]["per_item"] for s in subjects]
-        scale = 100.0 if t.metric in PERCENT_METRICS else 1.0
+        scale = t.scale
         items[t.name] = torch.tensor(per, dtype=torch.float64) * scale
     cis = metrics.bootstrap_report(items, down, up, cfg.bootstrap, cfg.bootstrap_seed)
     out = []

@@ -5,7 +5,13 @@ A task: ``name``, ``role`` (downstream | upstream), ``kind``, ``data`` (path rel
 or ``builtin:digits/test.jsonl``), optional ``metric`` (the kind's default otherwise), ``prompt`` (a
 template with {question}, {options}, {hint}), ``max_new_tokens``, ``limit``, ``image_folder``, ``answer_template`` (likelihood kinds: the
 assistant text scored, e.g. "The answer is {answer}."), and for
-``kind: drift`` the synthetic-text settings ``samples``, ``seq_len``, ``seed``."""
+``kind: drift`` the synthetic-text settings ``samples``, ``seq_len``, ``seed``.
+
+A task evaluated by lmms-eval instead (``harness: lmms-eval``, or any task naming ``lmms_task`` under
+``eval-forgetting --harness lmms-eval``): ``lmms_task`` (lmms-eval's task name, e.g. textvqa_val),
+``metric`` (the key lmms-eval reports, e.g. exact_match), optional ``lmms_scale`` (100: the metric is a
+fraction shown in percent; 1: already in its unit) and ``include_path`` (a folder of local lmms-eval task
+YAMLs, relative to the suite file); ``data`` is then not needed."""
 from __future__ import annotations
 
 import base64
@@ -44,8 +50,12 @@ KINDS = {k.name: k for k in (
     Kind("drift", ("kl",), "", 0, needs_data=False),
 )}
 ROLES = ("downstream", "upstream")
+HARNESSES = ("dowser", "lmms-eval")
 TASK_KEYS = {"name", "role", "kind", "data", "metric", "prompt", "max_new_tokens", "limit", "image_folder",
-             "samples", "seq_len", "seed", "answer_template"}
+             "samples", "seq_len", "seed", "answer_template", "harness", "lmms_task", "lmms_scale", "include_path"}
+# metrics in [0, 1] that the report shows in percent
+PERCENT_METRICS = {"vqa_accuracy", "exact_match", "contains", "choice_accuracy", "cider", "choice_likelihood",
+                   "answer_likelihood"}
 
 
 @dataclass
@@ -63,11 +73,22 @@ class Task:
     seq_len: int = 64
     seed: int = 0
     answer_template: str = "{answer}"   # likelihood tasks: the assistant text scored for each answer
+    harness: str = "dowser"           # who evaluates it: dowser's evaluator or lmms-eval
+    lmms_task: str | None = None      # lmms-eval's task name (harness lmms-eval)
+    lmms_scale: float = 100.0         # lmms-eval metrics are fractions: shown in percent unless 1
+    include_path: Path | None = None  # local lmms-eval task YAMLs
     data_sha256: str | None = field(default=None, compare=False)
 
     def digest(self) -> str:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def scale(self) -> float:
+        """Report unit per metric unit: 100 for fractions shown in percent."""
+        if self.harness == "lmms-eval":
+            return self.lmms_scale
+        return 100.0 if self.metric in PERCENT_METRICS else 1.0
 
     @property
     def in_u(self) -> bool:
@@ -129,6 +150,11 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True, data_root: Pa
     unknown = sorted(set(raw) - TASK_KEYS)
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(TASK_KEYS))}")
+    harness = raw.get("harness", "dowser")
+    if harness not in HARNESSES:
+        raise UserError(f"{where}: unknown harness {harness!r}; available: {', '.join(HARNESSES)}")
+    if harness == "lmms-eval" or (raw.get("lmms_task") and not raw.get("kind")):
+        return _lmms_task(raw, where, suite)
     kind = KINDS.get(raw.get("kind", ""))
     if kind is None:
         raise UserError(f"{where}: unknown kind {raw.get('kind')!r}; available: {', '.join(KINDS)}")
@@ -161,8 +187,44 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True, data_root: Pa
              max_new_tokens=int(raw.get("max_new_tokens", kind.max_new_tokens)), data=data, image_folder=folder,
              limit=raw.get("limit"), samples=int(raw.get("samples", 32)), seq_len=int(raw.get("seq_len", 64)),
              seed=int(raw.get("seed", 0)), answer_template=str(raw.get("answer_template", "{answer}")),
-             data_sha256=sha)
+             lmms_task=str(raw["lmms_task"]) if raw.get("lmms_task") else None,
+             lmms_scale=_scale(raw, where), include_path=_include_path(raw, suite, where), data_sha256=sha)
     return t
+
+
+def _scale(raw: dict, where: str) -> float:
+    scale = raw.get("lmms_scale", 100)
+    if scale not in (1, 100):
+        raise UserError(f"{where}: lmms_scale {scale!r}: expected 100 (a fraction shown in percent) or 1")
+    return float(scale)
+
+
+def _include_path(raw: dict, suite: Path, where: str) -> Path | None:
+    if not raw.get("include_path"):
+        return None
+    p = resolve_data(str(raw["include_path"]), suite.parent)
+    if not p.is_dir():
+        raise UserError(f"{where}: include_path {p} is not a folder of lmms-eval task YAMLs")
+    return p
+
+
+def _lmms_task(raw: dict, where: str, suite: Path) -> Task:
+    """A task lmms-eval evaluates: its name and metric key there, no data file of ours."""
+    if not raw.get("lmms_task"):
+        raise UserError(f"{where}: harness lmms-eval needs lmms_task (lmms-eval's task name, e.g. textvqa_val)")
+    role = raw.get("role", "upstream")
+    if role not in ROLES:
+        raise UserError(f"{where}: role {role!r}: expected downstream or upstream")
+    extra = sorted(set(raw) & {"data", "kind", "prompt", "max_new_tokens", "image_folder", "answer_template",
+                               "samples", "seq_len", "seed"})
+    if extra:
+        raise UserError(f"{where}: harness lmms-eval takes its data, prompt and generation settings from the "
+                        f"lmms-eval task; drop {', '.join(extra)}")
+    limit = raw.get("limit")
+    return Task(name=str(raw["name"]), role=role, kind="lmms", metric=str(raw.get("metric", "exact_match")),
+                prompt="", max_new_tokens=0, limit=int(limit) if limit else None, harness="lmms-eval",
+                lmms_task=str(raw["lmms_task"]), lmms_scale=_scale(raw, where),
+                include_path=_include_path(raw, suite, where))
 
 
 def _sha(path: Path) -> str:

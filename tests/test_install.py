@@ -11,13 +11,13 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the tested environment
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pins() -> dict[str, str]:
+def _pins(file: str = "constraints.txt") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / file).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
-            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            assert version, f"{file}: {line!r} is not pinned with =="
             pins[re.sub(r"[-_.]+", "-", name).lower()] = version
     return pins
 
@@ -46,6 +46,25 @@ def test_the_environment_is_what_constraints_pin():
         if have != version:
             wrong[name] = (version, have)
     assert not wrong, f"installed versions differ from constraints.txt (pinned, installed): {wrong}"
+
+
+def test_the_lmms_extra_is_pinned_and_leaves_the_core_pins_alone():
+    """make install-lmms installs requirements-lmms.txt under both constraint files: every name is
+    pinned, none twice (pip would refuse two pins of one package), torch is the venv's own."""
+    core, lmms = _pins(), _pins("constraints-lmms.txt")
+    assert not set(core) & set(lmms), sorted(set(core) & set(lmms))
+    assert "torch" not in lmms and "torchvision" not in lmms and "lmms-eval" in lmms
+    wanted = {_name(line) for line in (ROOT / "requirements-lmms.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert wanted <= set(core) | set(lmms), sorted(wanted - set(core) - set(lmms))
+    try:
+        metadata.version("lmms-eval")
+    except metadata.PackageNotFoundError:
+        return                                   # the extra is not installed here
+    wrong = {n: (v, metadata.version(n)) for n, v in lmms.items() if metadata.version(n) != v}
+    assert not wrong, f"installed versions differ from constraints-lmms.txt: {wrong}"
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("torchvision")         # its PyPI build does not import beside the CPU torch
 
 
 def test_a_plain_pip_install_runs_from_another_directory(tmp_path):

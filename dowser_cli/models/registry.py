@@ -31,6 +31,8 @@ class Adapter:
     noise_images: Callable | None = field(default=None, compare=False)
     # (config, input_ids [B, T]) -> extra model kwargs that depend on the token layout
     sequence_kwargs: Callable | None = field(default=None, compare=False)
+    # config.model_type -> the lmms-eval model wrapper that evaluates it (eval-forgetting --harness lmms-eval)
+    lmms_wrappers: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -55,6 +57,11 @@ def register(adapter: Adapter) -> Adapter:
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def lmms_wrappers() -> dict[str, str]:
+    """{model_type: lmms-eval wrapper} over every adapter."""
+    return {mt: w for a in _REGISTRY.values() for mt, w in a.lmms_wrappers.items()}
 
 
 def with_noise_images() -> list[str]:
@@ -201,7 +208,7 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
-    noise_images=_llava_noise,
+    noise_images=_llava_noise, lmms_wrappers={"llava": "llava_hf"},
 ))
 register(Adapter(
     name="llava-next", model_types=("llava_next", "llava_onevision"),
@@ -209,7 +216,7 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_tower"),
     projector=("model.multi_modal_projector", "multi_modal_projector"),
-    noise_images=_anyres_noise,
+    noise_images=_anyres_noise, lmms_wrappers={"llava_next": "llava_hf", "llava_onevision": "llava_hf"},
 ))
 register(Adapter(
     name="qwen3-vl", model_types=("qwen3_vl", "qwen3_vl_moe"),
@@ -218,6 +225,7 @@ register(Adapter(
     vision_tower=("model.visual",),
     projector=("model.visual.merger",),
     noise_images=_qwen2_vl_noise, sequence_kwargs=_mm_token_types,
+    lmms_wrappers={"qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl"},
 ))
 register(Adapter(
     name="gemma3", model_types=("gemma3",),
@@ -225,7 +233,7 @@ register(Adapter(
     final_norm=("model.language_model.norm",),
     vision_tower=("model.vision_tower",),
     projector=("model.multi_modal_projector",),
-    noise_images=_gemma3_noise, sequence_kwargs=_gemma3_token_types,
+    noise_images=_gemma3_noise, sequence_kwargs=_gemma3_token_types, lmms_wrappers={"gemma3": "gemma3"},
 ))
 register(Adapter(
     name="mistral3", model_types=("mistral3",),
@@ -233,7 +241,7 @@ register(Adapter(
     final_norm=("model.language_model.norm",),
     vision_tower=("model.vision_tower",),
     projector=("model.multi_modal_projector",),
-    noise_images=_mistral3_noise,
+    noise_images=_mistral3_noise, lmms_wrappers={"mistral3": "mistral3_vl"},
 ))
 register(Adapter(
     name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
@@ -242,6 +250,7 @@ register(Adapter(
     vision_tower=("model.visual", "visual"),
     projector=("model.visual.merger", "visual.merger"),
     noise_images=_qwen2_vl_noise, sequence_kwargs=_mm_token_types,
+    lmms_wrappers={"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"},
 ))
 register(Adapter(
     name="idefics3", model_types=("idefics3", "smolvlm"),
@@ -256,7 +265,7 @@ register(Adapter(
     final_norm=("model.language_model.norm", "language_model.model.norm"),
     vision_tower=("model.vision_tower", "vision_model"),
     projector=("model.multi_modal_projector", "mlp1"),
-    noise_images=_internvl_noise,
+    noise_images=_internvl_noise, lmms_wrappers={"internvl": "internvl_hf"},
 ))
 register(Adapter(
     name="nvila", model_types=("vila", "nvila", "llava_llama"),
