@@ -366,6 +366,7 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
         "optimizer": {"name": "masked-adamw", "state_bytes": backend.optimizer_state_bytes(opt, ranks),
                       "method_state_bytes": method.state_bytes()},
         "data": {"records": ds.total, "format": ds.format, "used": len(ds.examples), "skipped": len(ds.skipped),
+                 "images": sum(e.image is not None for e in ds.examples),
                  "skipped_records": ds.skipped[:100]},
         "schedule": dataclasses.asdict(sched),
         "steps": state.step, "tokens": state.tokens,

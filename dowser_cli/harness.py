@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import torch
 
-from dowser_cli.data import FALLBACK_LIST_TEMPLATE, IMAGE_PLACEHOLDER
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, registry
+from dowser_cli.models.chat import FALLBACK_LIST_TEMPLATE, IMAGE_PLACEHOLDER
 from dowser_cli.tasks import Task
 
 INSTALL = "make install-lmms (keeps the torch build make install chose), or pip install -e \".[lmms]\""

@@ -8,48 +8,55 @@ from dowser_cli import artifacts
 from conftest import run_cli
 
 
-def test_probe_mask_finetune_export_inspect_compare_combine_chain(tmp_path):
+def test_every_stage_chained_as_docs_commands_md_runs_them(tmp_path):
+    """docs/commands.md's runnable blocks (probe twice, mask, inspect, compare, combine, make-data,
+    finetune masked / Full-FT / LoRA, export, eval-forgetting, merge, configs) in one directory, as
+    real subprocesses; then each artifact names the one before it by hash."""
+    from test_docs import CHAIN, run_doc
+
     def ok(*args):
         r = run_cli(*args, cwd=tmp_path)
         assert r.returncode == 0, f"{args}: {r.stderr}"
         return r
 
-    ok("probe", "tiny-llava", "--samples", "4", "--batch-size", "2", "--probes", "2", "--seq-len", "12",
-       "--out", "s0.safetensors")
-    ok("probe", "tiny-llava", "--samples", "4", "--batch-size", "2", "--probes", "2", "--seq-len", "12",
-       "--seed", "1", "--out", "s1.safetensors")
-    assert ok("mask", "s0.safetensors", "--ratio", "0.1", "--out", "m0.safetensors").stdout.strip() == "m0.safetensors"
-    ok("mask", "s1.safetensors", "--ratio", "0.1", "--out", "m1.safetensors")
-    info = json.loads(ok("inspect", "m0.safetensors", "--json").stdout)
+    run_doc(CHAIN, tmp_path)
+    info = json.loads(ok("inspect", "mask.safetensors", "--json").stdout)
     assert info["kind"] == "dowser.mask" and abs(info["totals"]["fraction"] - 0.1) < 1e-3
-    scores_cmp = json.loads(ok("compare", "s0.safetensors", "s1.safetensors", "--json").stdout)
-    masks_cmp = json.loads(ok("compare", "m0.safetensors", "m1.safetensors", "--json").stdout)
+    scores_cmp = json.loads(ok("compare", "scores.safetensors", "scores-s1.safetensors", "--json").stdout)
+    masks_cmp = json.loads(ok("compare", "mask.safetensors", "mask-s1.safetensors", "--json").stdout)
     # the same matrix masks, reached two ways (the scores also cover lm_head, which masks leave out)
     assert len(masks_cmp["modules"]) == 3 * 7
     for name, m in masks_cmp["modules"].items():
         assert abs(scores_cmp["modules"][name.removesuffix(".weight")]["hamming"] - m["hamming"]) < 1e-12
-    ok("combine", "m0.safetensors", "m1.safetensors", "--op", "union", "--out", "u.safetensors")
-    side = artifacts.read_yaml(tmp_path / "u.yaml")
-    assert side["inputs"]["a"]["sha256"] == artifacts.sha256_file(tmp_path / "m0.safetensors")
-    assert 0.1 <= side["totals"]["fraction"] <= 0.2
-    # fine-tune with the mask, export, and check each artifact names the one before it
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(
-        {"conversations": [{"from": "human", "value": f"Say {i}"}, {"from": "gpt", "value": str(i)}]}) for i in range(6)))
-    ok("finetune", "tiny-llava", "--mask", "m0.safetensors", "--data", "train.jsonl", "--out", "run", "--max-steps", "2")
-    run_side = artifacts.read_yaml(tmp_path / "run" / "run.yaml")
-    assert run_side["inputs"]["mask"]["sha256"] == artifacts.sha256_file(tmp_path / "m0.safetensors")
-    assert artifacts.read_yaml(tmp_path / "m0.yaml")["inputs"]["scores"]["sha256"] == \
-        artifacts.sha256_file(tmp_path / "s0.safetensors")
-    ok("export", "run", "--out", "exported")
-    assert (tmp_path / "exported" / "config.json").is_file()
-    assert json.loads(ok("inspect", "run", "--json").stdout)["method"] == "dowser-mask"
-    ok("merge", "run", "--method", "dare", "--p", "0.5", "--out", "dare")
-    assert json.loads(ok("inspect", "dare", "--json").stdout)["method"] == "dare"
-    # every stage's --help ends with an example, and bracketed defaults survive the help formatter
+    side = artifacts.read_yaml(tmp_path / "s1-only.yaml")
+    assert side["inputs"]["a"]["sha256"] == artifacts.sha256_file(tmp_path / "mask-s1.safetensors")
+    assert side["inputs"]["b"]["sha256"] == artifacts.sha256_file(tmp_path / "mask.safetensors")
+    assert 0 < side["totals"]["fraction"] < 0.1
+    run_side = artifacts.read_yaml(tmp_path / "runs" / "masked" / "run.yaml")
+    assert run_side["inputs"]["mask"]["sha256"] == artifacts.sha256_file(tmp_path / "mask.safetensors")
+    assert run_side["inputs"]["data"]["sha256"] == artifacts.sha256_file(tmp_path / "shapes" / "train.json")
+    assert artifacts.read_yaml(tmp_path / "mask.yaml")["inputs"]["scores"]["sha256"] == \
+        artifacts.sha256_file(tmp_path / "scores.safetensors")
+    assert artifacts.read_yaml(tmp_path / "exported" / "masked" / "dowser_export.yaml")["delta_sha256"] == \
+        artifacts.sha256_file(tmp_path / "runs" / "masked" / "delta.safetensors")
+    assert json.loads(ok("inspect", "runs/masked", "--json").stdout)["method"] == "dowser-mask"
+    assert json.loads(ok("inspect", "runs/dare", "--json").stdout)["method"] == "dare"
+    report = artifacts.read_yaml(tmp_path / "report" / "report.yaml")
+    assert [r["model"] for r in report["rows"]] == ["base (tiny-llava)", "masked", "full-ft"]
+
+
+def test_every_commands_help_ends_with_an_example():
+    from typer.testing import CliRunner
+
+    from dowser_cli.cli import app
+
+    runner = CliRunner()
     for cmd in ("probe", "mask", "compare", "combine", "inspect", "finetune", "export", "merge", "eval-forgetting",
-                "make-data"):
-        assert "Example: dowser" in ok(cmd, "--help").stdout
-    assert "[auto: bf16 on GPU]" in " ".join(ok("finetune", "--help").stdout.split())
+                "make-data", "import-scores", "inspect-model"):
+        r = runner.invoke(app, [cmd, "--help"], terminal_width=100)
+        assert r.exit_code == 0 and "Example: dowser" in r.output, (cmd, r.output[-300:])
+    # bracketed defaults survive the help formatter
+    assert "[auto: bf16 on GPU]" in " ".join(runner.invoke(app, ["finetune", "--help"]).output.split())
 
 
 @pytest.mark.parametrize("args,want", [

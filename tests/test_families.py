@@ -12,18 +12,21 @@ from dowser_cli.models.runs import load_run
 
 from conftest import run_cli
 
-# (tiny build, transformers class its export loads with, noise-image probes)
+# (tiny build, transformers class its export loads with, noise-image probes, image-record fine-tuning)
 FAMILIES = [
-    ("tiny-llama", "AutoModelForCausalLM", False),
-    ("tiny-llava", "AutoModelForImageTextToText", True),
-    ("tiny-qwen2-vl", "AutoModelForImageTextToText", True),
-    ("tiny-idefics3", "AutoModelForImageTextToText", False),
-    ("tiny-qwen3-vl", "AutoModelForImageTextToText", True),
-    ("tiny-gemma3", "AutoModelForImageTextToText", True),
-    ("tiny-internvl", "AutoModelForImageTextToText", True),
-    ("tiny-llava-onevision", "AutoModelForImageTextToText", True),
-    ("tiny-mistral3", "AutoModelForImageTextToText", True),
+    ("tiny-llama", "AutoModelForCausalLM", False, False),
+    ("tiny-llava", "AutoModelForImageTextToText", True, True),
+    ("tiny-qwen2-vl", "AutoModelForImageTextToText", True, False),
+    ("tiny-idefics3", "AutoModelForImageTextToText", False, True),
+    ("tiny-qwen3-vl", "AutoModelForImageTextToText", True, False),
+    ("tiny-gemma3", "AutoModelForImageTextToText", True, True),
+    ("tiny-internvl", "AutoModelForImageTextToText", True, False),
+    ("tiny-llava-onevision", "AutoModelForImageTextToText", True, False),
+    ("tiny-mistral3", "AutoModelForImageTextToText", True, False),
 ]
+# Image fine-tuning needs the family's processor. Qwen2-VL, Qwen3-VL, InternVL and LLaVA-OneVision
+# processors hold a video processor and Mistral 3's is Pixtral's: transformers builds neither without
+# torchvision, whose PyPI build does not import beside the CPU torch this suite runs on.
 SUITE = """tasks:
   - {name: sums, role: downstream, kind: vqa, metric: exact_match, data: sums.jsonl, prompt: "{question}", max_new_tokens: 3}
   - {name: facts, role: upstream, kind: likelihood, metric: choice_likelihood, data: facts.jsonl, prompt: "{question}", answer_template: "The answer is {answer}."}
@@ -36,6 +39,15 @@ def work(tmp_path_factory):
     recs = [{"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": str(2 * i)}]}
             for i in range(8)]
     (d / "train.json").write_text(json.dumps(recs))
+    from PIL import Image
+
+    (d / "img").mkdir()
+    for i in range(4):
+        Image.new("RGB", (28 + 6 * i, 28), (40 * i, 200 - 30 * i, 90)).save(d / "img" / f"{i}.png")
+    (d / "train-images.json").write_text(json.dumps(
+        [{"image": f"img/{i % 4}.png", "conversations": [{"from": "human", "value": f"<image>\nWhat colour is {i}?"},
+                                                         {"from": "gpt", "value": ["red", "green", "blue", "grey"][i % 4]}]}
+         for i in range(8)]))
     (d / "sums.jsonl").write_text("\n".join(json.dumps({"question_id": f"s{i}", "text": f"What is {i} plus {i}?",
                                                         "answer": str(2 * i)}) for i in range(4)))
     (d / "facts.jsonl").write_text("\n".join(json.dumps({"question_id": f"f{i}", "text": f"Pick {c}.", "answer": c,
@@ -45,8 +57,8 @@ def work(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("name,auto_class,noise", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_a_family_end_to_end(work, tmp_path, name, auto_class, noise):
+@pytest.mark.parametrize("name,auto_class,noise,images", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_a_family_end_to_end(work, tmp_path, name, auto_class, noise, images):
     """In process (one subprocess start costs more than a tiny stage): the stages as the CLI runs them."""
     import transformers
 
@@ -72,10 +84,12 @@ def test_a_family_end_to_end(work, tmp_path, name, auto_class, noise):
             probe.run(name, tmp_path / "img.safetensors", ProbeConfig(**small, images="noise"))
     probe.run(name, tmp_path / "scores.safetensors", ProbeConfig(**small))
     mask.run(tmp_path / "scores.safetensors", tmp_path / "mask.safetensors", MaskConfig(ratio=0.2))
-    finetune.run(name, work / "train.json", tmp_path / "run", FinetuneConfig(max_steps=2, batch_size=4, lr=1e-2,
-                                                                             weight_decay=0.1),
-                 mask_path=tmp_path / "mask.safetensors")
+    data = work / ("train-images.json" if images else "train.json")
+    finetune.run(name, data, tmp_path / "run", FinetuneConfig(max_steps=2, batch_size=4, lr=1e-2,
+                                                           weight_decay=0.1),
+                 mask_path=tmp_path / "mask.safetensors", image_folder=work)
     run = open_run(tmp_path / "run")
+    assert run.sidecar["data"]["images"] == (8 if images else 0), run.sidecar["data"]
     tuned = load_run(run).model.eval()
     src = resolve_source(name)
     base = dict(load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model.named_parameters())

@@ -122,8 +122,16 @@ def test_lmms_refusals_are_one_line(setup, tmp_path):
     r = run_cli("eval-forgetting", "--base", "tiny-llava", "--tasks", bad, "--out", tmp_path / "o")
     assert r.returncode == 2 and "unknown lmms-eval task(s) no_such_task" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    r = run_cli("eval-forgetting", "--base", "tiny-llama", "--tasks", setup / "suite.yaml", "--out", tmp_path / "p")
-    assert r.returncode == 2 and "no lmms-eval model wrapper for causal-lm" in r.stderr, r.stderr
+
+
+
+def test_an_architecture_without_an_lmms_wrapper_is_refused(tiny_models):
+    from dowser_cli import harness
+
+    with pytest.raises(harness.UserError, match=r"no lmms-eval model wrapper for causal-lm \(model_type llama\); "
+                                                r"architectures with one: .*llava \(llava_hf\)"):
+        harness.wrapper_for(tiny_models("tiny-llama"))
+    assert harness.wrapper_for(tiny_models("tiny-llava")) == "llava_hf"
 
 
 def test_suite_keys_for_lmms_tasks(tmp_path):

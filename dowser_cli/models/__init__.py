@@ -216,7 +216,7 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
             raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
     tokenizer = processor = None
     if want_tokenizer and source.kind == "tiny":
-        tokenizer = embedded.byte_tokenizer()
+        tokenizer = embedded.tiny_tokenizer(source.location)
         processor = embedded.tiny_processor(source.location, tokenizer)
     elif want_tokenizer and where is not None:
         tokenizer, processor = _load_tokenizer(where, source, local_only)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dowser_cli.errors import UserError
+from dowser_cli.models.chat import FALLBACK_LIST_TEMPLATE, IMAGE_PLACEHOLDER
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_LLAVA_SEED = 0
@@ -120,7 +121,18 @@ TINY_SPECIALS = ["<s>", "</s>", "<pad>", "<image>", "<|vision_start|>", "<|visio
                  "<|video_pad|>", "<fake_token_around_image>", "<end_of_utterance>", "<global-img>"]
 
 
-def byte_tokenizer():
+# the named special tokens a family's processor reads off its tokenizer (Gemma 3: tokenizer.boi_token, ...)
+_TINY_NAMED_SPECIALS = {
+    "tiny-gemma3": {"boi_token": "<fake_token_around_image>", "eoi_token": "<end_of_utterance>", "image_token": "<image>"},
+}
+
+
+def tiny_tokenizer(name: str):
+    """The byte tokenizer, with the named special tokens the family's processor expects."""
+    return byte_tokenizer(_TINY_NAMED_SPECIALS.get(name))
+
+
+def byte_tokenizer(named_specials: dict[str, str] | None = None):
     """A byte-level tokenizer built in-process: 256 byte tokens + the specials the tiny models need."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -129,7 +141,8 @@ def byte_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  **({"extra_special_tokens": named_specials} if named_specials else {}))
     tok.add_special_tokens({"additional_special_tokens": TINY_SPECIALS[3:]})
     return tok
 
@@ -216,7 +229,7 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32):
                               LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
-    tok = byte_tokenizer()
+    tok = tiny_tokenizer(name)
     ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIALS}
     vocab = len(tok) + 5  # a few unused rows, as real checkpoints pad their embeddings
     torch.manual_seed(1234)
@@ -256,13 +269,27 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32):
 
 
 def tiny_processor(name: str, tok):
-    """The image processor a tiny model would ship with (tiny-llava: 28 px CLIP, 4 image tokens);
-    None for the others (text-only, or image paths the tests do not exercise)."""
-    if name != "tiny-llava":
-        return None
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    """The processor a tiny model ships with: tiny-llava a 28 px CLIP (4 image tokens), tiny-gemma3 a
+    28 px Gemma 3 processor (4 tokens between its begin/end-of-image tokens), tiny-idefics3 a 28 px
+    Idefics3 processor (one image, no splitting); the Gemma 3 and Idefics3 ones carry dowser's fallback
+    chat template with the family's image marker. None for the others: text-only, or processors with a
+    video processor (Qwen2-VL, Qwen3-VL, InternVL, LLaVA-OneVision) or Pixtral's (Mistral 3), which
+    transformers cannot build without torchvision."""
+    import transformers
 
-    return LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
-                                                             crop_size={"height": 28, "width": 28}),
-                          tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                          image_token="<image>", num_additional_image_tokens=1)
+    if name == "tiny-llava":
+        return transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 28},
+                                                            crop_size={"height": 28, "width": 28}),
+            tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+            num_additional_image_tokens=1)
+    if name == "tiny-gemma3":
+        return transformers.Gemma3Processor(
+            image_processor=transformers.Gemma3ImageProcessor(size={"height": 28, "width": 28}), tokenizer=tok,
+            image_seq_length=4, chat_template=FALLBACK_LIST_TEMPLATE.replace(IMAGE_PLACEHOLDER, "<fake_token_around_image>"))
+    if name == "tiny-idefics3":
+        return transformers.Idefics3Processor(
+            image_processor=transformers.Idefics3ImageProcessor(size={"longest_edge": 28}, do_image_splitting=False,
+                                                                max_image_size={"longest_edge": 28}),
+            tokenizer=tok, image_seq_len=1, chat_template=FALLBACK_LIST_TEMPLATE)
+    return None
