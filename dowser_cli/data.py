@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from dowser_cli.errors import UserError
-from dowser_cli.models.chat import FALLBACK_LIST_TEMPLATE, FALLBACK_TEMPLATE, IMAGE_PLACEHOLDER  # noqa: F401
+from dowser_cli.models.chat import FALLBACK_TEMPLATE, IMAGE_PLACEHOLDER
 from dowser_cli.progress import progress_bar
 
 IGNORE = -100  # label of tokens without loss (prompt, system text, image, padding)

@@ -36,7 +36,7 @@ def require() -> str:
     """lmms-eval's version, or one line saying how to install it."""
     v = version()
     try:
-        import lmms_eval.evaluator  # noqa: F401
+        import lmms_eval.evaluator  # noqa: F401  (importable, not only installed)
     except ImportError as e:
         what = "is not installed" if v is None else f"does not import ({e})"
         raise UserError(f"harness lmms-eval: lmms-eval {what}; install the extra: {INSTALL}") from None

@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from dowser_cli import evaluate, tasks
-from dowser_cli.evaluate import EvalConfig
 from dowser_cli.finetune import FinetuneConfig
 
 from conftest import run_cli
