@@ -43,7 +43,7 @@ def work(tmp_path_factory):
     return d
 
 
-def _train(work, out, trainer_cls="Trainer"):
+def _train(work, out, trainer_cls="Trainer", per_device=4):
     from transformers import Trainer, TrainingArguments
     from dowser_cli.integrations import hf
 
@@ -52,7 +52,7 @@ def _train(work, out, trainer_cls="Trainer"):
     model = lm.model
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     m = dowser.load_mask(work / "mask.safetensors", model)
-    kw = dict(output_dir=str(out / "trainer"), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=LR,
+    kw = dict(output_dir=str(out / "trainer"), per_device_train_batch_size=per_device, max_steps=STEPS, learning_rate=LR,
               weight_decay=WD, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
               save_strategy="no", report_to=[], use_cpu=True, seed=0, remove_unused_columns=False)
     if trainer_cls == "SFTTrainer":
@@ -90,6 +90,37 @@ def test_a_trainer_moves_no_frozen_entry_and_matches_dowser_finetune(work, tmp_p
     ref = dict(load_run(open_run(work / "ref")).model.named_parameters())
     for n in m.dense:
         assert not torch.equal(ref[n], base[n]), n
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-4, atol=1e-6)
+
+
+def test_two_ddp_ranks_under_torchrun_match_dowser_finetune(work, tmp_path):
+    """The Trainer's DDP path (torchrun, gloo on the CPU): two ranks of 2 records make the reference's
+    4-record step (every record has one answer token, so the mean of the ranks' means is the 4-record
+    mean); rank 0 writes the run directory."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "ddp.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom pathlib import Path\n"
+                      f"from test_integrations import _train\n"
+                      f"_train(Path({str(work)!r}), Path({str(tmp_path)!r}), per_device=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = open_run(tmp_path / "run")
+    assert run.sidecar["steps"] == STEPS
+    ours = dict(load_run(run).model.named_parameters())
+    ref = dict(load_run(open_run(work / "ref")).model.named_parameters())
+    src = resolve_source("tiny-llava")
+    base_model = load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model
+    base = dict(base_model.named_parameters())
+    m = dowser.load_mask(work / "mask.safetensors", base_model)
+    for n in m.dense:
+        assert torch.equal(ours[n][~m.dense[n]], base[n][~m.dense[n]]), n
         torch.testing.assert_close(ours[n], ref[n], rtol=1e-4, atol=1e-6)
 
 
