@@ -16,17 +16,16 @@ from conftest import run_cli
 FAMILIES = [
     ("tiny-llama", "AutoModelForCausalLM", False, False),
     ("tiny-llava", "AutoModelForImageTextToText", True, True),
-    ("tiny-qwen2-vl", "AutoModelForImageTextToText", True, False),
+    ("tiny-qwen2-vl", "AutoModelForImageTextToText", True, True),
     ("tiny-idefics3", "AutoModelForImageTextToText", False, True),
-    ("tiny-qwen3-vl", "AutoModelForImageTextToText", True, False),
+    ("tiny-qwen3-vl", "AutoModelForImageTextToText", True, True),
     ("tiny-gemma3", "AutoModelForImageTextToText", True, True),
-    ("tiny-internvl", "AutoModelForImageTextToText", True, False),
-    ("tiny-llava-onevision", "AutoModelForImageTextToText", True, False),
+    ("tiny-internvl", "AutoModelForImageTextToText", True, True),
+    ("tiny-llava-onevision", "AutoModelForImageTextToText", True, True),
     ("tiny-mistral3", "AutoModelForImageTextToText", True, False),
 ]
-# Image fine-tuning needs the family's processor. Qwen2-VL, Qwen3-VL, InternVL and LLaVA-OneVision
-# processors hold a video processor and Mistral 3's is Pixtral's: transformers builds neither without
-# torchvision, whose PyPI build does not import beside the CPU torch this suite runs on.
+# Image fine-tuning needs the family's processor; Mistral 3's (Pixtral's) needs torchvision, whose PyPI
+# build does not import beside the CPU torch this suite runs on.
 SUITE = """tasks:
   - {name: sums, role: downstream, kind: vqa, metric: exact_match, data: sums.jsonl, prompt: "{question}", max_new_tokens: 3}
   - {name: facts, role: upstream, kind: likelihood, metric: choice_likelihood, data: facts.jsonl, prompt: "{question}", answer_template: "The answer is {answer}."}

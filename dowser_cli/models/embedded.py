@@ -3,6 +3,7 @@
 and tiny seeded random models for tests."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -124,6 +125,8 @@ TINY_SPECIALS = ["<s>", "</s>", "<pad>", "<image>", "<|vision_start|>", "<|visio
 # the named special tokens a family's processor reads off its tokenizer (Gemma 3: tokenizer.boi_token, ...)
 _TINY_NAMED_SPECIALS = {
     "tiny-gemma3": {"boi_token": "<fake_token_around_image>", "eoi_token": "<end_of_utterance>", "image_token": "<image>"},
+    "tiny-internvl": {"start_image_token": "<|vision_start|>", "end_image_token": "<|vision_end|>",
+                      "context_image_token": "<image>", "video_token": "<|video_pad|>"},
 }
 
 
@@ -268,28 +271,83 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval(), tok
 
 
+@contextlib.contextmanager
+def _without_video_processor():
+    """Let a processor that has a video processor be built with none. transformers checks each
+    processor part's class, and the video processors' classes need torchvision, whose PyPI build does
+    not import beside the CPU torch; the tiny builds only take images, so they need none."""
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, name, arg):
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = lenient
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
 def tiny_processor(name: str, tok):
-    """The processor a tiny model ships with: tiny-llava a 28 px CLIP (4 image tokens), tiny-gemma3 a
-    28 px Gemma 3 processor (4 tokens between its begin/end-of-image tokens), tiny-idefics3 a 28 px
-    Idefics3 processor (one image, no splitting); the Gemma 3 and Idefics3 ones carry dowser's fallback
-    chat template with the family's image marker. None for the others: text-only, or processors with a
-    video processor (Qwen2-VL, Qwen3-VL, InternVL, LLaVA-OneVision) or Pixtral's (Mistral 3), which
-    transformers cannot build without torchvision."""
-    import transformers
+    """The processor a tiny model ships with, each with dowser's fallback chat template carrying the
+    family's image marker where the processor has no template of its own: tiny-llava a 28 px CLIP (4
+    image tokens); tiny-gemma3 28 px (4 tokens between its begin/end-of-image tokens); tiny-idefics3
+    28 px, one image, no splitting; tiny-qwen2-vl / tiny-qwen3-vl one 28 px grid (4 merged tokens
+    between vision start/end); tiny-internvl 56 px, one patch (4 tokens); tiny-llava-onevision 28 px
+    anyres. The Qwen, InternVL and OneVision processors are built without their video processor (see
+    ``_without_video_processor``). None for the others: text-only, and Mistral 3, whose Pixtral
+    processor needs torchvision."""
+    import transformers as T
+
+    def template(marker: str = IMAGE_PLACEHOLDER) -> str:
+        return FALLBACK_LIST_TEMPLATE.replace(IMAGE_PLACEHOLDER, marker)
 
     if name == "tiny-llava":
-        return transformers.LlavaProcessor(
-            image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 28},
-                                                            crop_size={"height": 28, "width": 28}),
-            tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
-            num_additional_image_tokens=1)
+        return T.LlavaProcessor(image_processor=T.CLIPImageProcessor(size={"shortest_edge": 28},
+                                                                     crop_size={"height": 28, "width": 28}),
+                                tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                                image_token="<image>", num_additional_image_tokens=1)
     if name == "tiny-gemma3":
-        return transformers.Gemma3Processor(
-            image_processor=transformers.Gemma3ImageProcessor(size={"height": 28, "width": 28}), tokenizer=tok,
-            image_seq_length=4, chat_template=FALLBACK_LIST_TEMPLATE.replace(IMAGE_PLACEHOLDER, "<fake_token_around_image>"))
+        return T.Gemma3Processor(image_processor=T.Gemma3ImageProcessor(size={"height": 28, "width": 28}),
+                                 tokenizer=tok, image_seq_length=4, chat_template=template("<fake_token_around_image>"))
     if name == "tiny-idefics3":
-        return transformers.Idefics3Processor(
-            image_processor=transformers.Idefics3ImageProcessor(size={"longest_edge": 28}, do_image_splitting=False,
-                                                                max_image_size={"longest_edge": 28}),
-            tokenizer=tok, image_seq_len=1, chat_template=FALLBACK_LIST_TEMPLATE)
+        return T.Idefics3Processor(
+            image_processor=T.Idefics3ImageProcessor(size={"longest_edge": 28}, do_image_splitting=False,
+                                                     max_image_size={"longest_edge": 28}),
+            tokenizer=tok, image_seq_len=1, chat_template=template())
+    proc = _video_family_processor(name, tok, template)
+    if proc is not None:
+        # ProcessorMixin.save_pretrained saves every part, the missing video processor too: save the
+        # parts there are (what `dowser export` writes beside the weights)
+        proc.save_pretrained = lambda path, **kw: _save_parts(proc, path)
+    return proc
+
+
+def _save_parts(proc, path) -> None:
+    proc.image_processor.save_pretrained(path)
+    proc.tokenizer.save_pretrained(path)
+    Path(path, "chat_template.jinja").write_text(proc.chat_template)
+
+
+def _video_family_processor(name: str, tok, template):
+    import transformers as T
+
+    with _without_video_processor():
+        if name in ("tiny-qwen2-vl", "tiny-qwen3-vl"):
+            cls = T.Qwen2VLProcessor if name == "tiny-qwen2-vl" else T.Qwen3VLProcessor
+            return cls(image_processor=T.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28, patch_size=14,
+                                                               merge_size=2, temporal_patch_size=2),
+                       tokenizer=tok, chat_template=template("<|vision_start|><|image_pad|><|vision_end|>"))
+        if name == "tiny-internvl":
+            return T.InternVLProcessor(image_processor=T.GotOcr2ImageProcessor(size={"height": 56, "width": 56},
+                                                                               crop_to_patches=True, max_patches=1),
+                                       tokenizer=tok, image_seq_length=4, chat_template=template())
+        if name == "tiny-llava-onevision":
+            return T.LlavaOnevisionProcessor(
+                image_processor=T.LlavaOnevisionImageProcessor(size={"height": 28, "width": 28},
+                                                               crop_size={"height": 28, "width": 28},
+                                                               image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]]),
+                tokenizer=tok, num_image_tokens=4, vision_feature_select_strategy="full", chat_template=template())
     return None
