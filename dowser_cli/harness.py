@@ -8,6 +8,7 @@ task's. lmms-eval is an optional extra: nothing here imports it until a task nee
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import sys
 import tempfile
@@ -36,7 +37,7 @@ def require() -> str:
     """lmms-eval's version, or one line saying how to install it."""
     v = version()
     try:
-        import lmms_eval.evaluator  # noqa: F401  (importable, not only installed)
+        importlib.import_module("lmms_eval.evaluator")   # importable, not only installed
     except ImportError as e:
         what = "is not installed" if v is None else f"does not import ({e})"
         raise UserError(f"harness lmms-eval: lmms-eval {what}; install the extra: {INSTALL}") from None

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from dowser_cli import datasets
 from dowser_cli.tasks import load_suite, read_records

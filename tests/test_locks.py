@@ -1,7 +1,6 @@
 """One writer per output: a second job on the same --out is refused while the first runs (real
 processes), the lock goes on every exit path, and a lock left by a dead process is taken over."""
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dowser_cli import artifacts, evaluate, finetune, mask, probe
 from dowser_cli.errors import UserError
