@@ -1,4 +1,5 @@
-# `make install` builds .venv; `make test` installs if needed and runs the suite.
+# `make install` builds .venv; `make test` installs if needed and runs the suite but its real-model
+# tests, `make test-slow` those (CI runs both).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 # the tested versions of every dependency but torch (tests/test_install.py checks the venv matches)
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install install-lmms test test-fast bench demo clean upgrade-deps
+.PHONY: install install-lmms test test-slow test-all bench demo clean upgrade-deps
 
 install: $(VENV)/.installed
 
@@ -52,10 +53,14 @@ upgrade-deps:
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
-
-test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the real-model tests (the embedded SmolLM2 / smol-llava, the demo pipeline)
+test-slow: install
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) scripts/bench_probe.py
