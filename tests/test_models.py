@@ -19,3 +19,34 @@ def test_empty_load_has_the_real_tree_without_storage_and_the_same_tokenizer(nam
     assert empty.parts == real.parts and empty.adapter.name == real.adapter.name
     assert empty.tokenizer.get_vocab() == real.tokenizer.get_vocab()
     assert type(empty.processor) is type(real.processor)
+
+
+# Every shipped config.json against the checkpoint's published parameter counts (built on the meta device,
+# no weights): a wrong width, depth, vocabulary or head count in a config moves these by far more than
+# the tolerance. Figures: the llava-hf model cards (7.06B, 13.4B); Qwen3-VL-4B-Instruct's card (4.44B)
+# and its text model, Qwen3-4B's card (3.6B non-embedding); Gemma 3 technical report, table 1 (4B:
+# vision encoder 417M, non-embedding 3,209M; the gemma-3-4b-it card's 4.3B).
+# Each figure is (published count, tolerance): half a unit of its last stated digit.
+PUBLISHED = {
+    "llava-1.5-7b": {"adapter": "llava", "layers": 32, "total": (7.06e9, 0.005e9)},
+    "llava-1.5-13b": {"adapter": "llava", "layers": 40, "total": (13.4e9, 0.05e9)},
+    "qwen3-vl-4b": {"adapter": "qwen3-vl", "layers": 36, "total": (4.44e9, 0.005e9),
+                    "decoder_layers": (3.6e9, 0.05e9)},
+    "gemma-3-4b": {"adapter": "gemma3", "layers": 34, "total": (4.3e9, 0.05e9),
+                   "decoder_layers": (3209e6, 0.5e6), "vision_tower": (417e6, 0.5e6)},
+}
+
+
+def test_every_shipped_config_has_its_checkpoints_published_size():
+    from dowser_cli.inspection import describe_model
+    from dowser_cli.models import aliases
+
+    shipped = sorted(k for k, v in aliases().items() if v.get("config"))
+    assert shipped == sorted(PUBLISHED)
+    for alias, want in PUBLISHED.items():
+        info = describe_model(alias, random_init=True)
+        assert info["adapter"] == want["adapter"] and info["decoder_layers"]["count"] == want["layers"], alias
+        for part in ("total", "decoder_layers", "vision_tower"):
+            if part in want:
+                figure, tol = want[part]
+                assert abs(info["params"][part] - figure) <= tol, (alias, part, info["params"][part])
