@@ -25,7 +25,7 @@ def test_empty_load_has_the_real_tree_without_storage_and_the_same_tokenizer(nam
 # no weights): a wrong width, depth, vocabulary or head count in a config moves these by far more than
 # the tolerance. Figures: the llava-hf model cards (7.06B, 13.4B); Qwen3-VL-4B-Instruct's card (4.44B)
 # and its text model, Qwen3-4B's card (3.6B non-embedding); Gemma 3 technical report, table 1 (4B:
-# vision encoder 417M, non-embedding 3,209M; the gemma-3-4b-it card's 4.3B).
+# vision encoder 417M, non-embedding 3,209M; the gemma-3-4b-it card's 4.3B); Mistral-Small-3.1-24B's card (24B).
 # Each figure is (published count, tolerance): half a unit of its last stated digit.
 PUBLISHED = {
     "llava-1.5-7b": {"adapter": "llava", "layers": 32, "total": (7.06e9, 0.005e9)},
@@ -34,6 +34,7 @@ PUBLISHED = {
                     "decoder_layers": (3.6e9, 0.05e9)},
     "gemma-3-4b": {"adapter": "gemma3", "layers": 34, "total": (4.3e9, 0.05e9),
                    "decoder_layers": (3209e6, 0.5e6), "vision_tower": (417e6, 0.5e6)},
+    "mistral-small-3.1-24b": {"adapter": "mistral3", "layers": 40, "total": (24e9, 0.5e9)},
 }
 
 
