@@ -380,7 +380,7 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     dtype = resolve_dtype(cfg.dtype, device)
     _check_runs_cheaply(base_spec, random_init, run_paths, dtype)
     if any(t.harness == "lmms-eval" for t in tasks):
-        harness.require()      # before any model loads
+        harness.check_tasks([t for t in tasks if t.harness == "lmms-eval"])      # before any model loads
     records = {t.name: read_records(t) for t in tasks if t.kind != "drift" and t.harness == "dowser"}
     base_subject, base = _base_subject(base_spec, random_init, dtype, device)
     subjects = [base_subject] + _run_subjects(run_paths, base, base_subject.identity, dtype, device)
@@ -406,8 +406,10 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
             lmms = [t for t in todo if t.harness == "lmms-eval"]
             if lmms:
                 task_bar = bar.add_task(f"{s.label}: lmms-eval {', '.join(t.name for t in lmms)}", total=None)
-                with harness.checkpoint(lm, s.path if s.kind == "export" else None, out) as ckpt:
-                    got = harness.evaluate(ckpt, harness.wrapper_for(lm), lmms, device, dtype)
+                wrapper = harness.wrapper_for(lm)
+                with harness.checkpoint(lm, s.path if s.kind == "export" else None, out) as ckpt, \
+                        harness.offloaded([lm.model, base.model]):
+                    got = harness.evaluate(ckpt, wrapper, lmms, device, dtype)
                 for t in lmms:
                     _cache_put(cache, cache_key(s, t, cfg), got[t.name])
                     results[s.label][t.name] = got[t.name]
@@ -512,8 +514,9 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
     if lmms:
         report["harnesses"] = {"lmms-eval": {
             "version": harness.version(),
-            "tasks": {t.name: {"lmms_task": t.lmms_task, "metric": f"{t.metric},none", "scale": t.scale,
-                               "include_path": str(t.include_path) if t.include_path else None} for t in lmms}}}
+            "tasks": {t.name: {"lmms_task": t.lmms_task, "metric": results[subjects[0].label][t.name]["lmms"]["metric"],
+                               "scale": t.scale, "include_path": str(t.include_path) if t.include_path else None}
+                      for t in lmms}}}
     if drift and len(rows) > 2:
         report["drift_vs_dU"] = _drift_tracking(rows[1:])
     return report

@@ -8,7 +8,10 @@ task's. lmms-eval is an optional extra: nothing here imports it until a task nee
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import importlib
+import inspect
 import shutil
 import sys
 import tempfile
@@ -41,7 +44,36 @@ def require() -> str:
     except ImportError as e:
         what = "is not installed" if v is None else f"does not import ({e})"
         raise UserError(f"harness lmms-eval: lmms-eval {what}; install the extra: {INSTALL}") from None
+    _log_to_stderr()
     return v or "?"
+
+
+def _log_to_stderr() -> None:
+    """Importing lmms_eval.models replaces loguru's sinks with one on the real stdout object (which
+    redirect_stdout cannot reach): its warnings would land in `--json` output. Send them to stderr."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(includes: tuple[str, ...]):
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(verbosity="WARNING", include_path=list(includes) or None)
+
+
+def check_tasks(tasks: list[Task]):
+    """lmms-eval's TaskManager for these tasks (their include_paths indexed), or one line naming the
+    task names lmms-eval does not know: checked before any model loads."""
+    v = require()
+    manager = _manager(tuple(sorted({str(t.include_path) for t in tasks if t.include_path is not None})))
+    unknown = sorted({t.lmms_task for t in tasks} - set(manager.all_tasks))
+    if unknown:
+        raise UserError(f"harness lmms-eval: unknown lmms-eval task(s) {', '.join(unknown)} "
+                        f"(lmms-eval {v}; `python -m lmms_eval --tasks list` lists them; local YAMLs need include_path)")
+    return manager
 
 
 def wrapper_for(lm: LoadedModel) -> str:
@@ -93,55 +125,104 @@ def checkpoint(lm: LoadedModel, directory: Path | None, scratch: Path) -> Iterat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def offloaded(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """dowser's own copies (the base model, the run) wait in host memory while lmms-eval loads its
+    copy from the checkpoint, so the GPU holds one model, not three; each returns to its device after.
+    A model spread over several devices (device_map) stays where it is."""
+    moved = []
+    for m in {id(m): m for m in modules}.values():
+        devices = {p.device for p in m.parameters()}
+        if len(devices) == 1 and next(iter(devices)).type == "cuda":
+            moved.append((m, next(iter(devices))))
+            m.to("cpu")
+    if moved:
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for m, device in moved:
+            m.to(device)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def model_kwargs(wrapper: str, ckpt: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The arguments dowser hands lmms-eval's ``wrapper`` class: the checkpoint, the device (as its
+    device_map too: several wrappers default to "auto", spreading the model over every GPU, or to
+    "cuda"), batch size 1 and dowser's dtype, each only where the wrapper's constructor names it (most
+    of them assert that no unknown argument reaches them; those without ``dtype`` choose their own)."""
+    from lmms_eval import models
+
+    accepted = inspect.signature(models.get_model(wrapper).__init__).parameters
+    want = {"pretrained": str(ckpt), "device": device, "device_map": device, "batch_size": 1,
+            "dtype": _dtype_name(dtype)}
+    return {k: v for k, v in want.items() if k in accepted}
 
 
 def evaluate(ckpt: Path, wrapper: str, tasks: list[Task], device: str, dtype: torch.dtype) -> dict[str, dict]:
     """{task name: {"score", "n", "per_item", "predictions", "lmms"}} for one model, the score in the
     metric's own unit as lmms-eval reports it."""
     v = require()
+    from lmms_eval import models
     from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
 
-    includes = sorted({str(t.include_path) for t in tasks if t.include_path is not None})
-    manager = TaskManager(verbosity="WARNING", include_path=includes or None)
-    unknown = sorted({t.lmms_task for t in tasks} - set(manager.all_tasks))
-    if unknown:
-        raise UserError(f"harness lmms-eval: unknown lmms-eval task(s) {', '.join(unknown)} "
-                        f"(lmms-eval {v}; `python -m lmms_eval --tasks list` lists them; local YAMLs need include_path)")
-    args: dict[str, Any] = {"pretrained": str(ckpt), "dtype": _dtype_name(dtype)}   # device: simple_evaluate passes it
-    if wrapper == "llava_hf":
-        args["device_map"] = device    # its default "" is not a device for from_pretrained
-    if any(c in str(ckpt) for c in ",="):
-        raise UserError(f"harness lmms-eval: {ckpt}: lmms-eval's model arguments cannot hold ',' or '=' in a path")
-    model_args = ",".join(f"{k}={v}" for k, v in args.items())
+    manager = check_tasks(tasks)
+    kwargs = model_kwargs(wrapper, ckpt, device, dtype)
     out: dict[str, dict] = {}
     by_limit: dict[int | None, list[Task]] = {}
     for t in tasks:   # lmms-eval's limit applies to every task of a call
         by_limit.setdefault(t.limit, []).append(t)
-    for limit, group in by_limit.items():
-        with contextlib.redirect_stdout(sys.stderr):   # its tables are not our data
-            res = simple_evaluate(model=wrapper, model_args=model_args, tasks=sorted({t.lmms_task for t in group}),
-                                  task_manager=manager, batch_size=1, limit=limit, log_samples=True,
-                                  verbosity="WARNING", device=device)
-        for t in group:
-            out[t.name] = _read(res, t, v)
+    with contextlib.redirect_stdout(sys.stderr):   # its tables are not our data
+        lm = models.get_model(wrapper)(**kwargs)   # built here, not from a "k=v,..." string: any path works
+        try:
+            for limit, group in by_limit.items():
+                res = simple_evaluate(model=lm, tasks=sorted({t.lmms_task for t in group}), task_manager=manager,
+                                      batch_size=1, limit=limit, log_samples=True, verbosity="WARNING", device=device)
+                for t in group:
+                    out[t.name] = read_results(res, t, v)
+        finally:
+            del lm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return out
 
 
-def _read(res: dict, task: Task, v: str) -> dict:
+def read_results(res: dict, task: Task, v: str) -> dict:
+    """One task's score and per-item values from simple_evaluate's results. ``task.metric`` is lmms-eval's
+    metric name, or ``name,filter`` for a task with several filters; lmms-eval logs each document once
+    per filter, filter after filter in the order its results list them (a logged sample does not name
+    its filter), so the filter's position picks its block of samples."""
+    if task.lmms_task not in res.get("samples", {}):
+        subtasks = sorted(n for n in res.get("samples", {}) if n != task.lmms_task)
+        raise UserError(f"task {task.name}: {task.lmms_task} is a group of lmms-eval tasks ({', '.join(subtasks)}); "
+                        f"give each dowser task one of them as lmms_task")
     metrics = res["results"].get(task.lmms_task, {})
-    key = f"{task.metric},none"
+    name, _, want = task.metric.partition(",")
+    filters = [k.partition(",")[2] for k in metrics if k.partition(",")[0] == name]
+    have = [k for k in metrics if "," in k and "_stderr" not in k.partition(",")[0]]
+    if not want and len(filters) > 1:
+        raise UserError(f"task {task.name}: lmms-eval's {task.lmms_task} reports {name!r} under several filters; "
+                        f"name one as metric: {', '.join(f'{name},{f}' for f in filters)}")
+    want = want or (filters[0] if filters else "none")
+    key = f"{name},{want}"
     if key not in metrics:
-        have = sorted(k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k)
-        raise UserError(f"task {task.name}: lmms-eval's {task.lmms_task} reports no metric {task.metric!r}; "
+        raise UserError(f"task {task.name}: lmms-eval's {task.lmms_task} reports no {key!r}; "
                         f"it reports: {', '.join(have)}")
-    samples = sorted(res["samples"][task.lmms_task], key=lambda x: x["doc_id"])
+    samples = res["samples"][task.lmms_task]
+    docs = len({x["doc_id"] for x in samples})
+    if len(samples) != docs * len(filters):
+        raise UserError(f"task {task.name}: lmms-eval logged {len(samples)} samples for {docs} documents and "
+                        f"{len(filters)} filter(s); cannot tell which belong to {key!r}")
+    i = filters.index(want)
+    samples = sorted(samples[i * docs:(i + 1) * docs], key=lambda x: x["doc_id"])
     try:
-        per = [float(x[task.metric]) for x in samples]
+        per = [float(x[name]) for x in samples]
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"task {task.name}: lmms-eval's {task.metric!r} has no number per sample (the "
+        raise UserError(f"task {task.name}: lmms-eval's {name!r} has no number per sample (the "
                         f"intervals need one); choose a metric scored per item") from None
     preds = [{"id": str(x["doc_id"]), "prediction": str((x.get("filtered_resps") or [""])[0]),
               "answers": [str(x.get("target"))]} for x in samples]

@@ -78,6 +78,7 @@ class Task:
     lmms_scale: float = 100.0         # lmms-eval metrics are fractions: shown in percent unless 1
     include_path: Path | None = None  # local lmms-eval task YAMLs
     data_sha256: str | None = field(default=None, compare=False)
+    include_sha256: str | None = field(default=None, compare=False)   # their contents: edits miss the cache
 
     def digest(self) -> str:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -153,7 +154,7 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True, data_root: Pa
     harness = raw.get("harness", "dowser")
     if harness not in HARNESSES:
         raise UserError(f"{where}: unknown harness {harness!r}; available: {', '.join(HARNESSES)}")
-    if harness == "lmms-eval" or (raw.get("lmms_task") and not raw.get("kind")):
+    if harness == "lmms-eval" or ("harness" not in raw and raw.get("lmms_task") and not raw.get("kind")):
         return _lmms_task(raw, where, suite)
     kind = KINDS.get(raw.get("kind", ""))
     if kind is None:
@@ -185,11 +186,20 @@ def _task(raw: Any, i: int, suite: Path, check_files: bool = True, data_root: Pa
         sha = _sha(data)
     t = Task(name=str(raw["name"]), role=role, kind=kind.name, metric=metric, prompt=raw.get("prompt", kind.prompt),
              max_new_tokens=int(raw.get("max_new_tokens", kind.max_new_tokens)), data=data, image_folder=folder,
-             limit=raw.get("limit"), samples=int(raw.get("samples", 32)), seq_len=int(raw.get("seq_len", 64)),
+             limit=_limit(raw, where), samples=int(raw.get("samples", 32)), seq_len=int(raw.get("seq_len", 64)),
              seed=int(raw.get("seed", 0)), answer_template=str(raw.get("answer_template", "{answer}")),
              lmms_task=str(raw["lmms_task"]) if raw.get("lmms_task") else None,
-             lmms_scale=_scale(raw, where), include_path=_include_path(raw, suite, where), data_sha256=sha)
+             lmms_scale=_scale(raw, where), data_sha256=sha, **_include_path(raw, suite, where))
     return t
+
+
+def _limit(raw: dict, where: str) -> int | None:
+    limit = raw.get("limit")
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UserError(f"{where}: limit {limit!r}: expected a positive whole number of items (or no limit)")
+    return limit
 
 
 def _scale(raw: dict, where: str) -> float:
@@ -199,13 +209,17 @@ def _scale(raw: dict, where: str) -> float:
     return float(scale)
 
 
-def _include_path(raw: dict, suite: Path, where: str) -> Path | None:
+def _include_path(raw: dict, suite: Path, where: str) -> dict[str, Any]:
+    """include_path and a digest of the files under it (task YAMLs, their utils.py, data kept beside them)."""
     if not raw.get("include_path"):
-        return None
+        return {}
     p = resolve_data(str(raw["include_path"]), suite.parent)
     if not p.is_dir():
         raise UserError(f"{where}: include_path {p} is not a folder of lmms-eval task YAMLs")
-    return p
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file() and "__pycache__" not in x.parts):
+        h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\0".encode())
+    return {"include_path": p, "include_sha256": h.hexdigest()}
 
 
 def _lmms_task(raw: dict, where: str, suite: Path) -> Task:
@@ -220,11 +234,9 @@ def _lmms_task(raw: dict, where: str, suite: Path) -> Task:
     if extra:
         raise UserError(f"{where}: harness lmms-eval takes its data, prompt and generation settings from the "
                         f"lmms-eval task; drop {', '.join(extra)}")
-    limit = raw.get("limit")
     return Task(name=str(raw["name"]), role=role, kind="lmms", metric=str(raw.get("metric", "exact_match")),
-                prompt="", max_new_tokens=0, limit=int(limit) if limit else None, harness="lmms-eval",
-                lmms_task=str(raw["lmms_task"]), lmms_scale=_scale(raw, where),
-                include_path=_include_path(raw, suite, where))
+                prompt="", max_new_tokens=0, limit=_limit(raw, where), harness="lmms-eval",
+                lmms_task=str(raw["lmms_task"]), lmms_scale=_scale(raw, where), **_include_path(raw, suite, where))
 
 
 def _sha(path: Path) -> str:

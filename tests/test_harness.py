@@ -168,3 +168,92 @@ def test_the_shipped_lmms_suite_names_real_lmms_eval_tasks():
     from lmms_eval.tasks import TaskManager
 
     assert set(lmms.values()) <= set(TaskManager(verbosity="WARNING").all_tasks)
+
+
+def test_each_wrapper_gets_only_the_arguments_its_constructor_names():
+    pytest.importorskip("lmms_eval", reason="the lmms extra (make install-lmms)")
+    import inspect
+
+    import torch
+    from lmms_eval import models
+
+    from dowser_cli import harness
+    from dowser_cli.models import registry
+
+    for wrapper in sorted(set(registry.lmms_wrappers().values())):
+        accepted = inspect.signature(models.get_model(wrapper).__init__).parameters
+        kw = harness.model_kwargs(wrapper, __import__("pathlib").Path("/ckpt, a=b"), "cuda:1", torch.bfloat16)
+        assert set(kw) <= set(accepted), wrapper               # most wrappers assert that no other reaches them
+        assert kw["pretrained"] == "/ckpt, a=b" and kw["device"] == "cuda:1" and kw["batch_size"] == 1, wrapper
+        assert kw.get("device_map", "cuda:1") == "cuda:1", wrapper   # never their "auto" over every GPU
+        assert ("dtype" in kw) == ("dtype" in accepted), wrapper
+    assert harness.model_kwargs("llava_hf", __import__("pathlib").Path("/c"), "cpu", torch.float32) == {
+        "pretrained": "/c", "device": "cpu", "device_map": "cpu", "batch_size": 1, "dtype": "float32"}
+    assert "dtype" not in harness.model_kwargs("qwen2_vl", __import__("pathlib").Path("/c"), "cpu", torch.float32)
+
+
+def test_lmms_warnings_go_to_stderr_not_to_json_stdout():
+    pytest.importorskip("lmms_eval", reason="the lmms extra (make install-lmms)")
+    import subprocess
+    import sys
+
+    code = ("from dowser_cli import harness; harness.require(); from loguru import logger; "
+            "logger.warning('from lmms-eval'); print('{}')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "{}\n" and "from lmms-eval" in r.stderr
+
+
+def _res(docs, filters, metric="exact_match"):
+    """simple_evaluate's results for one task: each document logged once per filter, filter after filter."""
+    samples = [{"doc_id": d, "target": "a", "filtered_resps": [f"{f}-{d}"], metric: float((d + i) % 2)}
+               for i, f in enumerate(filters) for d in reversed(range(docs))]
+    results = {}
+    for i, f in enumerate(filters):
+        results[f"{metric},{f}"] = sum((d + i) % 2 for d in range(docs)) / docs
+        results[f"{metric}_stderr,{f}"] = 0.1
+    return {"results": {"t": results}, "samples": {"t": samples}}
+
+
+def test_reading_results_picks_the_filters_block_of_samples():
+    from dowser_cli import harness
+
+    task = lambda metric: tasks.Task(name="x", role="upstream", kind="lmms", metric=metric, prompt="",
+                                     max_new_tokens=0, harness="lmms-eval", lmms_task="t")
+    got = harness.read_results(_res(4, ["none"]), task("exact_match"), "0.7.3")
+    assert got["per_item"] == [0.0, 1.0, 0.0, 1.0] and got["score"] == 0.5 and got["lmms"]["metric"] == "exact_match,none"
+    assert [p["id"] for p in got["predictions"]] == ["0", "1", "2", "3"]
+    res = _res(3, ["strict", "flexible"])
+    got = harness.read_results(res, task("exact_match,flexible"), "0.7.3")
+    assert got["per_item"] == [1.0, 0.0, 1.0] and got["n"] == 3 and got["predictions"][0]["prediction"] == "flexible-0"
+    assert got["score"] == pytest.approx(sum(got["per_item"]) / 3)
+    with pytest.raises(harness.UserError, match=r"under several filters; name one as metric: exact_match,strict, "
+                                                r"exact_match,flexible"):
+        harness.read_results(res, task("exact_match"), "0.7.3")
+    with pytest.raises(harness.UserError, match=r"reports no 'exact_match,loose'; it reports: exact_match,strict, "
+                                                r"exact_match,flexible"):
+        harness.read_results(res, task("exact_match,loose"), "0.7.3")
+    only = harness.read_results(_res(2, ["flexible"]), task("exact_match"), "0.7.3")   # one filter, not "none"
+    assert only["lmms"]["metric"] == "exact_match,flexible"
+    group = {"results": {"t": {}, "t_a": {}}, "samples": {"t_a": [], "t_b": []}}
+    with pytest.raises(harness.UserError, match=r"t is a group of lmms-eval tasks \(t_a, t_b\)"):
+        harness.read_results(group, task("exact_match"), "0.7.3")
+
+
+def test_editing_a_local_lmms_task_changes_its_cache_identity(tmp_path):
+    (tmp_path / "lmms").mkdir()
+    (tmp_path / "lmms" / "local.yaml").write_text("task: local\n")
+    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, lmms_task: local, include_path: lmms}\n")
+    (before,) = tasks.load_suite(tmp_path / "s.yaml")
+    (tmp_path / "lmms" / "utils.py").write_text("def doc_to_text(doc): return doc['q']\n")
+    (after,) = tasks.load_suite(tmp_path / "s.yaml")
+    assert before.include_sha256 != after.include_sha256 and before.digest() != after.digest()
+
+
+def test_task_limit_and_an_explicit_dowser_harness_are_checked(tmp_path):
+    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, lmms_task: x, limit: all}\n")
+    with pytest.raises(tasks.UserError, match="limit 'all': expected a positive whole number"):
+        tasks.load_suite(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, harness: dowser, lmms_task: x}\n")
+    with pytest.raises(tasks.UserError, match="unknown kind None"):
+        tasks.load_suite(tmp_path / "s.yaml")

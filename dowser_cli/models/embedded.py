@@ -4,6 +4,7 @@ and tiny seeded random models for tests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import importlib.util
 import os
 import shutil
@@ -329,6 +330,11 @@ def _save_parts(proc, path) -> None:
     proc.image_processor.save_pretrained(path)
     proc.tokenizer.save_pretrained(path)
     Path(path, "chat_template.jinja").write_text(proc.chat_template)
+    # the processor's own settings (image_seq_length, num_image_tokens, ...): without them a reload
+    # would count image tokens by the class defaults, not as the model was built
+    own = {k: v for k, v in json.loads(proc.to_json_string()).items()
+           if not isinstance(v, dict) and k not in ("video_processor", "chat_template")}
+    Path(path, "processor_config.json").write_text(json.dumps(own, indent=2, sort_keys=True) + "\n")
 
 
 def _video_family_processor(name: str, tok, template):
