@@ -135,6 +135,7 @@ def test_two_ranks_give_the_single_process_delta_and_keep_frozen_entries(work, s
         assert all(x["param_bytes"] < 0.6 * params for x in ranks)
 
 
+@pytest.mark.slow   # 35 s; tests/test_finetune.py's single-process interrupt-and-resume runs by default
 def test_interrupted_two_rank_run_resumes_to_the_same_bytes(work, tmp_path):
     args = dict(batch_size=2, strategy="fsdp", max_steps=60, save_every=3)
     full = torchrun(*_args(work, tmp_path / "full", **args))
