@@ -1,4 +1,4 @@
-# `make install` builds .venv; `make test` installs if needed and runs the suite but its real-model
+# `make install` builds .venv; `make test` installs if needed and runs the suite but its slow
 # tests, `make test-slow` those (CI runs both).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -55,7 +55,8 @@ upgrade-deps:
 test: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# the real-model tests (the embedded SmolLM2 / smol-llava, the demo pipeline)
+# the slow tests: real-model ones (the embedded SmolLM2 / smol-llava, the demo pipeline) and two long
+# fault-injection runs whose twins run in make test
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
