@@ -48,6 +48,7 @@ def require() -> str:
     return v or "?"
 
 
+@functools.cache   # once: later calls would remove sinks the user has added since
 def _log_to_stderr() -> None:
     """Importing lmms_eval.models replaces loguru's sinks with one on the real stdout object (which
     redirect_stdout cannot reach): its warnings would land in `--json` output. Send them to stderr."""
@@ -133,8 +134,9 @@ def offloaded(modules: list[torch.nn.Module]) -> Iterator[None]:
     moved = []
     for m in {id(m): m for m in modules}.values():
         devices = {p.device for p in m.parameters()}
-        if len(devices) == 1 and next(iter(devices)).type == "cuda":
-            moved.append((m, next(iter(devices))))
+        device = devices.pop() if len(devices) == 1 else None
+        if device is not None and device.type == "cuda":
+            moved.append((m, device))
             m.to("cpu")
     if moved:
         torch.cuda.empty_cache()

@@ -119,7 +119,7 @@ def run(directory: Path, model_spec: str, out: Path, dtype: str = "float32", ran
                            "score_mean": float(mean.mean())}
     fingerprint = artifacts.model_fingerprint(model)
     meta = artifacts.base_metadata(artifacts.SCORES_KIND, fingerprint, scores_form="dense",
-                                   source_sha256=_dir_digest(directory))
+                                   source_sha256=artifacts.files_digest(directory, directory.glob("*.pt")))
     sidecar = {
         **artifacts.sidecar_header(artifacts.SCORES_KIND, command),
         "form": "dense (imported)",
@@ -135,12 +135,3 @@ def run(directory: Path, model_spec: str, out: Path, dtype: str = "float32", ran
     stderr_console().print(f"{out}: {len(modules)} modules imported from {directory} (dense scores)")
     return sidecar
 
-
-def _dir_digest(directory: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(directory.glob("*.pt")):
-        h.update(f.name.encode())
-        h.update(artifacts.sha256_file(f).encode())
-    return h.hexdigest()

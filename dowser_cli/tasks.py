@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dowser_cli import metrics
-from dowser_cli.artifacts import sha256_file
+from dowser_cli.artifacts import files_digest, sha256_file
 from dowser_cli.config import find, load_yaml_file
 from dowser_cli.data import load_image
 from dowser_cli.errors import UserError
@@ -216,10 +216,8 @@ def _include_path(raw: dict, suite: Path, where: str) -> dict[str, Any]:
     p = resolve_data(str(raw["include_path"]), suite.parent)
     if not p.is_dir():
         raise UserError(f"{where}: include_path {p} is not a folder of lmms-eval task YAMLs")
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file() and "__pycache__" not in x.parts):
-        h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\0".encode())
-    return {"include_path": p, "include_sha256": h.hexdigest()}
+    files = (x for x in p.rglob("*") if x.is_file() and "__pycache__" not in x.parts)
+    return {"include_path": p, "include_sha256": files_digest(p, files)}
 
 
 def _lmms_task(raw: dict, where: str, suite: Path) -> Task:

@@ -133,16 +133,16 @@ def test_an_architecture_without_an_lmms_wrapper_is_refused(tiny_models):
     assert harness.wrapper_for(tiny_models("tiny-llava")) == "llava_hf"
 
 
+def _refused(tmp_path, entry: str, match: str) -> None:
+    (tmp_path / "s.yaml").write_text(f"tasks:\n  - {entry}\n")
+    with pytest.raises(tasks.UserError, match=match):
+        tasks.load_suite(tmp_path / "s.yaml")
+
+
 def test_suite_keys_for_lmms_tasks(tmp_path):
-    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, harness: lmms-eval}\n")
-    with pytest.raises(tasks.UserError, match="needs lmms_task"):
-        tasks.load_suite(tmp_path / "s.yaml")
-    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, harness: lmms-eval, lmms_task: x, data: a.jsonl}\n")
-    with pytest.raises(tasks.UserError, match="drop data"):
-        tasks.load_suite(tmp_path / "s.yaml")
-    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, harness: other}\n")
-    with pytest.raises(tasks.UserError, match="unknown harness 'other'; available: dowser, lmms-eval"):
-        tasks.load_suite(tmp_path / "s.yaml")
+    _refused(tmp_path, "{name: t, harness: lmms-eval}", "needs lmms_task")
+    _refused(tmp_path, "{name: t, harness: lmms-eval, lmms_task: x, data: a.jsonl}", "drop data")
+    _refused(tmp_path, "{name: t, harness: other}", "unknown harness 'other'; available: dowser, lmms-eval")
     (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, lmms_task: textvqa_val, lmms_scale: 1}\n")
     (t,) = tasks.load_suite(tmp_path / "s.yaml")
     assert (t.harness, t.kind, t.metric, t.scale) == ("lmms-eval", "lmms", "exact_match", 1.0)
@@ -251,9 +251,5 @@ def test_editing_a_local_lmms_task_changes_its_cache_identity(tmp_path):
 
 
 def test_task_limit_and_an_explicit_dowser_harness_are_checked(tmp_path):
-    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, lmms_task: x, limit: all}\n")
-    with pytest.raises(tasks.UserError, match="limit 'all': expected a positive whole number"):
-        tasks.load_suite(tmp_path / "s.yaml")
-    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, harness: dowser, lmms_task: x}\n")
-    with pytest.raises(tasks.UserError, match="unknown kind None"):
-        tasks.load_suite(tmp_path / "s.yaml")
+    _refused(tmp_path, "{name: t, lmms_task: x, limit: all}", "limit 'all': expected a positive whole number")
+    _refused(tmp_path, "{name: t, harness: dowser, lmms_task: x}", "unknown kind None")

@@ -9,7 +9,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import yaml
@@ -65,6 +65,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def files_digest(directory: Path, files: Iterable[Path]) -> str:
+    """One sha256 over files under ``directory``: each one's path relative to it and its content digest,
+    in sorted order (a folder of inputs as one fingerprint)."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(directory)).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
