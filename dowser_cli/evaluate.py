@@ -383,6 +383,8 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
         harness.check_tasks([t for t in tasks if t.harness == "lmms-eval"])      # before any model loads
     records = {t.name: read_records(t) for t in tasks if t.kind != "drift" and t.harness == "dowser"}
     base_subject, base = _base_subject(base_spec, random_init, dtype, device)
+    if any(t.harness == "lmms-eval" for t in tasks):
+        harness.wrapper_for(base)   # runs share the base's architecture: refuse before any work starts
     subjects = [base_subject] + _run_subjects(run_paths, base, base_subject.identity, dtype, device)
     cache = out / "cache"
     results: dict[str, dict[str, dict]] = {}
@@ -405,8 +407,8 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
             lm = s.load()
             lmms = [t for t in todo if t.harness == "lmms-eval"]
             if lmms:
-                task_bar = bar.add_task(f"{s.label}: lmms-eval {', '.join(t.name for t in lmms)}", total=None)
                 wrapper = harness.wrapper_for(lm)
+                task_bar = bar.add_task(f"{s.label}: lmms-eval {', '.join(t.name for t in lmms)}", total=None)
                 with harness.checkpoint(lm, s.path if s.kind == "export" else None, out) as ckpt, \
                         harness.offloaded([lm.model, base.model]):
                     got = harness.evaluate(ckpt, wrapper, lmms, device, dtype)
