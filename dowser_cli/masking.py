@@ -34,7 +34,7 @@ COUNT_RULES = ("round", "peft")
 @dataclass
 class MaskConfig:
     ratio: float = option(0.1, "rho: fraction of each unit that is TRAINABLE.")
-    strategy: str = option("dowser", "dowser | magnitude | wanda | random | inverse.")
+    strategy: str = option("dowser", "dowser | magnitude | wanda | sensitivity | random | inverse.")
     granularity: str = option("matrix", "Unit of exact-k selection: matrix | row | layer | global.")
     layers: str = option(DEFAULT_LAYERS, "Decoder layers to mask: last:N | all | ranges.", show="last:20; all if fewer")
     targets: str = option("attn,mlp", "Linears of those layers: attn (q/k/v/o) | mlp (gate/up/down) | attn,mlp.")

@@ -52,6 +52,11 @@ def mean_score(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> to
     return s.mul_(weight.detach()).abs_().div_(psi.shape[0])
 
 
+def mean_sensitivity(psi: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """(Psi^T A) / P: the mean over probes of psi_i a_j, the score without |W_ij|. [out, in] fp32."""
+    return (psi.float().T @ act.float()).div_(psi.shape[0])
+
+
 def score_moments(weight: torch.Tensor, psi: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) variance over probes of the per-probe score |W_ij| psi_i^(p) a_j^(p),
     both from the factors: E[S^2] = W^2 * ((Psi^2)^T A^2) / P. Returns two [out, in] fp32 tensors.

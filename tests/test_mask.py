@@ -42,10 +42,15 @@ def _brute_scores(strategy, weight, psi, act):
         return w
     if strategy == "wanda":
         return w * act.mean(0)[None, :]
+    if strategy == "sensitivity":
+        out = torch.zeros_like(w)
+        for p in range(psi.shape[0]):
+            out += psi[p][:, None].float() * act[p][None, :].float()
+        return out / psi.shape[0]
     raise AssertionError(strategy)
 
 
-@pytest.mark.parametrize("strategy", ["dowser", "magnitude", "wanda", "inverse"])
+@pytest.mark.parametrize("strategy", ["dowser", "magnitude", "wanda", "sensitivity", "inverse"])
 def test_strategies_match_brute_force(tmp_path, scores, tiny_models, strategy):
     _, side, mf = _mask(tmp_path, scores, strategy=strategy, ratio=0.15)
     lm = tiny_models("tiny-llama")
@@ -210,7 +215,7 @@ def test_layers_not_in_scores(tmp_path):
 
 
 def test_unknown_strategy_lists_available(tmp_path, scores):
-    _refused(tmp_path, "mask", scores, "--strategy", "best", message="available: dowser, magnitude, wanda, random, inverse")
+    _refused(tmp_path, "mask", scores, "--strategy", "best", message="available: dowser, magnitude, wanda, sensitivity, random, inverse")
 
 
 def test_scores_of_model_a_with_model_b_are_refused(tmp_path, scores, tiny_models):

@@ -6,7 +6,7 @@ optimiser (masked AdamW, dense for parameters without a mask), checkpoints and a
 so methods differ only where their papers differ.
 
 - ``full-ft``: the selected layers train densely.
-- ``masked``: inside a mask from `dowser mask` (dowser, magnitude, wanda, random, inverse) only.
+- ``masked``: inside a mask from `dowser mask` (dowser, magnitude, wanda, sensitivity, random, inverse) only.
 - ``spider``: SPIDER's soft masking (training-time): after every step each entry is pulled back
   towards theta_0 by a coefficient from its pretrained vs fine-tuning importance (scoring.spider_*).
 - ``lora``, ``osf``, ``supertuning``: PEFT's LoRA, OSF (orthogonal subspace fine-tuning) and

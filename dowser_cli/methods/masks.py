@@ -24,6 +24,11 @@ def _wanda(weight, psi, act, gen):
     return weight.detach().float().abs() * act.float().mean(0)
 
 
+def _sensitivity(weight, psi, act, gen):
+    # the probe's psi_i a_j alone: Model-Dowser's score without |W| (an ablation of the weight factor)
+    return scoring.mean_sensitivity(psi, act)
+
+
 def _random(weight, psi, act, gen):
     return torch.rand(weight.shape, generator=gen)
 
@@ -33,6 +38,7 @@ for strategy in (
                  from_dense=_dowser_dense),
     MaskStrategy("magnitude", _magnitude, False, help="|W| only"),
     MaskStrategy("wanda", _wanda, True, help="|W| * mean activation, from the same factors"),
+    MaskStrategy("sensitivity", _sensitivity, True, help="ablation: mean_p psi a without |W|"),
     MaskStrategy("random", _random, False, help="uniformly random entries (seeded)"),
     MaskStrategy("inverse", _dowser, True, invert=True, help="ablation: train the MOST important entries",
                  from_dense=_dowser_dense),

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Does the score do the work? Model-Dowser's mask against any 10 % (random), the score's ablations and
+# Full-FT, as training grows towards the paper's volume (issue 28; results in docs/results.md).
+#
+#   scripts/study_volume.sh [OUT] [STAGE...]      (default OUT study-out/, every stage in order)
+#
+# Stages, in the order of priority they run in (each finished step is reused, so the script can be
+# stopped at any time and run again to go on where it stopped; a long run resumes from its
+# checkpoint, written every SAVE_EVERY steps):
+#   stress   lr 1e-3 at 64 steps (the cheap stress): full-ft dowser random inverse, seeds $SEEDS
+#   volume   lr 1e-4, VOLUME_STEPS steps of 4 (default 1024), snapshots at 64 128 256 512:
+#            full-ft dowser random inverse, seeds $SEEDS
+#   replay   replay (data-free rehearsal) and dowser + replay along the same volume, seeds $SEEDS
+#   ablate   magnitude wanda sensitivity along the volume, seed 0
+#   report   eval-forgetting of every finished run and snapshot, paired against dowser
+# Everything else is the demo's (scripts/common.sh): smol-llava, the shapes task, rho 0.1, the last 20
+# of 30 layers, batch 4, projector trained at 1e-3, cosine with 3 % warm-up, fp32 on the CPU.
+# Each step's wall time is appended to OUT/timings.tsv.
+set -euo pipefail
+OUT=${1:-${STUDY_OUT:-study-out}}
+shift || true
+STAGES=${*:-"stress volume replay ablate report"}
+source "$(dirname "$0")/common.sh"
+SEEDS=${SEEDS:-"0 1"}
+VOLUME_STEPS=${VOLUME_STEPS:-1024}
+SNAPSHOTS=${SNAPSHOTS:-"64,128,256,512"}
+SAVE_EVERY=${SAVE_EVERY:-16}
+LAYERS=(--tune-layers last:20)
+touch "$OUT/timings.tsv"
+
+timed() {  # timed NAME CMD...: run, and append "NAME seconds" to timings.tsv
+    local name=$1 t0
+    shift
+    t0=$(date +%s)
+    "$@"
+    printf '%s\t%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" "$(date -u +%FT%TZ)" >> "$OUT/timings.tsv"
+}
+
+mask_for() {  # mask_for STRATEGY SEED -> $MASK
+    local m=$1 seed=$2
+    scores_for "$seed"
+    MASK="$OUT/mask-$m-s$seed.safetensors"
+    run_stage "mask-$m-s$seed" "$MASK" "$SCORES" \
+        $DOWSER mask "$SCORES" --ratio "$RATIO" --strategy "$m" --layers last:20 --seed "$seed" --out "$MASK"
+}
+
+# train NAME SEED "INPUT FILES" ARGS...: one fine-tuning run under $OUT/runs/NAME, resumed from its
+# checkpoint when an earlier invocation was stopped mid-run
+train() {
+    local name=$1 seed=$2 inputs=$3 dir="$OUT/runs/$1" key
+    shift 3
+    local cmd=($DOWSER finetune "$MODEL" --data "$OUT/data/train.json" --config cpu-small --batch-size 4
+               --projector-lr 1e-3 --train-projector "${LAYERS[@]}" --seed "$seed" "$@")
+    key=$( { echo "${cmd[*]}"; for f in $OUT/data/train.json $inputs; do sha256sum "$f" | cut -d' ' -f1; done; } |
+           sha256sum | cut -d' ' -f1)
+    if [[ -f "$dir/run.yaml" && "$(cat "$OUT/.stamps/run-$name" 2>/dev/null)" == "$key" ]]; then
+        echo "== run-$name: reusing $dir" >&2
+        return
+    fi
+    if [[ -f "$dir/checkpoint/state.yaml" && "$(cat "$OUT/.stamps/run-$name.partial" 2>/dev/null)" == "$key" ]]; then
+        echo "== run-$name: resuming $dir" >&2
+        timed "run-$name(resumed)" "${cmd[@]}" --out "$dir" --resume
+    else
+        echo "== run-$name" >&2
+        rm -rf "$dir"
+        echo "$key" > "$OUT/.stamps/run-$name.partial"
+        timed "run-$name" "${cmd[@]}" --out "$dir"
+    fi
+    echo "$key" > "$OUT/.stamps/run-$name"
+}
+
+method_run() {  # method_run STAGE METHOD SEED ARGS...: a named run of one method of the study
+    local stage=$1 m=$2 seed=$3
+    shift 3
+    case $m in
+        full-ft) train "$stage-$m-s$seed" "$seed" "" --method full-ft "$@" ;;
+        dowser|random|inverse|magnitude|wanda|sensitivity)
+            mask_for "$m" "$seed"
+            train "$stage-$m-s$seed" "$seed" "$MASK" --mask "$MASK" "$@" ;;
+        replay) train "$stage-$m-s$seed" "$seed" "" --method replay "$@" ;;
+        dowser+replay)
+            mask_for dowser "$seed"
+            train "$stage-$m-s$seed" "$seed" "$MASK" --method replay --mask "$MASK" "$@" ;;
+        *) echo "study_volume.sh: unknown method $m" >&2; exit 2 ;;
+    esac
+}
+
+data_and_scores
+for stage in $STAGES; do
+    case $stage in
+        stress)
+            for seed in $SEEDS; do for m in full-ft dowser random inverse; do
+                method_run stress "$m" "$seed" --lr 1e-3 --max-steps 64
+            done; done ;;
+        volume)
+            for seed in $SEEDS; do for m in dowser random full-ft inverse; do
+                method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
+                    --save-every "$SAVE_EVERY"
+            done; done ;;
+        replay)
+            for seed in $SEEDS; do for m in dowser+replay replay; do
+                method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
+                    --save-every "$SAVE_EVERY"
+            done; done ;;
+        ablate)
+            for m in magnitude wanda sensitivity; do
+                method_run volume "$m" 0 --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
+                    --save-every "$SAVE_EVERY"
+            done ;;
+        report)
+            "$PY" "$(dirname "$0")/study_report.py" "$OUT" ;;
+        *) echo "study_volume.sh: unknown stage $stage" >&2; exit 2 ;;
+    esac
+done
