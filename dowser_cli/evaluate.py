@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from dowser_cli import artifacts, harness, metrics, probing
+from dowser_cli import artifacts, drift, harness, metrics, probing
 from dowser_cli.artifacts import atomic_file
 from dowser_cli.artifacts.runs import open_run
 from dowser_cli.config import find, option
@@ -254,40 +254,8 @@ class DriftText:
     def get(self, base: LoadedModel, task: Task, device: str) -> list[list[int]]:
         key = f"{task.samples}:{task.seq_len}:{task.seed}"
         if key not in self._cache:
-            cfg = probing.ProbeConfig(samples=task.samples, seq_len=task.seq_len, seed=task.seed)
-            ids = probing.token_ids(base)
-            samples = []
-            for start in range(0, task.samples, cfg.gen_chunk()):
-                n = min(cfg.gen_chunk(), task.samples - start)
-                samples += probing.make_samples(base, cfg, ids, start, n, None, device)
-            self._cache[key] = [s.tokens for s in samples]
+            self._cache[key] = drift.probe_texts(base, task.samples, task.seq_len, task.seed, device)
         return self._cache[key]
-
-
-@torch.no_grad()
-def drift_kl(base: LoadedModel, lm: LoadedModel, seqs: list[list[int]], batch_size: int, device: str,
-             advance: Callable[[int], None]) -> float:
-    """Mean over real positions of KL(p_base || p_model) of the next-token distributions."""
-    sums, counts = drift_kl_per_sequence(base, lm, seqs, batch_size, device, advance)
-    return sum(sums) / max(sum(counts), 1)
-
-
-@torch.no_grad()
-def drift_kl_per_sequence(base: LoadedModel, lm: LoadedModel, seqs: list[list[int]], batch_size: int, device: str,
-                          advance: Callable[[int], None]) -> tuple[list[float], list[int]]:
-    """Per sequence: the summed KL(p_base || p_model) over its real positions, and their count (the
-    units the drift's bootstrap interval resamples)."""
-    sums, counts = [], []
-    for chunk in _batches(seqs, batch_size):
-        ids, mask = pack_right(chunk, _pad_id(base))
-        ids, mask = ids.to(device), mask.long().to(device)
-        lp = torch.log_softmax(base.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        lq = torch.log_softmax(lm.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1) * mask
-        sums += kl.sum(-1).cpu().tolist()
-        counts += mask.sum(-1).cpu().tolist()
-        advance(len(chunk))
-    return sums, counts
 
 
 def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRecord], cfg: EvalConfig,
@@ -298,7 +266,7 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
             advance(task.samples)
             return {"score": 0.0, "n": task.samples, "kl_sums": [0.0] * task.samples, "positions": [1] * task.samples}
         seqs = drift_text.get(base, task, device)
-        sums, counts = drift_kl_per_sequence(base, lm, seqs, cfg.batch_size, device, advance)
+        sums, counts = drift.kl_per_sequence(base, lm, seqs, cfg.batch_size, device, advance)
         return {"score": sum(sums) / max(sum(counts), 1), "n": len(seqs), "kl_sums": sums, "positions": counts}
     if task.kind == "likelihood":
         cands = [[task.answer_template.format(answer=a) for a in (r.options if task.metric == "choice_likelihood"

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from dowser_cli import artifacts, data, distributed, masking
+from dowser_cli import artifacts, data, distributed, drift, masking
 from dowser_cli.artifacts.masks import open_mask
-from dowser_cli.artifacts.runs import run_outputs
+from dowser_cli.artifacts.runs import SNAPSHOT_KIND, open_run, run_outputs, snapshot_dir, snapshot_steps
 from dowser_cli.artifacts.scores import open_scores
 from dowser_cli.errors import Interrupted, UserError
 from dowser_cli.methods.finetuning import FINETUNE_METHODS
@@ -32,8 +32,9 @@ from dowser_cli.resources import host_peak_since_reset_mb, host_rss_mb, peak_mem
 from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.selection import default_layers, format_ranges, layer_of, parse_layers
 from dowser_cli.trackers import open_tracker
-from dowser_cli.training import (FinetuneConfig, LocalBackend, Schedule, Trainable, TrainState, make_lr_lambda,
-                                 make_schedule, param_groups, train_step, validate, write_delta)
+from dowser_cli.training import (FinetuneConfig, LocalBackend, Schedule, Trainable, TrainState, apply_values,
+                                 make_lr_lambda, make_schedule, param_groups, snapshot_due, train_step, validate,
+                                 write_delta)
 
 
 # ---- setup: what trains -----------------------------------------------------------------------------------
@@ -86,6 +87,10 @@ def resolve_method(cfg: FinetuneConfig, mask_path: Path | None):
         raise UserError(f"--method {name}: needs --mask (a mask from `dowser mask`, or scores with --ratio)")
     if method.mask == "forbidden" and mask_path is not None:
         raise UserError(f"--method {name}: takes no --mask (it decides itself which weights move)")
+    observed = cfg.snapshot_every or cfg.snapshot_steps or cfg.max_drift
+    if observed and not method.snapshots:
+        raise UserError(f"--method {name}: keeps no snapshots (--snapshot-every, --snapshot-steps, --max-drift): "
+                        f"its adapters become a delta only when they merge at the end")
     cfg.method = name  # the resolved name is what run.yaml and --resume see
     return method
 
@@ -224,12 +229,23 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     masks = load_rank_masks(dist, p, lm, command) if dist else load_masks(p, lm, command)
     method = p.method.make(lm, cfg)
     tr = method.trainable(p.layers, masks)
+    meter = None
+    if cfg.drift_every:
+        if backend.strategy == "fsdp":
+            raise UserError("--drift-every: not under --strategy fsdp (the meter runs the whole model on each "
+                            "rank); use ddp or one process")
+        # the base's distributions, before any update (and before --resume writes the checkpoint's values)
+        console.print(f"drift meter: {cfg.drift_samples} probe texts of {cfg.drift_seq_len} tokens from the base")
+        meter = drift.DriftMeter(lm, cfg.drift_samples, cfg.drift_seq_len, 0, cfg.batch_size, p.device)
     model = backend.wrap(lm, tr, p.cfg, p.mask.path if p.mask else None)  # FSDP: tr now holds this rank's shards
     opt = MaskedAdamW(param_groups(tr, lm, cfg), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                       compact_grads=backend.compact_grads)
     state = load_checkpoint(out, tr, opt, cfg, fingerprint, method, backend) if resume else TrainState()
     sched = make_schedule(len(ds.examples), backend.global_cfg(cfg))
+    ctx = SnapshotContext(p, lm, fingerprint, base_digest, method, backend)
+    if cfg.max_drift and not resume:
+        ctx.write(tr, TrainState(), drift=0.0)   # step 0 is the base: the budget's fallback
     if cfg.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
@@ -239,7 +255,9 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     pre_train_rss = reset_host_peak()
     backend.start_rss_mb, backend.load_peak_rss_mb = pre_train_rss, load_peak_rss
     load_s = time.perf_counter() - t0
-    _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method, backend, model)
+    _train(p, lm, ds, tr, opt, state, sched, fingerprint, console, method, backend, model, meter, ctx)
+    if state.over_budget:
+        _keep_last_under_budget(p, tr, state, console)
     timings = {"load_s": round(load_s, 3), "train_s": round(state.train_s, 3)}
     sidecar = _save(p, lm, ds, tr, opt, state, sched, fingerprint, base_digest, data_path, timings, t0, command,
                     method, pre_train_rss, backend, model)
@@ -250,7 +268,8 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
 
 
 def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: MaskedAdamW, state: TrainState,
-           sched: Schedule, fingerprint: str, console, method, backend: LocalBackend, model) -> None:
+           sched: Schedule, fingerprint: str, console, method, backend: LocalBackend, model,
+           meter: drift.DriftMeter | None = None, ctx: SnapshotContext | None = None) -> None:
     cfg = p.cfg
     lr_at = make_lr_lambda(sched, cfg)
     pad = data.pad_id(lm.tokenizer)
@@ -281,6 +300,17 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                 state.step += 1
                 bar.update(task, advance=1, info=f"loss {loss:.4f}  {seen / dt:,.0f} tok/s")
                 tracker.log(state.step, _step_metrics(r, cfg.lr * lr_at(state.step - 1), dt, p.device))
+                measured = None
+                if meter is not None and state.step % cfg.drift_every == 0:
+                    measured = float(f"{meter.measure():.6g}")
+                    state.drifts.append({"step": state.step, "drift": measured})
+                    tracker.log(state.step, {"drift": measured})
+                    bar.update(task, info=f"loss {loss:.4f}  drift {measured:.4g}")
+                    if cfg.max_drift and measured > cfg.max_drift:
+                        state.over_budget = state.step
+                        break
+                if ctx is not None and (snapshot_due(cfg, state.step) or (cfg.max_drift and measured is not None)):
+                    ctx.write(tr, state, measured, loss)
                 if stop_now and state.step < sched.total_steps:
                     agreed = True
                     raise KeyboardInterrupt
@@ -301,6 +331,55 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
         tracker.close()
         lm.model.eval()
         opt.remove_hooks()
+
+
+class SnapshotContext:
+    """Writes OUT/snapshots/step-N: the delta as it stands after step N (the layout of the run's own
+    delta) and snapshot.yaml (what eval-forgetting needs to load it, the step's loss and drift)."""
+
+    def __init__(self, p: Plan, lm: LoadedModel, fingerprint: str, base_digest: str, method, backend: LocalBackend):
+        self.p, self.lm, self.fingerprint, self.base_digest = p, lm, fingerprint, base_digest
+        self.method, self.backend = method, backend
+
+    def write(self, tr: Trainable, state: TrainState, drift: float | None = None, loss: float | None = None) -> None:
+        values = self.backend.trainable_values(tr)   # a collective under a launcher: every rank joins
+        if not self.backend.main:
+            return
+        p = self.p
+        mask_file = p.out / "mask.safetensors" if p.mask is not None else None
+        mask_sha = artifacts.sha256_file(mask_file) if mask_file else None
+        with artifacts.replace_dir(snapshot_dir(p.out, state.step)) as d:
+            write_delta(d / "delta.safetensors", tr, self.fingerprint, self.base_digest, mask_sha, values)
+            artifacts.write_yaml(d / "snapshot.yaml", {
+                **artifacts.sidecar_header(SNAPSHOT_KIND, ""),
+                "step": state.step, "loss": loss, "drift": drift,
+                "method": self.method.label(p.mask.meta if p.mask is not None else None),
+                "model": model_section(p, self.lm, self.fingerprint, self.base_digest),
+                "outputs": run_outputs(d / "delta.safetensors", mask_sha)})
+
+
+def model_section(p: Plan, lm: LoadedModel, fingerprint: str, base_digest: str) -> dict[str, Any]:
+    """run.yaml's (and a snapshot's) ``model``: what a reader needs to rebuild the base."""
+    return {"spec": p.source.spec, "random_init": p.source.random_init, "adapter": lm.adapter.name,
+            "dtype": str(p.dtype).removeprefix("torch."), "device": p.device, "fingerprint": fingerprint,
+            "weights_digest": base_digest, "layers_path": lm.parts.layers_path, "num_layers": lm.parts.num_layers}
+
+
+def _keep_last_under_budget(p: Plan, tr: Trainable, state: TrainState, console) -> None:
+    """--max-drift was passed at step state.over_budget: the trained values go back to the last
+    snapshot whose drift was within the budget (step 0, the base, when none was)."""
+    kept = max((s for s in snapshot_steps(p.out) if s < state.over_budget and
+                (artifacts.read_yaml(snapshot_dir(p.out, s) / "snapshot.yaml").get("drift") or 0.0) <= p.cfg.max_drift),
+               default=None)
+    if kept is None:
+        raise UserError(f"--max-drift {p.cfg.max_drift}: passed at step {state.over_budget} and no snapshot under "
+                        f"the budget is left in {p.out / 'snapshots'}")
+    run = open_run(p.out, kept)
+    values = artifacts.read_tensors(run.delta)
+    apply_values(tr.params, tr.masks, {n: values[n] for n in tr.params})
+    state.kept_step = kept
+    console.print(f"drift {state.drifts[-1]['drift']:.4g} > --max-drift {p.cfg.max_drift} at step "
+                  f"{state.over_budget}: stopped; the run keeps step {kept}'s values")
 
 
 def _step_metrics(r, lr: float, seconds: float, device: str) -> dict[str, float]:
@@ -354,10 +433,7 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
         "config": dataclasses.asdict(p.cfg),
         "method": method.label(p.mask.meta if p.mask is not None else None),
         "method_details": method.describe(),
-        "model": {"spec": p.source.spec, "random_init": p.source.random_init, "adapter": lm.adapter.name,
-                  "dtype": str(p.dtype).removeprefix("torch."), "device": p.device, "fingerprint": fingerprint,
-                  "weights_digest": base_digest, "layers_path": lm.parts.layers_path,
-                  "num_layers": lm.parts.num_layers},
+        "model": model_section(p, lm, fingerprint, base_digest),
         "inputs": {"data": {"path": str(data_path), "sha256": artifacts.sha256_file(data_path)},
                    **({"mask": {"path": str(p.mask.path), "sha256": mask_sha}} if mask_file else {})},
         "outputs": run_outputs(delta, mask_sha, full_bytes),
@@ -373,6 +449,10 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
         "nonfinite": {"policy": p.cfg.nan_policy, "skipped_steps": state.skipped, "count": len(state.skipped)},
         "mean_step_s": round(state.train_s / max(state.step, 1), 4),
         "loss_curve": state.losses,
+        **({"drift_curve": state.drifts} if state.drifts else {}),
+        **({"snapshots": snapshot_steps(p.out)} if snapshot_steps(p.out) else {}),
+        **({"max_drift": {"budget": p.cfg.max_drift, "passed_at_step": state.over_budget,
+                          "kept_step": state.kept_step}} if state.over_budget else {}),
         "timings": timings,
         # train_rss_mb: this process's peak RSS while training (the process-wide peak includes loading)
         "peak_memory": {**peak_memory(p.device), "train_rss_mb": host_peak_since_reset_mb(),
@@ -411,7 +491,8 @@ def save_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, state: Train
         artifacts.write_yaml(ckpt / "state.yaml", {"step": state.step, "training_digest": cfg.training_digest(),
                                                     "state_sha256": artifacts.sha256_file(ckpt / "state.safetensors"),
                                                     "train_s": state.train_s, "tokens": state.tokens,
-                                                    "losses": state.losses, "skipped": state.skipped})
+                                                    "losses": state.losses, "skipped": state.skipped,
+                                                    "drifts": state.drifts})
 
 
 def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: FinetuneConfig,
@@ -433,4 +514,5 @@ def load_checkpoint(run_dir: Path, tr: Trainable, opt: MaskedAdamW, cfg: Finetun
                         f"(see {run_dir / 'checkpoint' / 'state.yaml'} and the run's config) or start a new --out")
     backend.load_checkpoint(path, tr, opt, int(side["step"]), method)
     return TrainState(int(side["step"]), list(side.get("losses") or []), float(side.get("train_s", 0.0)),
-                      int(side.get("tokens", 0)), list(side.get("skipped") or []))
+                      int(side.get("tokens", 0)), list(side.get("skipped") or []),
+                      drifts=list(side.get("drifts") or []))

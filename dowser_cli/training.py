@@ -65,6 +65,16 @@ class FinetuneConfig:
     skip_bad: bool = option(False, "Skip bad records (counted in run.yaml) instead of failing.")
     seed: int = option(0, "Seed of data order and dropout.")
     save_every: int = option(0, "Checkpoint every N optimiser steps.", show="0 = only on Ctrl-C")
+    snapshot_every: int = option(0, "Keep the run's delta every N optimiser steps in OUT/snapshots/step-N "
+                                 "(forgetting curves: eval-forgetting RUN@N or --snapshots).", show="0 = none")
+    snapshot_steps: str = option("", "Also keep a snapshot at these steps, e.g. 64,128,256.", show="none")
+    drift_every: int = option(0, "Measure the drift (KL to the base on fixed self-generated probe text, no data) "
+                              "every N steps: run.yaml's drift_curve and the tracker.", show="0 = off")
+    drift_samples: int = option(16, "Probe texts of the drift meter (the demo suite's drift settings).")
+    drift_seq_len: int = option(48, "Tokens per probe text of the drift meter.")
+    max_drift: float = option(0.0, "Stop once the drift exceeds this; the run's delta is then the last snapshot "
+                              "under it (needs --drift-every; a snapshot is kept at every measurement).",
+                              show="0 = off")
     nan_policy: str = option("stop", "A non-finite loss or gradient norm: stop (one line, the last checkpoint kept) | "
                              "skip-step (drop that update, counted in run.yaml).")
     nan_max_skips: int = option(5, "skip-step: stop after this many in a row.")
@@ -86,6 +96,8 @@ class FinetuneConfig:
         strategy, whose checkpoints share one layout). Under a launcher the batch is the global one."""
         d = dataclasses.asdict(self)
         d.pop("save_every")
+        for k in ("snapshot_every", "snapshot_steps", "drift_every", "drift_samples", "drift_seq_len", "max_drift"):
+            d.pop(k)              # what is observed along the run, not what it computes
         d.pop("nan_policy")       # they decide what happens after a divergence, not the numbers before it
         d.pop("nan_max_skips")
         d.pop("report_to")        # where the curves go, not what they are
@@ -110,6 +122,13 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
         (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
+        (cfg.snapshot_every >= 0, f"--snapshot-every {cfg.snapshot_every}: must be >= 0"),
+        (cfg.drift_every >= 0, f"--drift-every {cfg.drift_every}: must be >= 0"),
+        (cfg.drift_samples >= 1, f"--drift-samples {cfg.drift_samples}: must be >= 1"),
+        (cfg.drift_seq_len >= 8, f"--drift-seq-len {cfg.drift_seq_len}: must be >= 8"),
+        (cfg.max_drift >= 0, f"--max-drift {cfg.max_drift}: must be >= 0"),
+        (not cfg.max_drift or cfg.drift_every, f"--max-drift {cfg.max_drift}: needs --drift-every N (how often the "
+                                                f"drift is measured)"),
         (cfg.nan_policy in NAN_POLICIES, f"--nan-policy {cfg.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}"),
         (cfg.nan_max_skips >= 1, f"--nan-max-skips {cfg.nan_max_skips}: must be >= 1"),
         (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
@@ -125,6 +144,23 @@ def validate(cfg: FinetuneConfig) -> None:
         if not ok:
             raise UserError(msg)
     parse_targets(cfg.targets)
+    snapshot_steps(cfg)
+
+
+def snapshot_steps(cfg: FinetuneConfig) -> set[int]:
+    """The explicit --snapshot-steps (--snapshot-every and --max-drift's measurements come on top)."""
+    try:
+        steps = {int(x) for x in cfg.snapshot_steps.replace(" ", "").split(",") if x}
+    except ValueError:
+        steps = {0}
+    if any(n < 1 for n in steps):
+        raise UserError(f"--snapshot-steps {cfg.snapshot_steps!r}: expected step numbers >= 1, comma-separated")
+    return steps
+
+
+def snapshot_due(cfg: FinetuneConfig, step: int) -> bool:
+    """Whether a snapshot is kept after optimiser step ``step`` (1-based)."""
+    return (bool(cfg.snapshot_every) and step % cfg.snapshot_every == 0) or step in snapshot_steps(cfg)
 
 
 @dataclass
@@ -280,6 +316,9 @@ class TrainState:
     tokens: int = 0
     skipped: list[int] = dataclasses.field(default_factory=list)   # non-finite steps dropped (skip-step)
     in_a_row: int = 0
+    drifts: list[dict[str, float]] = dataclasses.field(default_factory=list)   # the live meter: {step, drift}
+    over_budget: int = 0    # the step whose drift passed --max-drift (0: none)
+    kept_step: int = 0      # then: the step whose values the run keeps
 
 
 def to_device(batch: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -358,3 +358,56 @@ def test_skip_step_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(
     _nan_on(monkeypatch, {2})
     with pytest.raises(UserError, match=r"step 2/4: a non-finite loss or gradient norm \(nan\)"):
         _train(work, tmp_path / "default")                                            # stop is the default
+
+
+# ---- forgetting curves: snapshots and the live drift meter ---------------------------------------------
+
+def test_snapshots_hold_the_model_of_their_step_and_the_last_equals_the_run(work, tmp_path):
+    """--snapshot-every 2 over 4 steps with the drift meter every step: the snapshot of step 2, loaded
+    on its own, has exactly the drift the meter measured on the live model at step 2 (so it holds the
+    model of that step); step 4's delta is the run's own."""
+    from dowser_cli import drift
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    run = tmp_path / "run"
+    side = _train(work, run, snapshot_every=2, drift_every=1, drift_samples=3, drift_seq_len=10)
+    assert side["snapshots"] == [2, 4]
+    assert [d["step"] for d in side["drift_curve"]] == [1, 2, 3, 4]
+    assert all(d["drift"] > 0 for d in side["drift_curve"])
+    final, snap4 = open_run(run), open_run(run, 4)
+    a, b = artifacts.read_tensors(final.delta), artifacts.read_tensors(snap4.delta)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    snap2 = open_run(run, 2)
+    assert snap2.sidecar["kind"] == "dowser.snapshot" and snap2.sidecar["step"] == 2
+    assert snap2.sidecar["drift"] == side["drift_curve"][1]["drift"]
+    v2 = artifacts.read_tensors(snap2.delta)
+    assert any(not torch.equal(v2[k], a[k]) for k in a)  # training went on after step 2
+    src = resolve_source("tiny-llava")
+    base = load_model(src, load_config(src), torch.float32, "cpu")
+    texts = drift.probe_texts(base, 3, 10, 0, "cpu")
+    sums, counts = drift.kl_per_sequence(base, load_run(snap2), texts, 4, "cpu")
+    assert sum(sums) / sum(counts) == pytest.approx(snap2.sidecar["drift"], rel=1e-4)
+    with pytest.raises(Exception, match="no snapshot at step 3; it has 2, 4"):
+        open_run(run, 3)
+
+
+def test_max_drift_stops_and_keeps_the_last_snapshot_under_the_budget(work, tmp_path):
+    """A budget between the drift of step 1 and step 2 (measured by an unbounded run of the same
+    settings): the run stops at step 2 and its delta is step 1's snapshot."""
+    free = _train(work, tmp_path / "free", drift_every=1, drift_samples=3, drift_seq_len=10, lr=1e-2)
+    d1, d2 = (d["drift"] for d in free["drift_curve"][:2])
+    assert d2 > d1, free["drift_curve"]
+    budget = (d1 + d2) / 2
+    run = tmp_path / "run"
+    side = _train(work, run, drift_every=1, drift_samples=3, drift_seq_len=10, lr=1e-2, max_drift=budget)
+    assert side["max_drift"] == {"budget": budget, "passed_at_step": 2, "kept_step": 1}
+    assert side["steps"] == 2 and side["snapshots"] == [0, 1]
+    kept = artifacts.read_tensors(open_run(run, 1).delta)
+    got = artifacts.read_tensors(open_run(run).delta)
+    assert all(torch.equal(kept[k], got[k]) for k in kept)
+    r = run_cli("finetune", "tiny-llava", "--data", work / "train.json", "--mask", work / "mask0.1.safetensors",
+                "--max-drift", "0.5", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "--max-drift 0.5: needs --drift-every N" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("finetune", "tiny-llava", "--data", work / "train.json", "--method", "lora", "--snapshot-every", "2",
+                "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "--method lora: keeps no snapshots" in r.stderr

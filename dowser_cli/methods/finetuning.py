@@ -213,10 +213,11 @@ for method in (
     FinetuneMethod("spider", lambda lm, cfg: Spider("spider", lm, cfg), "forbidden", False,
                    "SPIDER soft masking: pull entries back to theta_0 by importance after each step"),
     FinetuneMethod("lora", lambda lm, cfg: Lora("lora", lm, cfg), "forbidden", False,
-                   "PEFT LoRA adapters on the tuned linears, merged at the end"),
+                   "PEFT LoRA adapters on the tuned linears, merged at the end", snapshots=False),
     FinetuneMethod("osf", lambda lm, cfg: Osf("osf", lm, cfg), "forbidden", False,
-                   "PEFT OSF: train each tuned linear's low singular subspace, the top one frozen"),
+                   "PEFT OSF: train each tuned linear's low singular subspace, the top one frozen", snapshots=False),
     FinetuneMethod("supertuning", lambda lm, cfg: Supertuning("supertuning", lm, cfg), "forbidden", False,
-                   "PEFT Super-Tuning: the --ratio largest-magnitude entries of each tuned linear train"),
+                   "PEFT Super-Tuning: the --ratio largest-magnitude entries of each tuned linear train",
+                   snapshots=False),
 ):
     FINETUNE_METHODS.register(method.name, method)

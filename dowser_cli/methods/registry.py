@@ -50,13 +50,15 @@ MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
 class FinetuneMethod:
     """A way to fine-tune the selected layers. ``make(lm, cfg)`` returns the run's hooks (an object
     with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden";
-    ``distributed``: whether it runs under torchrun (DDP / FSDP)."""
+    ``distributed``: whether it runs under torchrun (DDP / FSDP); ``snapshots``: whether its trained
+    values make a delta before the run ends (PEFT tuners merge only at the end)."""
 
     name: str
     make: Callable
     mask: str
     distributed: bool
     help: str = ""
+    snapshots: bool = True
 
 
 # filled by dowser_cli.methods.finetuning (imported by the finetune stage)
