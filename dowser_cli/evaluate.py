@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from dowser_cli import artifacts, drift, harness, metrics, probing
 from dowser_cli.artifacts import atomic_file
-from dowser_cli.artifacts.runs import open_run
+from dowser_cli.artifacts.runs import open_run, snapshot_steps, split_spec
 from dowser_cli.config import find, option
 from dowser_cli.data import Encoder, image_inputs, pack_right, pad_id, prompt_ids
 from dowser_cli.errors import UserError
@@ -45,6 +46,13 @@ class EvalConfig:
                           "names an lmms_task; tasks with harness: lmms-eval always go to it.")
     data_root: str = option("data", "Where the suite's `data-root:` files are: the --out parent of `dowser make-data`.",
                             show="./data")
+    snapshots: bool = option(False, "Also evaluate every snapshot of each run (finetune --snapshot-every): "
+                             "forgetting curves of D, U, H and drift against steps (report-curves.png).",
+                             off="--no-snapshots")
+    reference: str = option("", "Compare every run with this one: a run's name (dowser-s0), or a method over seeds "
+                            "(dowser: runs named dowser-s<N>, each paired with the same seed and step): ΔD, ΔU, ΔH, "
+                            "Δdrift with paired bootstrap intervals (same items, same resamples), per seed and "
+                            "pooled.", show="none")
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps({"max_len": self.max_len, "dtype": self.dtype}).encode()).hexdigest()[:12]
@@ -60,6 +68,8 @@ class Subject:
     identity: str             # what the cache key uses: the weights, not the path
     method: str
     load: Callable[[], LoadedModel]
+    run: str = ""             # the run's name (a snapshot's run; the label without @STEP)
+    step: int | None = None   # optimiser steps behind these weights (a snapshot's, or a finished run's)
 
 
 # ---- setup ------------------------------------------------------------------------------------------------
@@ -71,16 +81,31 @@ def _base_subject(spec: str, random_init: bool, dtype: torch.dtype, device: str)
     return Subject(f"base ({spec})", "base", None, identity, "zero-shot", lambda: lm), lm
 
 
-def _run_subjects(paths: list[Path], base: LoadedModel, base_identity: str, dtype: torch.dtype,
+def expand_specs(paths: list[Path], snapshots: bool) -> list[tuple[Path, int | None]]:
+    """The models to evaluate: each run directory (RUN, or RUN@STEP for its snapshot at STEP); with
+    ``snapshots`` every snapshot of each run too, in step order, then the run itself when finished."""
+    out = []
+    for spec in paths:
+        path, step = split_spec(spec)
+        if step is None and snapshots and path.is_dir():
+            out += [(path, s) for s in snapshot_steps(path)]
+            if (path / "run.yaml").exists() or (path / "config.json").exists() or not snapshot_steps(path):
+                out.append((path, None))
+        else:
+            out.append((path, step))
+    return out
+
+
+def _run_subjects(specs: list[tuple[Path, int | None]], base: LoadedModel, base_identity: str, dtype: torch.dtype,
                   device: str) -> list[Subject]:
 
-    out, labels = [], set()
+    out, owner = [], {}
     base_fp = {}
-    for p in paths:
-        label = p.name if p.name not in labels else str(p)
-        labels.add(label)
-        if (p / "run.yaml").exists() or (p / "checkpoint").exists():
-            run = open_run(p)
+    for p, step in specs:
+        name = p.name if owner.setdefault(p.name, p) == p else str(p)   # two runs of one name: their paths
+        label = name if step is None else f"{name}@{step}"
+        if step is not None or (p / "run.yaml").exists() or (p / "checkpoint").exists():
+            run = open_run(p, step)
             run_dtype = getattr(torch, run.sidecar["model"].get("dtype", "float32"))
             if run_dtype not in base_fp:
                 base_fp[run_dtype] = artifacts.model_fingerprint(base.model, run_dtype)
@@ -91,7 +116,8 @@ def _run_subjects(paths: list[Path], base: LoadedModel, base_identity: str, dtyp
                 raise UserError(f"{p}: was fine-tuned from different weights than --base {base.source.spec}")
             ident = f"run:{base_identity}:{artifacts.sha256_file(run.delta)}"
             out.append(Subject(label, "run", p, ident, run.sidecar.get("method", "?"),
-                               lambda run=run: load_run(run, dtype, device, base=base.source.spec)))
+                               lambda run=run: load_run(run, dtype, device, base=base.source.spec), name,
+                               step if step is not None else run.sidecar.get("steps")))
         elif (p / "config.json").is_file():
             exp = p / "dowser_export.yaml"
             ident = f"export:{artifacts.read_yaml(exp).get('delta_sha256')}" if exp.exists() else \
@@ -99,7 +125,7 @@ def _run_subjects(paths: list[Path], base: LoadedModel, base_identity: str, dtyp
                                                     for f in sorted(p.glob("*.safetensors")))).hexdigest()
             src = resolve_source(str(p))
             out.append(Subject(label, "export", p, ident, "export",
-                               lambda src=src: load_model(src, load_config(src), dtype, device)))
+                               lambda src=src: load_model(src, load_config(src), dtype, device), name))
         else:
             raise UserError(f"{p}: neither a run directory (run.yaml) nor a save_pretrained checkpoint (config.json)")
     return out
@@ -346,14 +372,15 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     _check_out(out)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    _check_runs_cheaply(base_spec, random_init, run_paths, dtype)
+    specs = expand_specs(run_paths, cfg.snapshots)
+    _check_runs_cheaply(base_spec, random_init, specs, dtype)
     if any(t.harness == "lmms-eval" for t in tasks):
         harness.check_tasks([t for t in tasks if t.harness == "lmms-eval"])      # before any model loads
     records = {t.name: read_records(t) for t in tasks if t.kind != "drift" and t.harness == "dowser"}
     base_subject, base = _base_subject(base_spec, random_init, dtype, device)
     if any(t.harness == "lmms-eval" for t in tasks):
         harness.wrapper_for(base)   # runs share the base's architecture: refuse before any work starts
-    subjects = [base_subject] + _run_subjects(run_paths, base, base_subject.identity, dtype, device)
+    subjects = [base_subject] + _run_subjects(specs, base, base_subject.identity, dtype, device)
     cache = out / "cache"
     results: dict[str, dict[str, dict]] = {}
     hits = misses = 0
@@ -423,18 +450,19 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out}: exists and is not a directory")
 
 
-def _check_runs_cheaply(base_spec: str, random_init: bool, paths: list[Path], dtype: torch.dtype) -> None:
+def _check_runs_cheaply(base_spec: str, random_init: bool, specs: list[tuple[Path, int | None]],
+                        dtype: torch.dtype) -> None:
     """Fingerprints on a weightless copy of the base: a run of another model fails before anything loads."""
 
     source = resolve_source(base_spec, random_init=random_init)
     config = load_config(source)
     fps: dict[torch.dtype, str] = {}
-    for p in paths:
+    for p, step in specs:
         if not p.exists():
             raise UserError(f"{p}: no such run directory")
-        if not (p / "run.yaml").exists() and not (p / "checkpoint").exists():
+        if step is None and not (p / "run.yaml").exists() and not (p / "checkpoint").exists():
             continue
-        run = open_run(p)
+        run = open_run(p, step)
         rd = getattr(torch, run.sidecar["model"].get("dtype", "float32"))
         if rd not in fps:
             fps[rd] = artifacts.model_fingerprint(meta_model(source, config, rd))
@@ -459,12 +487,14 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
         d = sum(scores[t.name] for t in down) / len(down)
         u = sum(scores[t.name] for t in up) / len(up)
         rows.append({"model": s.label, "kind": s.kind, "method": s.method, "path": str(s.path) if s.path else None,
+                     **({"run": s.run, "step": s.step} if s.kind == "run" else {}),
                      "D": round(d, 2), "U": round(u, 2), "H": round(metrics.h_score(u, d), 2), "scores": scores,
                      **({"drift": scores[drift[0].name]} if drift else {})})
     base_u = rows[0]["U"]
     for row in rows:
         row["dU"] = round(row["U"] - base_u, 2)
-    for row, ci in zip(rows, _intervals(subjects, tasks, results, cfg)):
+    reps = _replicates(subjects, tasks, results, cfg)
+    for row, ci in zip(rows, _intervals(reps, {t.name for t in drift})):
         row["ci95"] = ci
     report = {
         **artifacts.sidecar_header("dowser.report", command),
@@ -488,41 +518,122 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
                                "scale": t.scale, "include_path": str(t.include_path) if t.include_path else None}
                       for t in lmms}}}
     if drift and len(rows) > 2:
-        report["drift_vs_dU"] = _drift_tracking(rows[1:])
+        report["drift_vs_dU"] = _drift_tracking(rows[1:], cfg)
+    if cfg.reference:
+        report["paired"] = paired_report(rows, reps, cfg.reference, drift[0].name if drift else None)
     return report
 
 
-def _intervals(subjects: list[Subject], tasks: list[Task], results: dict, cfg: EvalConfig) -> list[dict]:
-    """Per model {task | D | U | H | dU | drift: [lo, hi]} in the report's units (percent, nats)."""
+def _replicates(subjects: list[Subject], tasks: list[Task], results: dict, cfg: EvalConfig) -> dict[str, torch.Tensor]:
+    """Bootstrap replicates [models, R] in the report's units (percent, nats) of every task, D, U, H, ΔU
+    and drift: one draw of items (and of drift sequences) for all models, so differences are paired."""
     down = [t.name for t in tasks if t.role == "downstream"]
     up = [t.name for t in tasks if t.in_u]
-    items = {}
+    items = {t.name: torch.tensor([results[s.label][t.name]["per_item"] for s in subjects], dtype=torch.float64)
+             * t.scale for t in tasks if t.kind != "drift"}
+    reps = metrics.bootstrap_replicates(items, down, up, cfg.bootstrap, cfg.bootstrap_seed)
     for t in tasks:
         if t.kind == "drift":
-            continue
-        per = [results[s.label][t.name]["per_item"] for s in subjects]
-        scale = t.scale
-        items[t.name] = torch.tensor(per, dtype=torch.float64) * scale
-    cis = metrics.bootstrap_report(items, down, up, cfg.bootstrap, cfg.bootstrap_seed)
+            num = torch.tensor([results[s.label][t.name]["kl_sums"] for s in subjects], dtype=torch.float64)
+            den = torch.tensor([results[s.label][t.name]["positions"] for s in subjects], dtype=torch.float64)
+            reps[t.name] = metrics.ratio_replicates(num, den, cfg.bootstrap, cfg.bootstrap_seed)
+    return reps
+
+
+def _intervals(reps: dict[str, torch.Tensor], drift: set[str]) -> list[dict]:
+    """Per model {task | D | U | H | dU | drift: [lo, hi]}: 95 % percentile intervals of the replicates
+    (``drift``: the drift tasks' names, in nats to 4 significant digits)."""
     out = []
-    for s, ci in zip(subjects, cis):
-        row = {k: [round(lo, 2), round(hi, 2)] for k, (lo, hi) in ci.items()}
-        for t in tasks:
-            if t.kind == "drift":
-                r = results[s.label][t.name]
-                lo, hi = metrics.ratio_interval(torch.tensor(r["kl_sums"]), torch.tensor(r["positions"]),
-                                                cfg.bootstrap, cfg.bootstrap_seed)
-                row[t.name] = [float(f"{lo:.4g}"), float(f"{hi:.4g}")]
+    for m in range(next(iter(reps.values())).shape[0]):
+        row = {}
+        for k, v in reps.items():
+            lo, hi = metrics.percentile_interval(v[m])
+            row[k] = [round(lo, 2), round(hi, 2)] if k not in drift else [float(f"{lo:.4g}"), float(f"{hi:.4g}")]
         out.append(row)
     return out
 
 
-def _drift_tracking(rows: list[dict]) -> dict[str, float]:
-    """How well the data-free drift ranks the runs' upstream loss: Spearman of drift against -dU."""
+_SEEDED = re.compile(r"(?P<group>.+)-s(?P<seed>\d+)")
+
+
+def _group_seed(run: str) -> tuple[str, int | None]:
+    m = _SEEDED.fullmatch(run)
+    return (m.group("group"), int(m.group("seed"))) if m else (run, None)
+
+
+def paired_report(rows: list[dict], reps: dict[str, torch.Tensor], reference: str,
+                  drift: str | None = None) -> dict[str, Any]:
+    """Every run against ``reference`` (a run's name, or a method group over seeds: runs named
+    GROUP-s<N>), at the same step and, for a group, the same seed: the differences ΔD, ΔU, ΔH and Δdrift
+    (run - reference) with paired bootstrap intervals; and pooled over seeds per (method, step), the
+    mean difference with its interval over the same resamples (items' noise; the seeds' spread beside)."""
+    runs = [(i, r) for i, r in enumerate(rows) if r["kind"] == "run"]
+    refs = {}
+    for i, r in runs:
+        group, seed = _group_seed(r["run"])
+        if r["run"] == reference:
+            refs[("*", r["step"])] = i
+        elif group == reference:
+            refs[(seed, r["step"])] = i
+    if not refs:
+        names = sorted({r["run"] for _, r in runs} | {_group_seed(r["run"])[0] for _, r in runs})
+        raise UserError(f"--reference {reference}: no such run or method among the runs; names: {', '.join(names)}")
+    reps = {**reps, **({"drift": reps[drift]} if drift else {})}   # the drift task's replicates, as rows name it
+    keys = [k for k in ("D", "U", "H", "drift") if k in reps]
+    pairs, pooled = [], {}
+    for i, r in runs:
+        group, seed = _group_seed(r["run"])
+        if group == reference or r["run"] == reference:
+            continue
+        j = refs.get(("*", r["step"]), refs.get((seed, r["step"])))
+        if j is None:
+            continue
+        diff = {f"d{k}": _diff(rows[i], rows[j], k) for k in keys}
+        ci = {f"d{k}": _round_ci(k, metrics.paired_difference(reps[k], [(i, j)])) for k in keys}
+        pairs.append({"model": r["model"], "reference": rows[j]["model"], "step": r["step"], "seed": seed,
+                      **diff, "ci95": ci})
+        pooled.setdefault((group, r["step"]), []).append((i, j, seed))
+    out = []
+    for (group, step), ij in pooled.items():
+        idx = [(i, j) for i, j, _ in ij]
+        point = {f"d{k}": _round(k, sum(_diff(rows[i], rows[j], k) for i, j in idx) / len(idx)) for k in keys}
+        spread = {f"d{k}": [_diff(rows[i], rows[j], k) for i, j in idx] for k in keys}
+        out.append({"group": group, "step": step, "seeds": [s for _, _, s in ij], **point,
+                    "ci95": {f"d{k}": _round_ci(k, metrics.paired_difference(reps[k], idx)) for k in keys},
+                    "per_seed": spread})
+    return {"reference": reference, "level": 0.95,
+            "method": "paired percentile bootstrap: the same resampled items (drift: probe sequences) for a run and "
+                      "its reference; pooled = the mean difference over seeds, on the same resamples",
+            "pairs": pairs, "pooled": out}
+
+
+def _diff(row: dict, ref: dict, key: str) -> float:
+    return _round(key, row[key] - ref[key])
+
+
+def _round(key: str, x: float) -> float:
+    return float(f"{x:.4g}") if key == "drift" else round(x, 2)
+
+
+def _round_ci(key: str, ci: tuple[float, float]) -> list[float]:
+    return [_round(key, ci[0]), _round(key, ci[1])]
+
+
+def _drift_tracking(rows: list[dict], cfg: EvalConfig) -> dict[str, Any]:
+    """How well the data-free drift ranks the models' upstream loss: Spearman of drift against -ΔU over
+    every run and snapshot, with a 95 % interval from resampling the models."""
 
     x = torch.tensor([r["drift"] for r in rows], dtype=torch.float64)
     y = torch.tensor([-r["dU"] for r in rows], dtype=torch.float64)
-    return {"runs": len(rows), "spearman": round(float(spearman(x, y)), 4)}
+    out: dict[str, Any] = {"runs": len(rows), "spearman": round(float(spearman(x, y)), 4)}
+    if len(rows) >= 4:
+        idx = metrics.bootstrap_indices(len(rows), cfg.bootstrap, cfg.bootstrap_seed)
+        vals = torch.tensor([spearman(x[i], y[i]) for i in idx], dtype=torch.float64)
+        vals = vals[~vals.isnan()]
+        if len(vals):
+            lo, hi = metrics.percentile_interval(vals)
+            out["ci95"] = [round(lo, 4), round(hi, 4)]
+    return out
 
 
 def render_markdown(report: dict, tasks: list[Task]) -> str:
@@ -554,9 +665,114 @@ def render_markdown(report: dict, tasks: list[Task]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if "drift_vs_dU" in report:
         d = report["drift_vs_dU"]
-        lines += ["", f"Drift against upstream loss over {d['runs']} runs: Spearman {d['spearman']:+.2f} "
-                      f"(+1: drift ranks the runs exactly as their loss of U)."]
+        ci = f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if "ci95" in d else ""
+        lines += ["", f"Drift against upstream loss over {d['runs']} runs and snapshots: Spearman {d['spearman']:+.2f}"
+                      f"{ci} (+1: drift ranks them exactly as their loss of U; interval: the models resampled)."]
+    lines += _curves_markdown(report)
+    lines += _paired_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def curves(report: dict) -> dict[str, list[dict]]:
+    """Rows of runs evaluated at more than one step, per run, in step order."""
+    out: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        if r.get("step") is not None:
+            out.setdefault(r["run"], []).append(r)
+    return {k: sorted(v, key=lambda r: r["step"]) for k, v in out.items() if len(v) > 1}
+
+
+def _fmt(value: float, ci: list[float] | None, fmt: str) -> str:
+    return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else f"{value:{fmt}}"
+
+
+def _curves_markdown(report: dict) -> list[str]:
+    c = curves(report)
+    if not c:
+        return []
+    has_drift = any("drift" in r for rs in c.values() for r in rs)
+    drift_key = next((t["name"] for t in report["tasks"] if t["kind"] == "drift"), None)
+    lines = ["", "## Forgetting curves", "", "Each run at each of its snapshots (finetune --snapshot-every) and at "
+             "its end; the chart is report-curves.png.", "",
+             "| run | step | D | U | H | ΔU |" + (" drift (KL) |" if has_drift else ""),
+             "|---|---|---|---|---|---|" + ("---|" if has_drift else "")]
+    for run, rs in c.items():
+        for r in rs:
+            ci = r.get("ci95", {})
+            lines.append(f"| {run} | {r['step']} | {_fmt(r['D'], ci.get('D'), '.2f')} | {_fmt(r['U'], ci.get('U'), '.2f')} "
+                         f"| {_fmt(r['H'], ci.get('H'), '.2f')} | {_fmt(r['dU'], ci.get('dU'), '+.2f')} |"
+                         + (f" {_fmt(r['drift'], ci.get(drift_key), '.4f')} |" if has_drift else ""))
+    return lines
+
+
+def _paired_markdown(report: dict) -> list[str]:
+    p = report.get("paired")
+    if not p:
+        return []
+    keys = [k for k in ("dD", "dU", "dH", "ddrift") if any(k in x for x in p["pairs"] + p["pooled"])]
+    head = {"dD": "ΔD", "dU": "ΔU", "dH": "ΔH", "ddrift": "Δdrift"}
+
+    def cells(x: dict) -> str:
+        return " | ".join(_fmt(x[k], x["ci95"].get(k), "+.4f" if k == "ddrift" else "+.2f") for k in keys)
+
+    lines = ["", f"## Paired against {p['reference']}", "",
+             "Run minus reference, at the same step (and seed); 95 % paired bootstrap intervals (the same resampled "
+             "items for both). An interval that excludes 0 is a difference beyond the items' noise.", "",
+             "| run | reference | step | " + " | ".join(head[k] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    lines += [f"| {x['model']} | {x['reference']} | {x['step']} | {cells(x)} |" for x in p["pairs"]]
+    if any(len(x["seeds"]) > 1 for x in p["pooled"]):
+        lines += ["", "Pooled over seeds: the mean difference and its interval over the same resamples (item "
+                      "noise); the per-seed differences beside show the seeds' spread.", "",
+                  "| method | step | seeds | " + " | ".join(head[k] for k in keys) + " | ΔU per seed |",
+                  "|---|---|---|" + "---|" * (len(keys) + 1)]
+        lines += [f"| {x['group']} | {x['step']} | {','.join(str(s) for s in x['seeds'])} | {cells(x)} | "
+                  f"{', '.join(f'{v:+.2f}' for v in x['per_seed'].get('dU', []))} |" for x in p["pooled"]]
+    return lines
+
+
+def write_curves_chart(path: Path, report: dict) -> None:
+    """D, U and drift against steps, one line per run (a colour per method, seeds alike), with their
+    95 % intervals as bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = curves(report)
+    drift_key = next((t["name"] for t in report["tasks"] if t["kind"] == "drift"), None)
+    panels = [("U", "upstream U (kept)"), ("D", "downstream D (learnt)")] + \
+        ([("drift", "drift KL(base || model)")] if drift_key else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=120)
+    colours: dict[str, Any] = {}
+    base_u = report["rows"][0]["U"]
+    for run, rs in c.items():
+        group = _group_seed(run)[0]
+        colour = colours.setdefault(group, f"C{len(colours) % 10}")
+        steps = [r["step"] for r in rs]
+        for ax, (key, _) in zip(axes, panels):
+            ci_key = drift_key if key == "drift" else key
+            ys = [r[key] for r in rs]
+            ax.plot(steps, ys, marker="o", color=colour, label=group if run == next(
+                k for k in c if _group_seed(k)[0] == group) else None)
+            cis = [r.get("ci95", {}).get(ci_key) for r in rs]
+            if all(cis):
+                ax.fill_between(steps, [x[0] for x in cis], [x[1] for x in cis], color=colour, alpha=0.15)
+    for ax, (key, title) in zip(axes, panels):
+        if key == "U":
+            ax.axhline(base_u, color="k", lw=0.8, ls="--", label="base")
+        if all(r["step"] > 0 for rs in c.values() for r in rs):
+            ax.set_xscale("log", base=2)
+        else:   # a step-0 snapshot (--max-drift's fallback, the base)
+            ax.set_xscale("symlog", base=2, linthresh=1)
+        ax.set_xlabel("optimiser steps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Forgetting curves: {report['base']}")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def write_chart(path: Path, report: dict) -> None:
@@ -593,3 +809,5 @@ def write_report(out: Path, report: dict, tasks: list[Task]) -> None:
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(render_markdown(report, tasks))
     write_chart(out / "report.png", report)
+    if curves(report):
+        write_curves_chart(out / "report-curves.png", report)

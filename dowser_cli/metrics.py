@@ -161,37 +161,54 @@ def percentile_interval(reps: torch.Tensor, level: float = 0.95) -> tuple[float,
     return float(lo), float(hi)
 
 
-def bootstrap_report(items: dict[str, torch.Tensor], down: Sequence[str], up: Sequence[str], replicates: int = 1000,
-                     seed: int = 0, level: float = 0.95) -> list[dict[str, tuple[float, float]]]:
-    """95 % bootstrap intervals of every task score, D, U, H and ΔU, for each model.
+def bootstrap_replicates(items: dict[str, torch.Tensor], down: Sequence[str], up: Sequence[str],
+                         replicates: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Bootstrap replicates [models, R] of every task score and of D, U, H and ΔU.
 
     ``items[task]`` is [models, n_items]: each model's score per item of that task (row 0 the base).
     Each task's items are resampled on their own (a stratified bootstrap: tasks keep their sizes); the
-    same draw serves every model, so ΔU = U_model - U_base is a paired interval. D and U are the means of
-    their tasks' replicate means and H = 2UD/(U+D) of each replicate, as the point estimates are.
-    Returns per model {task: (lo, hi), "D", "U", "H", "dU"}."""
-    means = {}
+    same draw serves every model, so any difference of two models' replicates is paired. D and U are
+    the means of their tasks' replicate means and H = 2UD/(U+D) of each replicate, as the point
+    estimates are; ΔU = U - U_base."""
+    reps = {}
     for k, (name, x) in enumerate(items.items()):
         idx = bootstrap_indices(x.shape[1], replicates, seed + 7919 * k)
-        means[name] = x.double()[:, idx].mean(-1)                 # [models, R]
+        reps[name] = x.double()[:, idx].mean(-1)                 # [models, R]
+    d = torch.stack([reps[n] for n in down]).mean(0)
+    u = torch.stack([reps[n] for n in up]).mean(0)
+    reps.update(D=d, U=u, H=torch.where(u + d > 0, 2 * u * d / (u + d).clamp_min(1e-12), torch.zeros_like(u)),
+                dU=u - u[0:1])
+    return reps
+
+
+def bootstrap_report(items: dict[str, torch.Tensor], down: Sequence[str], up: Sequence[str], replicates: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> list[dict[str, tuple[float, float]]]:
+    """95 % bootstrap intervals of every task score, D, U, H and ΔU, for each model (``bootstrap_replicates``'
+    draws). Returns per model {task: (lo, hi), "D", "U", "H", "dU"}."""
+    reps = bootstrap_replicates(items, down, up, replicates, seed)
     n_models = next(iter(items.values())).shape[0]
-    d = torch.stack([means[n] for n in down]).mean(0)
-    u = torch.stack([means[n] for n in up]).mean(0)
-    h = torch.where(u + d > 0, 2 * u * d / (u + d).clamp_min(1e-12), torch.zeros_like(u))
-    du = u - u[0:1]
-    out = []
-    for m in range(n_models):
-        row = {n: percentile_interval(v[m], level) for n, v in means.items()}
-        row.update(D=percentile_interval(d[m], level), U=percentile_interval(u[m], level),
-                   H=percentile_interval(h[m], level), dU=percentile_interval(du[m], level))
-        out.append(row)
-    return out
+    return [{n: percentile_interval(v[m], level) for n, v in reps.items()} for m in range(n_models)]
+
+
+def ratio_replicates(num: torch.Tensor, den: torch.Tensor, replicates: int = 1000, seed: int = 0) -> torch.Tensor:
+    """Bootstrap replicates [..., R] of sum(num) / sum(den) over units (the last axis of num, den
+    [..., n]; e.g. drift: per probe sequence the summed KL and its position count), whole units
+    resampled, the same draw for every leading row (paired)."""
+    idx = bootstrap_indices(num.shape[-1], replicates, seed)
+    return num.double()[..., idx].sum(-1) / den.double()[..., idx].sum(-1).clamp_min(1e-12)
+
+
+def paired_difference(reps: torch.Tensor, pairs: Sequence[tuple[int, int]], level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean over ``pairs`` (model, reference) of the replicate-by-replicate
+    difference reps[model] - reps[reference] (reps [models, R], drawn on the same resamples for every
+    model). One pair: the paired bootstrap interval of a difference; several (one per seed): of the
+    mean difference over seeds, with the items' noise only."""
+    diff = torch.stack([reps[m] - reps[r] for m, r in pairs]).mean(0)
+    return percentile_interval(diff, level)
 
 
 def ratio_interval(num: torch.Tensor, den: torch.Tensor, replicates: int = 1000, seed: int = 0,
                    level: float = 0.95) -> tuple[float, float]:
     """Bootstrap interval of sum(num) / sum(den) over units [n] (e.g. drift: per sequence the summed KL
     and its position count), resampling whole units."""
-    idx = bootstrap_indices(num.shape[0], replicates, seed)
-    reps = num.double()[idx].sum(-1) / den.double()[idx].sum(-1).clamp_min(1e-12)
-    return percentile_interval(reps, level)
+    return percentile_interval(ratio_replicates(num, den, replicates, seed), level)

@@ -150,3 +150,83 @@ def test_shipped_suites_are_well_formed():
         assert ts and all(t.kind in tasks.KINDS or (t.harness, t.kind) == ("lmms-eval", "lmms") for t in ts), path
     demo = tasks.load_suite(ROOT / "dowser_cli" / "configs" / "tasks" / "demo.yaml")
     assert {t.role for t in demo} == {"downstream", "upstream"} and any(t.kind == "drift" for t in demo)
+
+
+@pytest.fixture(scope="module")
+def seeded(setup):
+    """Two methods over two seeds, 2 steps each with a snapshot after every step: full-ft-s<N> and
+    attn-s<N> (--targets attn), runs named as scripts/compare_methods.sh names them."""
+    from dowser_cli.datasets import write_digits
+
+    d = setup / "seeded"
+    files = write_digits(d / "digits", n_train=16, n_test=4)
+    for seed in (0, 1):
+        for name, extra in (("full-ft", {}), ("attn", {"targets": "attn"})):
+            finetune.run("tiny-llava", files["train"], d / f"{name}-s{seed}",
+                         FinetuneConfig(lr=1e-3, max_steps=2, batch_size=4, warmup_ratio=0.0, seed=seed,
+                                        snapshot_every=1, **extra))
+    return d
+
+
+def test_snapshots_make_forgetting_curves_and_runs_pair_by_seed_and_step(setup, seeded, tmp_path):
+    out = tmp_path / "rep"
+    runs = [seeded / f"{m}-s{s}" for s in (0, 1) for m in ("full-ft", "attn")]
+    r = run_cli("eval-forgetting", "--base", "tiny-llava", *runs, "--tasks", setup / "suite.yaml", "--out", out,
+                "--batch-size", "4", "--snapshots", "--reference", "full-ft", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    labels = [x["model"] for x in rows]
+    assert labels[:4] == ["base (tiny-llava)", "full-ft-s0@1", "full-ft-s0@2", "full-ft-s0"]
+    assert len(rows) == 1 + 4 * 3
+    final = {x["model"]: x for x in rows}
+    # the last snapshot is the finished run: the same delta, the same scores (a cache hit)
+    assert final["attn-s1@2"]["U"] == final["attn-s1"]["U"] and final["attn-s1"]["step"] == 2
+    rep = artifacts.read_yaml(out / "report.yaml")
+    p = rep["paired"]
+    assert p["reference"] == "full-ft"
+    pair = {(x["model"], x["step"]): x for x in p["pairs"]}
+    assert set(pair) == {(f"attn-s{s}{a}", st) for s in (0, 1) for a, st in (("@1", 1), ("@2", 2), ("", 2))}
+    x = pair[("attn-s1@1", 1)]
+    assert x["reference"] == "full-ft-s1@1"
+    assert x["dU"] == pytest.approx(final["attn-s1@1"]["U"] - final["full-ft-s1@1"]["U"], abs=0.011)
+    assert x["ddrift"] == pytest.approx(final["attn-s1@1"]["drift"] - final["full-ft-s1@1"]["drift"], rel=1e-3, abs=1e-6)
+    for k in ("dD", "dU", "dH", "ddrift"):
+        lo, hi = x["ci95"][k]
+        assert lo <= x[k] + 1e-6 and x[k] <= hi + 1e-6
+    pooled = {(y["group"], y["step"]): y for y in p["pooled"]}
+    y = pooled[("attn", 1)]
+    assert y["seeds"] == [0, 1]
+    assert y["dU"] == pytest.approx((pair[("attn-s0@1", 1)]["dU"] + pair[("attn-s1@1", 1)]["dU"]) / 2, abs=0.011)
+    assert y["per_seed"]["dU"] == [pair[("attn-s0@1", 1)]["dU"], pair[("attn-s1@1", 1)]["dU"]]
+    md = (out / "report.md").read_text()
+    assert "## Forgetting curves" in md and "| attn-s0 | 1 |" in md
+    assert "## Paired against full-ft" in md and "| attn-s1@1 | full-ft-s1@1 | 1 |" in md and "Pooled over seeds" in md
+    assert (out / "report-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep["drift_vs_dU"]["runs"] == 12
+    # one snapshot by RUN@STEP, from the cache
+    r = run_cli("eval-forgetting", "--base", "tiny-llava", f"{seeded / 'attn-s0'}@1", "--tasks", setup / "suite.yaml",
+                "--out", out, "--batch-size", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    one = json.loads(r.stdout)[1]
+    assert one["model"] == "attn-s0@1" and one["U"] == final["attn-s0@1"]["U"]
+
+
+@pytest.mark.parametrize("case", ["step", "reference"])
+def test_bad_snapshot_or_reference_one_line_exit_2(setup, seeded, tmp_path, case):
+    args = {"step": [f"{seeded / 'attn-s0'}@7"],
+            "reference": [seeded / "attn-s0", "--reference", "lora"]}[case]
+    r = run_cli("eval-forgetting", "--base", "tiny-llava", *args, "--tasks", setup / "suite.yaml",
+                "--out", tmp_path / "rep", "--batch-size", "4")
+    want = {"step": "no snapshot at step 7; it has 1, 2",
+            "reference": "--reference lora: no such run or method among the runs; names: attn, attn-s0"}[case]
+    assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_drift_tracking_spearman_with_an_interval_over_models():
+    rows = [{"drift": d, "dU": -u} for d, u in [(0.1, 1), (0.2, 3), (0.3, 2), (0.4, 5), (0.5, 4), (0.6, 7)]]
+    got = evaluate._drift_tracking(rows, EvalConfig(bootstrap=300))
+    # ranks of drift 1..6 against loss ranks 1,3,2,5,4,6: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 4 / 210
+    assert got["runs"] == 6 and got["spearman"] == pytest.approx(1 - 24 / 210, abs=1e-4)
+    lo, hi = got["ci95"]
+    assert -1 <= lo <= got["spearman"] <= hi <= 1

@@ -1,5 +1,6 @@
 """Metrics against hand-worked examples."""
 import pytest
+import torch
 
 from dowser_cli import metrics
 
@@ -120,3 +121,45 @@ def test_ratio_interval_resamples_whole_sequences():
     den = torch.tensor([1, 1, 1, 2])
     lo, hi = metrics.ratio_interval(num, den, replicates=400, seed=0)
     assert lo <= 16 / 5 <= hi and 1.0 <= lo and hi <= 5.0
+
+
+def test_paired_bootstrap_against_a_brute_force_loop():
+    """Three models, a downstream and two upstream tasks: the paired interval of model 1 minus model 2
+    (and of the mean over the pairs (1, 2) and (0, 2)) equals a replicate-by-replicate loop over the same
+    item draws; the unpaired intervals are wider than the paired one for correlated models."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.rand(30, generator=g) < 0.6).double()
+    items = {"down": (torch.rand(3, 20, generator=g) < 0.5).double(),
+             "up1": torch.stack([base, base.clone(), base.clone()]),
+             "up2": (torch.rand(1, 25, generator=g) < 0.7).double().repeat(3, 1)}
+    items["up1"][1, :4] = 1 - items["up1"][1, :4]       # upstream, model 1 differs from model 2 on 4 items only
+    items["up2"][0, :3] = 1 - items["up2"][0, :3]
+    R, seed = 200, 5
+    reps = metrics.bootstrap_replicates(items, ["down"], ["up1", "up2"], R, seed)
+    draws = {name: metrics.bootstrap_indices(x.shape[1], R, seed + 7919 * k) for k, (name, x) in enumerate(items.items())}
+
+    def stat(m, r, key):
+        mean = {n: float(items[n][m][draws[n][r]].mean()) for n in items}
+        d, u = mean["down"], (mean["up1"] + mean["up2"]) / 2
+        return {"D": d, "U": u, "H": 2 * u * d / (u + d) if u + d else 0.0}[key]
+
+    for key in ("D", "U", "H"):
+        want = torch.tensor([stat(1, r, key) - stat(2, r, key) for r in range(R)], dtype=torch.float64)
+        lo, hi = metrics.paired_difference(reps[key], [(1, 2)])
+        assert (lo, hi) == pytest.approx(metrics.percentile_interval(want), abs=1e-12)
+        pooled = torch.tensor([(stat(1, r, key) - stat(2, r, key) + stat(0, r, key) - stat(2, r, key)) / 2
+                               for r in range(R)], dtype=torch.float64)
+        assert metrics.paired_difference(reps[key], [(1, 2), (0, 2)]) == pytest.approx(
+            metrics.percentile_interval(pooled), abs=1e-12)
+    lo, hi = metrics.paired_difference(reps["U"], [(1, 2)])
+    u1, u2 = metrics.percentile_interval(reps["U"][1]), metrics.percentile_interval(reps["U"][2])
+    assert hi - lo < min(u1[1] - u1[0], u2[1] - u2[0])
+
+
+def test_ratio_replicates_share_one_draw_across_models():
+    num = torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0]])
+    den = torch.ones(2, 4)
+    reps = metrics.ratio_replicates(num, den, 50, 1)
+    assert torch.allclose(reps[1], 2 * reps[0])      # the same sequences drawn for both rows
+    idx = metrics.bootstrap_indices(4, 50, 1)
+    assert torch.allclose(reps[0], num[0][idx].sum(-1).double() / 4)
