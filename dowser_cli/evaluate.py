@@ -592,9 +592,12 @@ def paired_report(rows: list[dict], reps: dict[str, torch.Tensor], reference: st
         ci = {f"d{k}": _round_ci(k, metrics.paired_difference(reps[k], [(i, j)])) for k in keys}
         pairs.append({"model": r["model"], "reference": rows[j]["model"], "step": r["step"], "seed": seed,
                       **diff, "ci95": ci})
-        pooled.setdefault((group, r["step"]), []).append((i, j, seed))
+        by_seed = pooled.setdefault((group, r["step"]), {})
+        if seed not in by_seed or "@" not in r["model"]:
+            by_seed[seed] = (i, j)   # a finished run and its last snapshot are one state: counted once
     out = []
-    for (group, step), ij in pooled.items():
+    for (group, step), seeds in pooled.items():
+        ij = [(i, j, seed) for seed, (i, j) in seeds.items()]
         idx = [(i, j) for i, j, _ in ij]
         point = {f"d{k}": _round(k, sum(_diff(rows[i], rows[j], k) for i, j in idx) / len(idx)) for k in keys}
         spread = {f"d{k}": [_diff(rows[i], rows[j], k) for i, j in idx] for k in keys}

@@ -6,7 +6,9 @@
 
 Per method: D, U, H, ΔU and drift as mean ± sample standard deviation over its seeds, the range
 [min, max], and the mean half-width of the per-run 95 % bootstrap intervals (item noise within one run;
-the seeds' spread is the training noise across runs). The chart's error bars are ± one standard
+the seeds' spread is the training noise across runs). When the report was made with
+`eval-forgetting --reference METHOD`, a last column gives each method's ΔU against it, paired and pooled
+over seeds, with its paired bootstrap interval. Snapshots (RUN@STEP) are left out: the runs' ends only. The chart's error bars are ± one standard
 deviation over seeds (a method run with one seed: its 95 % bootstrap interval); the base is a star with
 its bootstrap interval."""
 from __future__ import annotations
@@ -24,6 +26,8 @@ KEYS = ("D", "U", "H", "dU", "drift")
 def groups(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows[1:]:
+        if "@" in r["model"]:   # a snapshot: curves are in the report itself
+            continue
         m = re.fullmatch(r"(.+)-s(\d+)", r["model"])
         out.setdefault(m.group(1) if m else r["model"], []).append(r)
     return out
@@ -48,6 +52,18 @@ def fmt(s: dict | None, signed: bool = False, drift: bool = False) -> str:
         return f"{s['mean']:.4f} ± {s['sd']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
     ci = f" (±{s['ci_half']:.1f})" if s["ci_half"] is not None else ""
     return f"{s['mean']:{f}} ± {s['sd']:.2f} [{s['min']:{f}}, {s['max']:{f}}]{ci}"
+
+
+def vs_reference(paired: dict, method: str, runs: list[dict]) -> str:
+    """The pooled paired ΔU of ``method`` against the reference at its runs' last step."""
+    if method == paired["reference"]:
+        return "(reference)"
+    step = runs[0].get("step")
+    hit = next((p for p in paired["pooled"] if p["group"] == method and p["step"] == step), None)
+    if hit is None:
+        return "-"
+    lo, hi = hit["ci95"]["dU"]
+    return f"{hit['dU']:+.2f} [{lo:+.2f}, {hi:+.2f}] (seeds {','.join(map(str, hit['seeds']))})"
 
 
 def per_run(rows: list[dict]) -> None:
@@ -77,19 +93,22 @@ def main() -> None:
     ap.add_argument("--per-run", action="store_true",
                     help="print instead one line per run: D, U, H, ΔU and drift with their 95 %% intervals")
     a = ap.parse_args()
-    rows = yaml.safe_load((a.report / "report.yaml").read_text())["rows"]
+    report = yaml.safe_load((a.report / "report.yaml").read_text())
+    rows = report["rows"]
+    paired = report.get("paired")
     if a.per_run:
         per_run(rows)
         return
     base, g = rows[0], groups(rows)
     has_drift = any("drift" in r for r in rows)
-    head = ["method", "seeds", "D", "U", "H", "ΔU"] + (["drift (KL)"] if has_drift else [])
+    head = ["method", "seeds", "D", "U", "H", "ΔU"] + (["drift (KL)"] if has_drift else []) + \
+        ([f"ΔU vs {paired['reference']} (paired, pooled)"] if paired else [])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     bci = base.get("ci95", {})
     print(f"| {base['model']} | - | {base['D']:.2f} [{bci.get('D', ['-', '-'])[0]}, {bci.get('D', ['-', '-'])[1]}] | "
           f"{base['U']:.2f} [{bci.get('U', ['-', '-'])[0]}, {bci.get('U', ['-', '-'])[1]}] | {base['H']:.2f} | +0.00 |"
-          + (" 0 |" if has_drift else ""))
+          + (" 0 |" if has_drift else "") + (" - |" if paired else ""))
     stats = {}
     for method, runs in g.items():
         stats[method] = {k: summary(runs, k) for k in KEYS}
@@ -97,6 +116,8 @@ def main() -> None:
         cells = [method, str(len(runs)), fmt(s["D"]), fmt(s["U"]), fmt(s["H"]), fmt(s["dU"], signed=True)]
         if has_drift:
             cells.append(fmt(s["drift"], drift=True))
+        if paired:
+            cells.append(vs_reference(paired, method, runs))
         print("| " + " | ".join(cells) + " |")
     print()
     print("mean ± sd over seeds [min, max] (± mean half-width of the runs' 95 % bootstrap intervals)")

@@ -203,6 +203,14 @@ def test_snapshots_make_forgetting_curves_and_runs_pair_by_seed_and_step(setup, 
     assert "## Paired against full-ft" in md and "| attn-s1@1 | full-ft-s1@1 | 1 |" in md and "Pooled over seeds" in md
     assert (out / "report-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["drift_vs_dU"]["runs"] == 12
+    # the seeds' table: the runs' ends only, with the pooled paired ΔU against the reference
+    import subprocess
+    import sys
+    agg = subprocess.run([sys.executable, str(ROOT / "scripts" / "aggregate_seeds.py"), str(out)], capture_output=True,
+                         text=True, check=True).stdout
+    y2 = {(z["group"], z["step"]): z for z in p["pooled"]}[("attn", 2)]
+    want = f"{y2['dU']:+.2f} [{y2['ci95']['dU'][0]:+.2f}, {y2['ci95']['dU'][1]:+.2f}] (seeds 0,1)"
+    assert "ΔU vs full-ft (paired, pooled)" in agg and want in agg and "(reference)" in agg and "@" not in agg
     # one snapshot by RUN@STEP, from the cache
     r = run_cli("eval-forgetting", "--base", "tiny-llava", f"{seeded / 'attn-s0'}@1", "--tasks", setup / "suite.yaml",
                 "--out", out, "--batch-size", "4", "--json")
