@@ -152,7 +152,7 @@ def finetune(
 ):
     """Fine-tune the selected decoder layers; inside masked matrices only the mask's trainable entries
     change and every frozen entry stays bit-identical to the base model (weight decay included).
-    The paper's comparators and PEFT's tuners run through the same loop: --method full-ft | spider | lora |
+    The paper's comparators and PEFT's tuners run through the same loop: --method full-ft | replay | spider | lora |
     osf | supertuning; --targets attn tunes the attention linears only.
     Writes OUT/delta.safetensors (trainable values only) and OUT/run.yaml."""
     from dowser_cli import finetune as ft

@@ -294,12 +294,14 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
                 dt = time.perf_counter() - t
                 state.train_s += dt
                 state.tokens += tokens
+                extra = method.step_metrics() if method is not None else {}
                 state.losses.append({"step": state.step + 1, "loss": round(loss, 6),
                                      "lr": float(f"{cfg.lr * lr_at(state.step):.6g}"), "tokens": tokens,
-                                     "seconds": round(dt, 4), **({} if finite else {"skipped": True})})
+                                     "seconds": round(dt, 4), **{k: round(v, 6) for k, v in extra.items()},
+                                     **({} if finite else {"skipped": True})})
                 state.step += 1
                 bar.update(task, advance=1, info=f"loss {loss:.4f}  {seen / dt:,.0f} tok/s")
-                tracker.log(state.step, _step_metrics(r, cfg.lr * lr_at(state.step - 1), dt, p.device))
+                tracker.log(state.step, {**_step_metrics(r, cfg.lr * lr_at(state.step - 1), dt, p.device), **extra})
                 measured = None
                 if meter is not None and state.step % cfg.drift_every == 0:
                     measured = float(f"{meter.measure():.6g}")

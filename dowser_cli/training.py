@@ -27,11 +27,13 @@ STRATEGIES = ("ddp", "fsdp")   # the multi-process backends (dowser_cli.distribu
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 NAN_POLICIES = ("stop", "skip-step")
 REPORT_TO = ("none", "tensorboard", "wandb")   # dowser_cli.trackers
+REPLAY_LOSSES = ("lm", "kl")
 
 
 @dataclass
 class FinetuneConfig:
-    method: str = option("", "masked | full-ft | spider | lora | osf | supertuning (dowser_cli.methods.finetuning).",
+    method: str = option("", "masked | full-ft | replay | spider | lora | osf | supertuning "
+                         "(dowser_cli.methods.finetuning).",
                          show="masked with --mask, else full-ft")
     lr: float = option(2e-5, "Peak learning rate.")
     projector_lr: float = option(0.0, "Peak lr of a trained projector (e.g. a fresh one).", show="0 = --lr")
@@ -84,6 +86,14 @@ class FinetuneConfig:
     lora_r: int = option(8, "--method lora: adapter rank.")
     lora_alpha: float = option(16.0, "--method lora: scaling alpha (update alpha/r * BA).")
     lora_dropout: float = option(0.0, "--method lora: dropout on the adapter input.")
+    replay_ratio: float = option(0.25, "--method replay: texts of the base's own replayed per training example of a "
+                                 "step (at least one per step).")
+    replay_weight: float = option(1.0, "--method replay: weight of the replay loss beside the task's.")
+    replay_loss: str = option("lm", "--method replay: lm (next-token loss on the base's texts) | kl (KL(base || "
+                              "model) on them; keeps the base's distributions of the pool on the host).")
+    replay_samples: int = option(64, "--method replay: texts in the pool, generated once by the base with the "
+                                 "probe's sampling (cached in OUT/replay.safetensors).")
+    replay_seq_len: int = option(48, "--method replay: tokens per replay text.")
     osf_effective_rank: float = option(0.5, "--method osf: frozen top singular directions, a fraction of the smaller "
                                        "dimension or a count.")
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16.", show="auto: bf16 on GPU")
@@ -136,6 +146,11 @@ def validate(cfg: FinetuneConfig) -> None:
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)"),
         (cfg.osf_effective_rank > 0 and (cfg.osf_effective_rank < 1 or float(cfg.osf_effective_rank).is_integer()),
          f"--osf-effective-rank {cfg.osf_effective_rank}: a fraction in (0, 1) or a whole number of directions"),
+        (cfg.replay_ratio > 0, f"--replay-ratio {cfg.replay_ratio}: must be > 0"),
+        (cfg.replay_weight >= 0, f"--replay-weight {cfg.replay_weight}: must be >= 0"),
+        (cfg.replay_loss in REPLAY_LOSSES, f"--replay-loss {cfg.replay_loss!r}: expected one of {', '.join(REPLAY_LOSSES)}"),
+        (cfg.replay_samples >= 1, f"--replay-samples {cfg.replay_samples}: must be >= 1"),
+        (cfg.replay_seq_len >= 8, f"--replay-seq-len {cfg.replay_seq_len}: must be >= 8"),
         (cfg.report_to in REPORT_TO, f"--report-to {cfg.report_to!r}: expected one of {', '.join(REPORT_TO)}"),
         (cfg.strategy in ("",) + STRATEGIES,
          f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}"),
@@ -435,6 +450,8 @@ def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig
             (loss if factor == 1.0 else loss * factor).backward()
         if factor:
             total += float(loss.detach())
+    if method is not None:
+        method.extra_backward(step, backend.device, dtype)   # e.g. replay's loss on the base's own text
     total, stop_now = backend.agree(total, stop())
     backend.after_backward(model, opt)
     # the norm is taken even without clipping: a non-finite one means this update must not happen

@@ -211,12 +211,13 @@ def test_a_mask_over_the_attention_alone_trains_with_targets_attn(data, tmp_path
 
 
 @pytest.mark.parametrize("args,want", [
-    (["--method", "dare"], "unknown fine-tuning method; available: full-ft, masked, spider, lora, osf, supertuning"),
+    (["--method", "dare"], "unknown fine-tuning method; available: full-ft, masked, replay, spider, lora, osf, supertuning"),
     (["--targets", "attn,conv"], "--targets 'attn,conv': unknown target(s) conv; available: attn, mlp"),
     (["--method", "osf", "--osf-effective-rank", "2.5"], "--osf-effective-rank 2.5: a fraction in (0, 1)"),
     (["--method", "spider", "--mask", "m.safetensors"], "--method spider: takes no --mask"),
     (["--method", "masked"], "--method masked: needs --mask"),
     (["--method", "lora", "--lora-r", "0"], "--lora-r 0: must be >= 1"),
+    (["--method", "replay", "--replay-loss", "mse"], "--replay-loss 'mse': expected one of lm, kl"),
 ])
 def test_method_errors_are_one_line(data, tmp_path, args, want):
     r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "run", *args)
@@ -224,7 +225,7 @@ def test_method_errors_are_one_line(data, tmp_path, args, want):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("method", ["spider", "lora"])
+@pytest.mark.parametrize("method", ["spider", "lora", "replay"])
 def test_interrupted_run_resumes_to_the_identical_delta(data, tmp_path, monkeypatch, method):
     from dowser_cli.errors import Interrupted
 
@@ -246,3 +247,92 @@ def test_interrupted_run_resumes_to_the_identical_delta(data, tmp_path, monkeypa
     finetune.run("tiny-llava", data, tmp_path / "cut", cfg, resume=True)
     assert (tmp_path / "cut" / "delta.safetensors").read_bytes() == \
         (tmp_path / "whole" / "delta.safetensors").read_bytes()
+
+
+# ---- data-free replay -----------------------------------------------------------------------------------
+
+def test_replay_loss_against_brute_force(tiny_models):
+    """lm: the mean next-token cross-entropy over the real tokens; kl: the mean over real positions of
+    sum_v p_base (log p_base - log p_model), each position computed on its own."""
+    from dowser_cli.methods.finetuning import replay_loss
+
+    lm = tiny_models("tiny-llava")
+    ids = torch.tensor([[1, 40, 50, 60, 70], [1, 41, 51, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        got = float(replay_loss(lm, ids, mask, None))
+        terms = []
+        for b in range(2):
+            n = int(mask[b].sum())
+            logits = lm.model(input_ids=ids[b:b + 1, :n]).logits[0].double()
+            terms += [-float(torch.log_softmax(logits[t], -1)[ids[b, t + 1]]) for t in range(n - 1)]
+        assert got == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+        base_lp = torch.log_softmax(torch.randn(2, 5, lm.model.config.text_config.vocab_size,
+                                                generator=torch.Generator().manual_seed(0)), -1)
+        got = float(replay_loss(lm, ids, mask, base_lp))
+        kls = []
+        for b in range(2):
+            n = int(mask[b].sum())
+            lq = torch.log_softmax(lm.model(input_ids=ids[b:b + 1, :n]).logits[0].double(), -1)
+            kls += [float((base_lp[b, t].double().exp() * (base_lp[b, t].double() - lq[t])).sum()) for t in range(n)]
+        assert got == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["lm", "kl"])
+def test_replay_adds_its_weighted_gradient_to_the_step(loss):
+    """extra_backward's gradients scale with --replay-weight (weight 2 = twice weight 1), and depend on
+    the step (another draw of replay texts). The pool (and kl's base distributions) come from the base;
+    the weights are then moved off it."""
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source("tiny-llava")
+    grads = {}
+    for w, step in ((1.0, 0), (2.0, 0), (1.0, 5)):
+        lm = load_model(src, load_config(src), torch.float32, "cpu")
+        run = FINETUNE_METHODS.get("replay", "--method").make(
+            lm, FinetuneConfig(method="replay", replay_weight=w, replay_loss=loss, replay_samples=6, replay_seq_len=10,
+                               batch_size=4, tune_layers="all"))
+        tr = run.trainable(list(range(lm.parts.num_layers)), {})
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():   # away from the base (where KL and its gradient are 0), the same way each time
+            for p in tr.params.values():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                p.grad = None
+        run.extra_backward(step, "cpu", torch.float32)
+        assert run.step_metrics()["replay_loss"] >= 0
+        grads[(w, step)] = {n: p.grad.clone() for n, p in tr.params.items() if p.grad is not None}
+    a, b, c = grads[(1.0, 0)], grads[(2.0, 0)], grads[(1.0, 5)]
+    assert a and all(torch.allclose(2 * a[n], b[n], atol=1e-7) for n in a)
+    assert any(not torch.allclose(a[n], c[n]) for n in a)
+
+
+def test_replay_weight_zero_is_the_plain_run_and_replay_with_a_mask_keeps_frozen_entries(data, tmp_path):
+    from dowser_cli import mask as mask_mod
+    from dowser_cli import probe
+
+    plain = _run(data, tmp_path / "plain", "full-ft")
+    zero = _run(data, tmp_path / "zero", "replay", replay_weight=0.0, replay_samples=4, replay_seq_len=10)
+    one = _run(data, tmp_path / "one", "replay", replay_samples=4, replay_seq_len=10)
+    a, z, o = (artifacts.read_tensors(tmp_path / n / "delta.safetensors") for n in ("plain", "zero", "one"))
+    assert all(torch.equal(a[k], z[k]) for k in a)              # no weight, no change
+    assert any(not torch.equal(a[k], o[k]) for k in a)          # the replay loss moves the weights
+    assert [x["loss"] for x in zero["loss_curve"]] == [x["loss"] for x in plain["loss_curve"]]
+    assert all(x["replay_loss"] > 0 for x in one["loss_curve"]) and one["method"] == "replay"
+    assert one["method_details"]["per_step"] == 1 and (tmp_path / "one" / "replay.safetensors").is_file()
+    scores = tmp_path / "s.safetensors"
+    probe.run("tiny-llava", scores, probing.ProbeConfig(samples=4, batch_size=2, probes=2, seq_len=12))
+    m = tmp_path / "m.safetensors"
+    mask_mod.run(scores, m, mask_mod.MaskConfig(ratio=0.2))
+    r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "mr", "--mask", m, "--method", "replay",
+                "--replay-samples", "4", "--replay-seq-len", "10", "--max-steps", "2", "--lr", "1e-2")
+    assert r.returncode == 0, r.stderr
+    side = artifacts.read_yaml(tmp_path / "mr" / "run.yaml")
+    assert side["method"] == "dowser-mask+replay"
+    tuned = dict(load_run(open_run(tmp_path / "mr")).model.named_parameters())
+    from dowser_cli.artifacts.masks import open_mask
+    mf = open_mask(m)
+    base = _base()
+    for name in mf.params:
+        frozen = ~mf.dense(name)
+        assert torch.equal(tuned[name][frozen], base[name][frozen]), name
+    assert any(not torch.equal(tuned[n], base[n]) for n in mf.params)

@@ -7,6 +7,8 @@ so methods differ only where their papers differ.
 
 - ``full-ft``: the selected layers train densely.
 - ``masked``: inside a mask from `dowser mask` (dowser, magnitude, wanda, sensitivity, random, inverse) only.
+- ``replay``: data-free rehearsal, the base's own generations mixed into every step, with or without a
+  mask (the peer practitioners reach for: mixing general data into fine-tuning, made data-free).
 - ``spider``: SPIDER's soft masking (training-time): after every step each entry is pulled back
   towards theta_0 by a coefficient from its pretrained vs fine-tuning importance (scoring.spider_*).
 - ``lora``, ``osf``, ``supertuning``: PEFT's LoRA, OSF (orthogonal subspace fine-tuning) and
@@ -16,7 +18,7 @@ so methods differ only where their papers differ.
 from __future__ import annotations
 
 import abc
-
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from dowser_cli import scoring
 from dowser_cli.training import FinetuneConfig, Trainable, select_trainable
 from dowser_cli.methods.registry import FINETUNE_METHODS, FinetuneMethod
 from dowser_cli.models import LoadedModel
+from dowser_cli.runtime import step_seed
 from dowser_cli.selection import TARGETS, layer_of, parse_targets
 
 
@@ -41,6 +44,14 @@ class MethodRun:
 
     def trainable(self, layers: list[int], masks: dict[str, torch.Tensor]) -> Trainable:
         return select_trainable(self.lm, self.cfg, layers, masks)
+
+    def extra_backward(self, step: int, device: str, dtype: torch.dtype) -> None:
+        """After the step's task backward passes, before clipping: a loss term of the method's own
+        (its gradients add to the task's)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """What the method reports for the step just taken (run.yaml's loss curve, the tracker)."""
+        return {}
 
     def before_step(self, opt) -> None:
         """After backward and clipping, before the optimiser step."""
@@ -70,6 +81,94 @@ class MethodRun:
 class Masked(MethodRun):
     def label(self, mask_meta):
         return f"{(mask_meta or {}).get('strategy', 'dowser')}-mask"
+
+
+class Replay(MethodRun):
+    """Data-free rehearsal: texts the base model writes itself (the probe's generator, so no data),
+    mixed into every step: ceil(--replay-ratio x the step's examples) of them, drawn from a fixed pool
+    by (seed, step). Loss = task loss (mean over assistant tokens) + --replay-weight x replay loss:
+    ``lm``, the mean next-token cross-entropy over the replay texts' tokens; ``kl``, the mean over their
+    positions of KL(p_base || p_model), the base's distributions computed once when the pool is made.
+    With --mask, only the mask's entries move (``dowser mask`` + replay); without, the layers train
+    densely."""
+
+    SEED_OFFSET = 1_000_003   # the pool's texts never coincide with the drift meter's (seed 0)
+
+    def label(self, mask_meta):
+        return f"{mask_meta.get('strategy', 'dowser')}-mask+replay" if mask_meta else "replay"
+
+    def trainable(self, layers, masks):
+        tr = super().trainable(layers, masks)
+        self.pool, self.base_lp = self._pool()
+        self.last: dict[str, float] = {}
+        return tr
+
+    def _pool(self):
+        from dowser_cli import drift
+        from dowser_cli.data import pack_right, pad_id
+
+        cfg, lm = self.cfg, self.lm
+        seqs = drift.probe_texts(lm, cfg.replay_samples, cfg.replay_seq_len, self.SEED_OFFSET + cfg.seed,
+                                 str(lm.model.device))
+        ids, mask = pack_right(seqs, pad_id(lm.tokenizer))
+        base_lp = None
+        if cfg.replay_loss == "kl":   # before any update (and before --resume writes the checkpoint's values)
+            was = lm.model.training
+            lm.model.eval()
+            base_lp = torch.cat([drift.log_probs(lm, ids[i:i + 8].to(lm.model.device),
+                                                 mask[i:i + 8].long().to(lm.model.device)).cpu()
+                                 for i in range(0, len(seqs), 8)])
+            lm.model.train(was)
+        self.cache = {"input_ids": ids, "attention_mask": mask.to(torch.uint8)}
+        return (ids, mask.long()), base_lp
+
+    def extra_backward(self, step, device, dtype):
+        cfg = self.cfg
+        ids, mask = self.pool
+        n = max(1, math.ceil(cfg.replay_ratio * cfg.batch_size * cfg.grad_accum))
+        g = torch.Generator().manual_seed(step_seed(cfg.seed + self.SEED_OFFSET, step))
+        pick = torch.randint(len(ids), (n,), generator=g)
+        loss = replay_loss(self.lm, ids[pick].to(device), mask[pick].to(device),
+                           None if self.base_lp is None else self.base_lp[pick].to(device))
+        (cfg.replay_weight * loss).backward()
+        self.last = {"replay_loss": float(loss.detach())}
+
+    def step_metrics(self):
+        return self.last
+
+    def finish(self, tr, out):
+        from dowser_cli import artifacts
+
+        artifacts.write_safetensors(out / "replay.safetensors", self.cache,
+                                    {"replay_loss": self.cfg.replay_loss, "seed": str(self.SEED_OFFSET + self.cfg.seed)})
+        return tr
+
+    def state_bytes(self):
+        return sum(t.numel() * t.element_size() for t in (*self.pool, *([self.base_lp] if self.base_lp is not None
+                                                                         else [])))
+
+    def describe(self):
+        cfg = self.cfg
+        return {"pool": {"texts": cfg.replay_samples, "tokens_each": cfg.replay_seq_len,
+                         "seed": self.SEED_OFFSET + cfg.seed, "generator": "the probe's sampling (text only)",
+                         "file": "replay.safetensors"},
+                "per_step": max(1, math.ceil(cfg.replay_ratio * cfg.batch_size * cfg.grad_accum)),
+                "loss": cfg.replay_loss, "weight": cfg.replay_weight,
+                "objective": "task mean NLL + weight x (lm: mean NLL of the replay tokens | kl: mean KL(base || "
+                             "model) over their positions)"}
+
+
+def replay_loss(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, base_lp: torch.Tensor | None) -> torch.Tensor:
+    """Replay's loss on texts ids [n, T] (mask [n, T], 1 = real): without ``base_lp`` the mean next-token
+    cross-entropy over the real next tokens; with it ([n, T, V] the base's log-probabilities), the mean
+    over real positions of KL(p_base || p_model)."""
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    if base_lp is None:
+        keep = mask[:, 1:].bool()
+        return nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
+    lq = torch.log_softmax(logits, -1)
+    kl = (base_lp.exp() * (base_lp - lq)).sum(-1)
+    return (kl * mask).sum() / mask.sum()
 
 
 class Spider(MethodRun):
@@ -210,6 +309,8 @@ for method in (
                    "the selected layers train densely (the default without --mask)"),
     FinetuneMethod("masked", lambda lm, cfg: Masked("masked", lm, cfg), "required", True,
                    "only the --mask's trainable entries move (the default with --mask)"),
+    FinetuneMethod("replay", lambda lm, cfg: Replay("replay", lm, cfg), "optional", False,
+                   "data-free rehearsal: the base's own texts mixed into every step (with or without --mask)"),
     FinetuneMethod("spider", lambda lm, cfg: Spider("spider", lm, cfg), "forbidden", False,
                    "SPIDER soft masking: pull entries back to theta_0 by importance after each step"),
     FinetuneMethod("lora", lambda lm, cfg: Lora("lora", lm, cfg), "forbidden", False,

@@ -49,7 +49,7 @@ MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
 @dataclass(frozen=True)
 class FinetuneMethod:
     """A way to fine-tune the selected layers. ``make(lm, cfg)`` returns the run's hooks (an object
-    with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden";
+    with the interface of ``methods.finetuning.MethodRun``); ``mask``: "required" | "forbidden" | "optional";
     ``distributed``: whether it runs under torchrun (DDP / FSDP); ``snapshots``: whether its trained
     values make a delta before the run ends (PEFT tuners merge only at the end)."""
 
