@@ -8,7 +8,8 @@
 # stopped at any time and run again to go on where it stopped; a long run resumes from its
 # checkpoint, written every SAVE_EVERY steps):
 #   stress   lr 1e-3 at 64 steps (the cheap stress): full-ft dowser random inverse, seeds $SEEDS
-#   volume   lr 1e-4, VOLUME_STEPS steps of 4 (default 1024), snapshots at 64 128 256 512:
+#   volume   lr 1e-4, VOLUME_STEPS steps of 4 (default 1024), snapshots at 64 128 256 512, the live
+#            drift meter every DRIFT_EVERY steps:
 #            full-ft dowser random inverse, seeds $SEEDS
 #   replay   replay (data-free rehearsal) and dowser + replay along the same volume, seeds $SEEDS
 #   ablate   magnitude wanda sensitivity along the volume, seed 0
@@ -25,6 +26,7 @@ SEEDS=${SEEDS:-"0 1"}
 VOLUME_STEPS=${VOLUME_STEPS:-1024}
 SNAPSHOTS=${SNAPSHOTS:-"64,128,256,512"}
 SAVE_EVERY=${SAVE_EVERY:-16}
+DRIFT_EVERY=${DRIFT_EVERY:-32}   # the live drift meter (finetune --drift-every)
 LAYERS=(--tune-layers last:20)
 touch "$OUT/timings.tsv"
 
@@ -95,17 +97,17 @@ for stage in $STAGES; do
         volume)
             for seed in $SEEDS; do for m in dowser random full-ft inverse; do
                 method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
-                    --save-every "$SAVE_EVERY"
+                    --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
             done; done ;;
         replay)
             for seed in $SEEDS; do for m in dowser+replay replay; do
                 method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
-                    --save-every "$SAVE_EVERY"
+                    --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
             done; done ;;
         ablate)
             for m in magnitude wanda sensitivity; do
                 method_run volume "$m" 0 --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
-                    --save-every "$SAVE_EVERY"
+                    --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
             done ;;
         report)
             "$PY" "$(dirname "$0")/study_report.py" "$OUT" ;;
