@@ -114,6 +114,9 @@ class FinetuneConfig:
         d.pop("logging_dir")
         d.pop("device")
         d.pop("strategy")
+        if d["method"] != "replay":   # replay's settings shape replay runs only (and older checkpoints lack them)
+            for k in [k for k in d if k.startswith("replay_")]:
+                d.pop(k)
         d["batch_size"] *= world_size()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

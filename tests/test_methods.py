@@ -336,3 +336,14 @@ def test_replay_weight_zero_is_the_plain_run_and_replay_with_a_mask_keeps_frozen
         frozen = ~mf.dense(name)
         assert torch.equal(tuned[name][frozen], base[name][frozen]), name
     assert any(not torch.equal(tuned[n], base[n]) for n in mf.params)
+
+
+def test_replay_settings_enter_the_resume_digest_of_replay_runs_only():
+    """A checkpoint written before the replay options existed resumes (its digest lacks them), and a
+    replay run cannot resume with other replay settings."""
+    plain = FinetuneConfig(method="masked").training_digest()
+    assert FinetuneConfig(method="masked", replay_weight=3.0, replay_loss="kl").training_digest() == plain
+    assert FinetuneConfig(method="replay").training_digest() != FinetuneConfig(method="replay",
+                                                                                replay_weight=3.0).training_digest()
+    # the digest of the masked default as it was computed before the replay options were added
+    assert plain == "c1e23ec0291f92b4"
