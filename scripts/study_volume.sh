@@ -13,7 +13,9 @@
 #            full-ft dowser random inverse, seeds $SEEDS
 #   replay   replay (data-free rehearsal) and dowser + replay along the same volume, seeds $SEEDS
 #   ablate   magnitude wanda sensitivity along the volume, seed 0
-#   report   eval-forgetting of every finished run and snapshot, paired against dowser
+#   report   eval-forgetting of every finished stress run (OUT/report-stress) and of every volume run's
+#            snapshots and end, finished or not (OUT/report-volume, with forgetting curves), each paired
+#            against dowser of the same seed and step; aggregate_seeds.py's table beside (seeds.md)
 # Everything else is the demo's (scripts/common.sh): smol-llava, the shapes task, rho 0.1, the last 20
 # of 30 layers, batch 4, projector trained at 1e-3, cosine with 3 % warm-up, fp32 on the CPU.
 # Each step's wall time is appended to OUT/timings.tsv.
@@ -109,8 +111,20 @@ for stage in $STAGES; do
                 method_run volume "$m" 0 --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
                     --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
             done ;;
-        report)
-            "$PY" "$(dirname "$0")/study_report.py" "$OUT" ;;
+        report)   # every finished run, and every snapshot of the volume runs (finished or not)
+            for setting in stress volume; do
+                runs=()
+                for d in "$OUT"/runs/$setting-*; do
+                    [[ -f $d/run.yaml || -d $d/snapshots ]] && runs+=("$d")
+                done
+                [[ ${#runs[@]} -gt 0 ]] || continue
+                extra=(); [[ $setting == volume ]] && extra=(--snapshots)
+                echo "== eval-$setting (${#runs[@]} runs)" >&2
+                timed "eval-$setting" $DOWSER eval-forgetting --base "$MODEL" "${runs[@]}" --tasks "$TASKS" \
+                    --reference "$setting-dowser" --out "$OUT/report-$setting" --batch-size 16 "${extra[@]}" > /dev/null
+                "$PY" "$(dirname "$0")/aggregate_seeds.py" "$OUT/report-$setting" > "$OUT/report-$setting/seeds.md"
+                echo "$OUT/report-$setting/report.md (+ report-curves.png, seeds.md)" >&2
+            done ;;
         *) echo "study_volume.sh: unknown stage $stage" >&2; exit 2 ;;
     esac
 done

@@ -43,6 +43,10 @@ def test_every_stage_chained_as_docs_commands_md_runs_them(tmp_path):
     assert json.loads(ok("inspect", "runs/dare", "--json").stdout)["method"] == "dare"
     report = artifacts.read_yaml(tmp_path / "report" / "report.yaml")
     assert [r["model"] for r in report["rows"]] == ["base (tiny-llava)", "masked", "full-ft"]
+    curve = artifacts.read_yaml(tmp_path / "report-curve" / "report.yaml")
+    assert [r["model"] for r in curve["rows"]] == ["base (tiny-llava)", "curve@2", "curve@4", "curve", "masked"]
+    assert [(p["model"], p["reference"]) for p in curve["paired"]["pairs"]] == [("curve@2", "masked")]
+    assert [d["step"] for d in artifacts.read_yaml(tmp_path / "runs" / "curve" / "run.yaml")["drift_curve"]] == [1, 2, 3, 4]
 
 
 def test_every_commands_help_ends_with_an_example():
