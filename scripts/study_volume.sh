@@ -29,6 +29,10 @@ VOLUME_STEPS=${VOLUME_STEPS:-1024}
 SNAPSHOTS=${SNAPSHOTS:-"64,128,256,512"}
 SAVE_EVERY=${SAVE_EVERY:-16}
 DRIFT_EVERY=${DRIFT_EVERY:-32}   # the live drift meter (finetune --drift-every)
+# which methods the volume stage runs, and which settings the report evaluates (two invocations with
+# disjoint VOLUME_METHODS can train side by side, e.g. one thread each: OMP_NUM_THREADS=1)
+VOLUME_METHODS=${VOLUME_METHODS:-"dowser random full-ft inverse"}
+REPORT_SETTINGS=${REPORT_SETTINGS:-"stress volume"}
 LAYERS=(--tune-layers last:20)
 touch "$OUT/timings.tsv"
 
@@ -57,8 +61,10 @@ train() {
                --projector-lr 1e-3 --train-projector "${LAYERS[@]}" --seed "$seed" "$@")
     key=$( { echo "${cmd[*]}"; for f in $OUT/data/train.json $inputs; do sha256sum "$f" | cut -d' ' -f1; done; } |
            sha256sum | cut -d' ' -f1)
-    if [[ -f "$dir/run.yaml" && "$(cat "$OUT/.stamps/run-$name" 2>/dev/null)" == "$key" ]]; then
+    if [[ -f "$dir/run.yaml" && ( "$(cat "$OUT/.stamps/run-$name" 2>/dev/null)" == "$key" ||
+          "$(cat "$OUT/.stamps/run-$name.partial" 2>/dev/null)" == "$key" ) ]]; then   # (finished unwatched)
         echo "== run-$name: reusing $dir" >&2
+        echo "$key" > "$OUT/.stamps/run-$name"
         return
     fi
     if [[ -f "$dir/checkpoint/state.yaml" && "$(cat "$OUT/.stamps/run-$name.partial" 2>/dev/null)" == "$key" ]]; then
@@ -97,7 +103,7 @@ for stage in $STAGES; do
                 method_run stress "$m" "$seed" --lr 1e-3 --max-steps 64
             done; done ;;
         volume)
-            for seed in $SEEDS; do for m in dowser random full-ft inverse; do
+            for seed in $SEEDS; do for m in $VOLUME_METHODS; do
                 method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
                     --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
             done; done ;;
@@ -112,7 +118,7 @@ for stage in $STAGES; do
                     --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
             done ;;
         report)   # every finished run, and every snapshot of the volume runs (finished or not)
-            for setting in stress volume; do
+            for setting in $REPORT_SETTINGS; do
                 runs=()
                 for d in "$OUT"/runs/$setting-*; do
                     [[ -f $d/run.yaml || -d $d/snapshots ]] && runs+=("$d")
