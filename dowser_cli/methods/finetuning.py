@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dowser_cli import scoring
+from dowser_cli import artifacts, drift, scoring
+from dowser_cli.data import pack_right, pad_id
 from dowser_cli.training import FinetuneConfig, Trainable, select_trainable
 from dowser_cli.methods.registry import FINETUNE_METHODS, FinetuneMethod
 from dowser_cli.models import LoadedModel
@@ -104,9 +105,6 @@ class Replay(MethodRun):
         return tr
 
     def _pool(self):
-        from dowser_cli import drift
-        from dowser_cli.data import pack_right, pad_id
-
         cfg, lm = self.cfg, self.lm
         seqs = drift.probe_texts(lm, cfg.replay_samples, cfg.replay_seq_len, self.SEED_OFFSET + cfg.seed,
                                  str(lm.model.device))
@@ -137,8 +135,6 @@ class Replay(MethodRun):
         return self.last
 
     def finish(self, tr, out):
-        from dowser_cli import artifacts
-
         artifacts.write_safetensors(out / "replay.safetensors", self.cache,
                                     {"replay_loss": self.cfg.replay_loss, "seed": str(self.SEED_OFFSET + self.cfg.seed)})
         return tr
