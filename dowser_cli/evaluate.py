@@ -373,6 +373,8 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     specs = expand_specs(run_paths, cfg.snapshots)
+    if cfg.reference:
+        check_reference(cfg.reference, sorted({p.name for p, _ in specs}))
     _check_runs_cheaply(base_spec, random_init, specs, dtype)
     if any(t.harness == "lmms-eval" for t in tasks):
         harness.check_tasks([t for t in tasks if t.harness == "lmms-eval"])      # before any model loads
@@ -576,8 +578,7 @@ def paired_report(rows: list[dict], reps: dict[str, torch.Tensor], reference: st
         elif group == reference:
             refs[(seed, r["step"])] = i
     if not refs:
-        names = sorted({r["run"] for _, r in runs} | {_group_seed(r["run"])[0] for _, r in runs})
-        raise UserError(f"--reference {reference}: no such run or method among the runs; names: {', '.join(names)}")
+        check_reference(reference, [r["run"] for _, r in runs])
     reps = {**reps, **({"drift": reps[drift]} if drift else {})}   # the drift task's replicates, as rows name it
     keys = [k for k in ("D", "U", "H", "drift") if k in reps]
     pairs, pooled = [], {}
@@ -608,6 +609,13 @@ def paired_report(rows: list[dict], reps: dict[str, torch.Tensor], reference: st
             "method": "paired percentile bootstrap: the same resampled items (drift: probe sequences) for a run and "
                       "its reference; pooled = the mean difference over seeds, on the same resamples",
             "pairs": pairs, "pooled": out}
+
+
+def check_reference(reference: str, runs: list[str]) -> None:
+    """--reference names one of the runs, or the method of seeded runs (GROUP-s<N>)."""
+    names = sorted(set(runs) | {_group_seed(r)[0] for r in runs})
+    if reference not in names:
+        raise UserError(f"--reference {reference}: no such run or method among the runs; names: {', '.join(names)}")
 
 
 def _diff(row: dict, ref: dict, key: str) -> float:
