@@ -243,7 +243,7 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
                       compact_grads=backend.compact_grads)
     state = load_checkpoint(out, tr, opt, cfg, fingerprint, method, backend) if resume else TrainState()
     sched = make_schedule(len(ds.examples), backend.global_cfg(cfg))
-    ctx = SnapshotContext(p, lm, fingerprint, base_digest, method, backend)
+    ctx = SnapshotContext(p, lm, fingerprint, base_digest, method, backend, command)
     if cfg.max_drift and not resume:
         ctx.write(tr, TrainState(), drift=0.0)   # step 0 is the base: the budget's fallback
     if cfg.gradient_checkpointing:
@@ -339,9 +339,10 @@ class SnapshotContext:
     """Writes OUT/snapshots/step-N: the delta as it stands after step N (the layout of the run's own
     delta) and snapshot.yaml (what eval-forgetting needs to load it, the step's loss and drift)."""
 
-    def __init__(self, p: Plan, lm: LoadedModel, fingerprint: str, base_digest: str, method, backend: LocalBackend):
+    def __init__(self, p: Plan, lm: LoadedModel, fingerprint: str, base_digest: str, method, backend: LocalBackend,
+                 command: str = ""):
         self.p, self.lm, self.fingerprint, self.base_digest = p, lm, fingerprint, base_digest
-        self.method, self.backend = method, backend
+        self.method, self.backend, self.command = method, backend, command
 
     def write(self, tr: Trainable, state: TrainState, drift: float | None = None, loss: float | None = None) -> None:
         values = self.backend.trainable_values(tr)   # a collective under a launcher: every rank joins
@@ -353,7 +354,7 @@ class SnapshotContext:
         with artifacts.replace_dir(snapshot_dir(p.out, state.step)) as d:
             write_delta(d / "delta.safetensors", tr, self.fingerprint, self.base_digest, mask_sha, values)
             artifacts.write_yaml(d / "snapshot.yaml", {
-                **artifacts.sidecar_header(SNAPSHOT_KIND, ""),
+                **artifacts.sidecar_header(SNAPSHOT_KIND, self.command),
                 "step": state.step, "loss": loss, "drift": drift,
                 "method": self.method.label(p.mask.meta if p.mask is not None else None),
                 "model": model_section(p, self.lm, self.fingerprint, self.base_digest),
