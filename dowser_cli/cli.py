@@ -262,16 +262,17 @@ def eval_forgetting(
 
 @app.command("make-data", epilog="Example: dowser make-data coco --from ~/datasets/coco --out data/coco")
 def make_data(
-    name: str = typer.Argument(..., help="shapes | digits (built in, nothing downloaded), or a paper dataset "
+    name: str = typer.Argument(..., help="shapes | digits | zorbish (built in, nothing downloaded; zorbish is "
+                               "text only), or a paper dataset "
                                "converted from its official release with --from: coco | flickr30k | iconqa | "
                                "imagenet-r | textvqa | mmbench | gqa | okvqa | ocrvqa (docs/data.md)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write (must not exist, or be empty)."),
     source: Optional[Path] = typer.Option(None, "--from", help="A paper dataset's official release files (the "
                                           "layout each expects: docs/data.md)."),
     train: Optional[int] = typer.Option(None, help="Built-in: keep the first N training records [all: shapes 2,000, "
-                                        "digits 1,497]."),
+                                        "digits 1,497, zorbish 800]."),
     test: Optional[int] = typer.Option(None, help="Built-in: keep the first N test records [all: shapes 200, "
-                                       "digits 300]."),
+                                       "digits 300, zorbish 200]."),
     limit: Optional[int] = typer.Option(None, help="Paper dataset: the first N records of each split [all]."),
     class_names: Optional[Path] = typer.Option(None, "--class-names", help="imagenet-r: a file naming the classes "
                                                "('wnid name' lines or JSON) [the release's README.txt]."),

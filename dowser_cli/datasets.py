@@ -5,6 +5,9 @@
   held-out test images).
 - ``digits``: the scikit-learn digits (1,797 real 8x8 handwritten digits), split once (seeded) into a
   training set and a held-out test set.
+- ``zorbish``: a text-only skill no model has: writing a number 0-999 in "Zorbish", a made-up code of
+  one syllable per digit ("Write 472 in Zorbish." -> "re-ne-mi"); 800 numbers to train on, 200
+  held-out numbers to test (the digits' syllables generalise, the numbers do not repeat).
 
     dowser make-data shapes --out data/shapes     # images/, train.json (LLaVA conversations), test.jsonl
 Suites refer to the same files as ``builtin:shapes/test.jsonl`` (materialised in the dowser cache)."""
@@ -104,7 +107,33 @@ def write_shapes(out: Path, n_train: int | None = None, n_test: int | None = Non
     (out / "test.jsonl").write_text("\n".join(lines) + "\n")
     return {"train": out / "train.json", "test": out / "test.jsonl", "images": out / "images"}
 
-BUILTIN = {"digits": write_digits, "shapes": write_shapes}
+ZORBISH = ("zo", "ka", "mi", "tu", "re", "lo", "va", "ne", "pi", "su")   # the syllables of 0..9
+ZORBISH_TEST, ZORBISH_SEED = 200, 0
+ZORBISH_QUESTION = "Write {n} in Zorbish."
+
+
+def zorbish(n: int) -> str:
+    return "-".join(ZORBISH[int(d)] for d in str(n))
+
+
+def write_zorbish(out: Path, n_train: int | None = None, n_test: int | None = None) -> dict[str, Path]:
+    """Text records (no image): ``train.json`` (conversations) and ``test.jsonl``; the numbers 0-999 in
+    a seeded order, the first 200 held out for the test."""
+    import numpy as np
+
+    order = np.random.default_rng(ZORBISH_SEED).permutation(1000).tolist()
+    test, train = order[:ZORBISH_TEST][:n_test], order[ZORBISH_TEST:][:n_train]
+    out.mkdir(parents=True, exist_ok=True)
+    conv = [{"id": f"zorbish-{n:03d}", "conversations": [{"from": "human", "value": ZORBISH_QUESTION.format(n=n)},
+                                                         {"from": "gpt", "value": zorbish(n)}]} for n in train]
+    (out / "train.json").write_text(json.dumps(conv, indent=1))
+    lines = [json.dumps({"question_id": f"zorbish-{n:03d}", "text": ZORBISH_QUESTION.format(n=n), "answer": zorbish(n)})
+             for n in test]
+    (out / "test.jsonl").write_text("\n".join(lines) + "\n")
+    return {"train": out / "train.json", "test": out / "test.jsonl"}
+
+
+BUILTIN = {"digits": write_digits, "shapes": write_shapes, "zorbish": write_zorbish}
 
 
 def write(name: str, out: Path, n_train: int | None = None, n_test: int | None = None) -> dict[str, Path]:

@@ -8,6 +8,7 @@ MODEL=${DEMO_MODEL:-smol-llava}
 STEPS=${DEMO_STEPS:-64}
 PROBE_SAMPLES=${DEMO_PROBE_SAMPLES:-16}
 TASKS=${DEMO_TASKS:-demo}
+DATA=${DEMO_DATA:-shapes}   # the built-in downstream data (`dowser make-data`)
 RATIO=0.1
 mkdir -p "$OUT/.stamps"
 
@@ -32,7 +33,7 @@ run_stage() {
 # and the data-free importance scores of one probe seed (scores_for SEED), once per model and seed
 data_and_scores() {
     run_stage data "$OUT/data/train.json" "" \
-        $DOWSER make-data shapes --out "$OUT/data"
+        $DOWSER make-data "$DATA" --out "$OUT/data"
     scores_for 0
 }
 

@@ -13,6 +13,8 @@
 #            full-ft dowser random inverse, seeds $SEEDS
 #   replay   replay (data-free rehearsal) and dowser + replay along the same volume, seeds $SEEDS
 #   ablate   magnitude wanda sensitivity along the volume, seed 0
+#   text     the second task: smollm2-135m on zorbish (text only; suite text-demo), the volume stage
+#            (full-ft first) and its report, seed 0, under OUT/text
 #   report   eval-forgetting of every finished stress run (OUT/report-stress) and of every volume run's
 #            snapshots and end, finished or not (OUT/report-volume, with forgetting curves), each paired
 #            against dowser of the same seed and step; aggregate_seeds.py's table beside (seeds.md)
@@ -22,7 +24,7 @@
 set -euo pipefail
 OUT=${1:-${STUDY_OUT:-study-out}}
 shift || true
-STAGES=${*:-"stress volume replay ablate report"}
+STAGES=${*:-"stress volume replay ablate report text"}
 source "$(dirname "$0")/common.sh"
 SEEDS=${SEEDS:-"0 1"}
 VOLUME_STEPS=${VOLUME_STEPS:-1024}
@@ -34,6 +36,8 @@ DRIFT_EVERY=${DRIFT_EVERY:-32}   # the live drift meter (finetune --drift-every)
 VOLUME_METHODS=${VOLUME_METHODS:-"dowser random full-ft inverse"}
 REPORT_SETTINGS=${REPORT_SETTINGS:-"stress volume"}
 LAYERS=(--tune-layers last:20)
+# smol-llava's fresh projector trains densely at its own lr, as in the demo; a text model has none
+if [[ -n ${STUDY_TEXT:-} ]]; then PROJECTOR=(); else PROJECTOR=(--projector-lr 1e-3 --train-projector); fi
 touch "$OUT/timings.tsv"
 
 timed() {  # timed NAME CMD...: run, and append "NAME seconds" to timings.tsv
@@ -58,7 +62,7 @@ train() {
     local name=$1 seed=$2 inputs=$3 dir="$OUT/runs/$1" key
     shift 3
     local cmd=($DOWSER finetune "$MODEL" --data "$OUT/data/train.json" --config cpu-small --batch-size 4
-               --projector-lr 1e-3 --train-projector "${LAYERS[@]}" --seed "$seed" "$@")
+               "${PROJECTOR[@]}" "${LAYERS[@]}" --seed "$seed" "$@")
     key=$( { echo "${cmd[*]}"; for f in $OUT/data/train.json $inputs; do sha256sum "$f" | cut -d' ' -f1; done; } |
            sha256sum | cut -d' ' -f1)
     if [[ -f "$dir/run.yaml" && ( "$(cat "$OUT/.stamps/run-$name" 2>/dev/null)" == "$key" ||
@@ -131,6 +135,11 @@ for stage in $STAGES; do
                 "$PY" "$(dirname "$0")/aggregate_seeds.py" "$OUT/report-$setting" > "$OUT/report-$setting/seeds.md"
                 echo "$OUT/report-$setting/report.md (+ report-curves.png, seeds.md)" >&2
             done ;;
+        text)     # the second task: SmolLM2-135M alone, text only (zorbish, suite text-demo), in OUT/text;
+                  # Full-FT first, to see that it learns the task at these settings before any mask runs
+            STUDY_TEXT=1 DEMO_MODEL=smollm2-135m DEMO_DATA=zorbish DEMO_TASKS=text-demo SEEDS=0 \
+                VOLUME_METHODS="full-ft dowser random inverse" REPORT_SETTINGS=volume \
+                bash "$0" "$OUT/text" volume report ;;
         *) echo "study_volume.sh: unknown stage $stage" >&2; exit 2 ;;
     esac
 done

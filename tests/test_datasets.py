@@ -66,3 +66,19 @@ def test_demo_suite_has_300_upstream_items_over_abilities_disjoint_from_the_down
                 assert len(r.options) == 4 and len(set(r.options)) == 4 and r.answer_index is not None
     opposites = {r.question: r.answers[0] for r in items["opposites"]}
     assert len(opposites) == len(items["opposites"])          # no word asked twice with two answers
+
+
+def test_zorbish_is_text_only_with_held_out_numbers_and_text_demo_shares_the_demos_upstream(tmp_path):
+    files = datasets.write("zorbish", tmp_path / "z")
+    train = json.loads(files["train"].read_text())
+    test = [json.loads(x) for x in files["test"].read_text().splitlines()]
+    assert len(train) == 800 and len(test) == 200 and not any("image" in r for r in train + test)
+    assert train[0]["conversations"][1]["value"] == datasets.zorbish(int(train[0]["id"].split("-")[1]))
+    assert datasets.zorbish(472) == "re-ne-mi" and datasets.zorbish(0) == "zo"
+    numbers = lambda rs, key: {r[key] for r in rs}   # noqa: E731
+    assert not numbers(train, "id") & numbers(test, "question_id")
+    demo = {t.name: t for t in load_suite(ROOT / "dowser_cli/configs/tasks/demo.yaml") if t.role == "upstream"}
+    text = load_suite(ROOT / "dowser_cli/configs/tasks/text-demo.yaml")
+    assert {t.name: t for t in text if t.role == "upstream"} == demo
+    down = [t for t in text if t.role == "downstream"]
+    assert [t.name for t in down] == ["zorbish"] and len(read_records(down[0])) == 100
