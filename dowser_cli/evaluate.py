@@ -96,6 +96,12 @@ def expand_specs(paths: list[Path], snapshots: bool) -> list[tuple[Path, int | N
     return out
 
 
+def final_step(sidecar: dict) -> int | None:
+    """The step whose weights a finished run holds (--max-drift: the snapshot it kept)."""
+    stopped = sidecar.get("max_drift") or {}
+    return stopped.get("kept_step", sidecar.get("steps"))
+
+
 def _run_subjects(specs: list[tuple[Path, int | None]], base: LoadedModel, base_identity: str, dtype: torch.dtype,
                   device: str) -> list[Subject]:
 
@@ -117,7 +123,7 @@ def _run_subjects(specs: list[tuple[Path, int | None]], base: LoadedModel, base_
             ident = f"run:{base_identity}:{artifacts.sha256_file(run.delta)}"
             out.append(Subject(label, "run", p, ident, run.sidecar.get("method", "?"),
                                lambda run=run: load_run(run, dtype, device, base=base.source.spec), name,
-                               step if step is not None else run.sidecar.get("steps")))
+                               step if step is not None else final_step(run.sidecar)))
         elif (p / "config.json").is_file():
             exp = p / "dowser_export.yaml"
             ident = f"export:{artifacts.read_yaml(exp).get('delta_sha256')}" if exp.exists() else \
@@ -520,7 +526,7 @@ def build_report(subjects: list[Subject], tasks: list[Task], results: dict, base
                                "scale": t.scale, "include_path": str(t.include_path) if t.include_path else None}
                       for t in lmms}}}
     if drift and len(rows) > 2:
-        report["drift_vs_dU"] = _drift_tracking(rows[1:], cfg)
+        report["drift_vs_dU"] = _drift_tracking(distinct(rows[1:]), cfg)
     if cfg.reference:
         report["paired"] = paired_report(rows, reps, cfg.reference, drift[0].name if drift else None)
     return report
@@ -684,10 +690,16 @@ def render_markdown(report: dict, tasks: list[Task]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def distinct(rows: list[dict]) -> list[dict]:
+    """The rows without a snapshot whose run's end is the same step (the same weights, listed once)."""
+    ends = {(r["run"], r["step"]) for r in rows if r.get("step") is not None and "@" not in r["model"]}
+    return [r for r in rows if not ("@" in r["model"] and (r.get("run"), r.get("step")) in ends)]
+
+
 def curves(report: dict) -> dict[str, list[dict]]:
     """Rows of runs evaluated at more than one step, per run, in step order."""
     out: dict[str, list[dict]] = {}
-    for r in report["rows"]:
+    for r in distinct(report["rows"]):
         if r.get("step") is not None:
             out.setdefault(r["run"], []).append(r)
     return {k: sorted(v, key=lambda r: r["step"]) for k, v in out.items() if len(v) > 1}

@@ -202,7 +202,7 @@ def test_snapshots_make_forgetting_curves_and_runs_pair_by_seed_and_step(setup, 
     assert "## Forgetting curves" in md and "| attn-s0 | 1 |" in md
     assert "## Paired against full-ft" in md and "| attn-s1@1 | full-ft-s1@1 | 1 |" in md and "Pooled over seeds" in md
     assert (out / "report-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert rep["drift_vs_dU"]["runs"] == 12
+    assert rep["drift_vs_dU"]["runs"] == 8       # a run's end and its last snapshot are one model
     # the seeds' table: the runs' ends only, with the pooled paired ΔU against the reference
     import subprocess
     import sys

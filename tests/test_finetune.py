@@ -402,6 +402,8 @@ def test_max_drift_stops_and_keeps_the_last_snapshot_under_the_budget(work, tmp_
     side = _train(work, run, drift_every=1, drift_samples=3, drift_seq_len=10, lr=1e-2, max_drift=budget)
     assert side["max_drift"] == {"budget": budget, "passed_at_step": 2, "kept_step": 1}
     assert side["steps"] == 2 and side["snapshots"] == [0, 1]
+    from dowser_cli.evaluate import final_step
+    assert final_step(side) == 1                # the report puts the run at the step it kept
     kept = artifacts.read_tensors(open_run(run, 1).delta)
     got = artifacts.read_tensors(open_run(run).delta)
     assert all(torch.equal(kept[k], got[k]) for k in kept)
