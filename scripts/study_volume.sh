@@ -27,6 +27,8 @@ shift || true
 STAGES=${*:-"stress volume replay ablate report text"}
 source "$(dirname "$0")/common.sh"
 SEEDS=${SEEDS:-"0 1"}
+STRESS_LR=${STRESS_LR:-1e-3}
+STRESS_STEPS=${STRESS_STEPS:-$STEPS}     # the demo's 64 (DEMO_STEPS)
 VOLUME_STEPS=${VOLUME_STEPS:-1024}
 SNAPSHOTS=${SNAPSHOTS:-"64,128,256,512"}
 SAVE_EVERY=${SAVE_EVERY:-16}
@@ -35,7 +37,8 @@ DRIFT_EVERY=${DRIFT_EVERY:-32}   # the live drift meter (finetune --drift-every)
 # disjoint VOLUME_METHODS can train side by side, e.g. one thread each: OMP_NUM_THREADS=1)
 VOLUME_METHODS=${VOLUME_METHODS:-"dowser random full-ft inverse"}
 REPORT_SETTINGS=${REPORT_SETTINGS:-"stress volume"}
-LAYERS=(--tune-layers last:20)
+TUNE=${STUDY_LAYERS:-last:20}        # the paper's 20 tuned layers (of smol-llava's 30)
+LAYERS=(--tune-layers "$TUNE")
 # smol-llava's fresh projector trains densely at its own lr, as in the demo; a text model has none
 if [[ -n ${STUDY_TEXT:-} ]]; then PROJECTOR=(); else PROJECTOR=(--projector-lr 1e-3 --train-projector); fi
 touch "$OUT/timings.tsv"
@@ -53,7 +56,7 @@ mask_for() {  # mask_for STRATEGY SEED -> $MASK
     scores_for "$seed"
     MASK="$OUT/mask-$m-s$seed.safetensors"
     run_stage "mask-$m-s$seed" "$MASK" "$SCORES" \
-        $DOWSER mask "$SCORES" --ratio "$RATIO" --strategy "$m" --layers last:20 --seed "$seed" --out "$MASK"
+        $DOWSER mask "$SCORES" --ratio "$RATIO" --strategy "$m" --layers "$TUNE" --seed "$seed" --out "$MASK"
 }
 
 # train NAME SEED "INPUT FILES" ARGS...: one fine-tuning run under $OUT/runs/NAME, resumed from its
@@ -104,7 +107,7 @@ for stage in $STAGES; do
     case $stage in
         stress)
             for seed in $SEEDS; do for m in full-ft dowser random inverse; do
-                method_run stress "$m" "$seed" --lr 1e-3 --max-steps 64
+                method_run stress "$m" "$seed" --lr "$STRESS_LR" --max-steps "$STRESS_STEPS"
             done; done ;;
         volume)
             for seed in $SEEDS; do for m in $VOLUME_METHODS; do
