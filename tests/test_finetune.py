@@ -191,7 +191,7 @@ def _sigint_default():
 
 def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
     args = ["finetune", "tiny-llava", "--mask", work / "mask0.1.safetensors", "--data", work / "train.json",
-            "--image-folder", work / "img", "--max-steps", "200", "--lr", "1e-3", "--weight-decay", "0.1",
+            "--image-folder", work / "img", "--max-steps", "100", "--lr", "1e-3", "--weight-decay", "0.1",
             "--batch-size", "2", "--save-every", "5"]
     full = run_cli(*args, "--out", tmp_path / "full", timeout=900)
     assert full.returncode == 0, full.stderr
@@ -207,13 +207,13 @@ def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err and not (out / "delta.safetensors").exists()
     step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
-    assert 0 < step < 200
+    assert 0 < step < 100
     r = run_cli(*args, "--out", out, "--resume", timeout=900)
     assert r.returncode == 0, r.stderr
     assert (out / "delta.safetensors").read_bytes() == (tmp_path / "full" / "delta.safetensors").read_bytes()
     def curve(run):  # everything but the wall-clock seconds
         return [{k: v for k, v in x.items() if k != "seconds"} for x in artifacts.read_yaml(run / "run.yaml")["loss_curve"]]
-    assert curve(out) == curve(tmp_path / "full") and len(curve(out)) == 200
+    assert curve(out) == curve(tmp_path / "full") and len(curve(out)) == 100
 
 
 @pytest.fixture(scope="module")

@@ -289,7 +289,7 @@ def _check_readable(run_dir, every_type_changed=True):
     merged = artifacts.read_tensors(run_dir / "delta.safetensors")
     for n, v in merged.items():
         assert torch.equal(lm.model.get_parameter(n).detach(), v), n
-    evaluate._check_runs_cheaply("tiny-llava", False, [run_dir], torch.float32)
+    evaluate._check_runs_cheaply("tiny-llava", False, evaluate.expand_specs([run_dir], False), torch.float32)
     info = describe_run(run_dir)                                        # what `dowser inspect` shows
     assert info["method"] == run.sidecar["method"]
     # (one budget over all tensors, as Grafting's, may leave a whole tensor type at the base)

@@ -648,7 +648,7 @@ def test_make_data_from_the_cli_feeds_a_paper_style_suite_through_data_root(tmp_
 @pytest.mark.parametrize("args, want", [
     (["make-data", "coco", "--out", "o"], "make-data coco: needs --from"),
     (["make-data", "shapes", "--from", "x", "--out", "o"], "a built-in dataset takes no --from"),
-    (["make-data", "nosuch", "--out", "o"], "unknown dataset 'nosuch'; available: digits, shapes, coco"),
+    (["make-data", "nosuch", "--out", "o"], "unknown dataset 'nosuch'; available: digits, shapes, zorbish, coco"),
     (["make-data", "coco", "--from", "missing", "--out", "o"], "missing"),
     (["make-data", "gqa", "--from", ".", "--out", "o", "--class-names", "n.txt"], "--class-names is for imagenet-r"),
 ])
