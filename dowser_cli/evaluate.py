@@ -555,8 +555,7 @@ def _intervals(reps: dict[str, torch.Tensor], drift: set[str]) -> list[dict]:
     for m in range(next(iter(reps.values())).shape[0]):
         row = {}
         for k, v in reps.items():
-            lo, hi = metrics.percentile_interval(v[m])
-            row[k] = [round(lo, 2), round(hi, 2)] if k not in drift else [float(f"{lo:.4g}"), float(f"{hi:.4g}")]
+            row[k] = _round_ci("drift" if k in drift else k, metrics.percentile_interval(v[m]))
         out.append(row)
     return out
 

@@ -343,14 +343,15 @@ class SnapshotContext:
                  command: str = ""):
         self.p, self.lm, self.fingerprint, self.base_digest = p, lm, fingerprint, base_digest
         self.method, self.backend, self.command = method, backend, command
+        # the run's mask is in place before training starts: its sha256 once, not at every snapshot
+        mask_file = p.out / "mask.safetensors" if p.mask is not None and backend.main else None
+        self.mask_sha = artifacts.sha256_file(mask_file) if mask_file else None
 
     def write(self, tr: Trainable, state: TrainState, drift: float | None = None, loss: float | None = None) -> None:
         values = self.backend.trainable_values(tr)   # a collective under a launcher: every rank joins
         if not self.backend.main:
             return
-        p = self.p
-        mask_file = p.out / "mask.safetensors" if p.mask is not None else None
-        mask_sha = artifacts.sha256_file(mask_file) if mask_file else None
+        p, mask_sha = self.p, self.mask_sha
         with artifacts.replace_dir(snapshot_dir(p.out, state.step)) as d:
             write_delta(d / "delta.safetensors", tr, self.fingerprint, self.base_digest, mask_sha, values)
             artifacts.write_yaml(d / "snapshot.yaml", {
@@ -453,7 +454,7 @@ def _save(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Masked
         "mean_step_s": round(state.train_s / max(state.step, 1), 4),
         "loss_curve": state.losses,
         **({"drift_curve": state.drifts} if state.drifts else {}),
-        **({"snapshots": snapshot_steps(p.out)} if snapshot_steps(p.out) else {}),
+        **({"snapshots": kept} if (kept := snapshot_steps(p.out)) else {}),
         **({"max_drift": {"budget": p.cfg.max_drift, "passed_at_step": state.over_budget,
                           "kept_step": state.kept_step}} if state.over_budget else {}),
         "timings": timings,

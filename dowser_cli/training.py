@@ -162,10 +162,10 @@ def validate(cfg: FinetuneConfig) -> None:
         if not ok:
             raise UserError(msg)
     parse_targets(cfg.targets)
-    snapshot_steps(cfg)
+    parse_snapshot_steps(cfg)
 
 
-def snapshot_steps(cfg: FinetuneConfig) -> set[int]:
+def parse_snapshot_steps(cfg: FinetuneConfig) -> set[int]:
     """The explicit --snapshot-steps (--snapshot-every and --max-drift's measurements come on top)."""
     try:
         steps = {int(x) for x in cfg.snapshot_steps.replace(" ", "").split(",") if x}
@@ -178,7 +178,7 @@ def snapshot_steps(cfg: FinetuneConfig) -> set[int]:
 
 def snapshot_due(cfg: FinetuneConfig, step: int) -> bool:
     """Whether a snapshot is kept after optimiser step ``step`` (1-based)."""
-    return (bool(cfg.snapshot_every) and step % cfg.snapshot_every == 0) or step in snapshot_steps(cfg)
+    return (bool(cfg.snapshot_every) and step % cfg.snapshot_every == 0) or step in parse_snapshot_steps(cfg)
 
 
 @dataclass

@@ -106,19 +106,13 @@ class Replay(MethodRun):
 
     def _pool(self):
         cfg, lm = self.cfg, self.lm
-        seqs = drift.probe_texts(lm, cfg.replay_samples, cfg.replay_seq_len, self.SEED_OFFSET + cfg.seed,
-                                 str(lm.model.device))
+        device = str(lm.model.device)
+        seqs = drift.probe_texts(lm, cfg.replay_samples, cfg.replay_seq_len, self.SEED_OFFSET + cfg.seed, device)
         ids, mask = pack_right(seqs, pad_id(lm.tokenizer))
-        base_lp = None
-        if cfg.replay_loss == "kl":   # before any update (and before --resume writes the checkpoint's values)
-            was = lm.model.training
-            lm.model.eval()
-            base_lp = torch.cat([drift.log_probs(lm, ids[i:i + 8].to(lm.model.device),
-                                                 mask[i:i + 8].long().to(lm.model.device)).cpu()
-                                 for i in range(0, len(seqs), 8)])
-            lm.model.train(was)
-        self.cache = {"input_ids": ids, "attention_mask": mask.to(torch.uint8)}
-        return (ids, mask.long()), base_lp
+        mask = mask.long()
+        # before any update (and before --resume writes the checkpoint's values)
+        base_lp = drift.base_log_probs(lm, ids, mask, 8, device) if cfg.replay_loss == "kl" else None
+        return (ids, mask), base_lp
 
     def extra_backward(self, step, device, dtype):
         cfg = self.cfg
@@ -135,7 +129,9 @@ class Replay(MethodRun):
         return self.last
 
     def finish(self, tr, out):
-        artifacts.write_safetensors(out / "replay.safetensors", self.cache,
+        ids, mask = self.pool
+        artifacts.write_safetensors(out / "replay.safetensors",
+                                    {"input_ids": ids, "attention_mask": mask.to(torch.uint8)},
                                     {"replay_loss": self.cfg.replay_loss, "seed": str(self.SEED_OFFSET + self.cfg.seed)})
         return tr
 
@@ -162,9 +158,7 @@ def replay_loss(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, base_lp:
     if base_lp is None:
         keep = mask[:, 1:].bool()
         return nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
-    lq = torch.log_softmax(logits, -1)
-    kl = (base_lp.exp() * (base_lp - lq)).sum(-1)
-    return (kl * mask).sum() / mask.sum()
+    return (drift.kl_terms(base_lp, torch.log_softmax(logits, -1)) * mask).sum() / mask.sum()
 
 
 class Spider(MethodRun):
