@@ -11,8 +11,10 @@
 #   volume   lr 1e-4, VOLUME_STEPS steps of 4 (default 1024), snapshots at 64 128 256 512, the live
 #            drift meter every DRIFT_EVERY steps:
 #            full-ft dowser random inverse, seeds $SEEDS
-#   replay   replay (data-free rehearsal) and dowser + replay along the same volume, seeds $SEEDS
-#   ablate   magnitude wanda sensitivity along the volume, seed 0
+#   replay   replay (data-free rehearsal) and dowser + replay, seeds $SEEDS, at each setting of
+#            EXTRAS_AT (default "stress volume": the cheap stress first)
+#   ablate   magnitude wanda sensitivity, at each setting of EXTRAS_AT: seeds $SEEDS at the stress,
+#            seed 0 along the volume
 #   text     the second task: smollm2-135m on zorbish (text only; suite text-demo), the volume stage
 #            (full-ft first) and its report, seed 0, under OUT/text
 #   report   eval-forgetting of every finished stress run (OUT/report-stress) and of every volume run's
@@ -37,6 +39,7 @@ DRIFT_EVERY=${DRIFT_EVERY:-32}   # the live drift meter (finetune --drift-every)
 # disjoint VOLUME_METHODS can train side by side, e.g. one thread each: OMP_NUM_THREADS=1)
 VOLUME_METHODS=${VOLUME_METHODS:-"dowser random full-ft inverse"}
 REPORT_SETTINGS=${REPORT_SETTINGS:-"stress volume"}
+EXTRAS_AT=${EXTRAS_AT:-"stress volume"}   # where the replay and ablate stages train
 TUNE=${STUDY_LAYERS:-last:20}        # the paper's 20 tuned layers (of smol-llava's 30)
 LAYERS=(--tune-layers "$TUNE")
 # smol-llava's fresh projector trains densely at its own lr, as in the demo; a text model has none
@@ -86,6 +89,15 @@ train() {
     echo "$key" > "$OUT/.stamps/run-$name"
 }
 
+setting_args() {  # setting_args SETTING -> $ARGS: the stress's or the volume's training settings
+    case $1 in
+        stress) ARGS=(--lr "$STRESS_LR" --max-steps "$STRESS_STEPS") ;;
+        volume) ARGS=(--lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS"
+                      --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY") ;;
+        *) echo "study_volume.sh: unknown setting $1 (stress or volume)" >&2; exit 2 ;;
+    esac
+}
+
 method_run() {  # method_run STAGE METHOD SEED ARGS...: a named run of one method of the study
     local stage=$1 m=$2 seed=$3
     shift 3
@@ -106,23 +118,29 @@ data_and_scores
 for stage in $STAGES; do
     case $stage in
         stress)
+            setting_args stress
             for seed in $SEEDS; do for m in full-ft dowser random inverse; do
-                method_run stress "$m" "$seed" --lr "$STRESS_LR" --max-steps "$STRESS_STEPS"
+                method_run stress "$m" "$seed" "${ARGS[@]}"
             done; done ;;
         volume)
+            setting_args volume
             for seed in $SEEDS; do for m in $VOLUME_METHODS; do
-                method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
-                    --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
+                method_run volume "$m" "$seed" "${ARGS[@]}"
             done; done ;;
         replay)
-            for seed in $SEEDS; do for m in dowser+replay replay; do
-                method_run volume "$m" "$seed" --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
-                    --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
-            done; done ;;
+            for at in $EXTRAS_AT; do
+                setting_args "$at"
+                for seed in $SEEDS; do for m in dowser+replay replay; do
+                    method_run "$at" "$m" "$seed" "${ARGS[@]}"
+                done; done
+            done ;;
         ablate)
-            for m in magnitude wanda sensitivity; do
-                method_run volume "$m" 0 --lr 1e-4 --max-steps "$VOLUME_STEPS" --snapshot-steps "$SNAPSHOTS" \
-                    --drift-every "$DRIFT_EVERY" --save-every "$SAVE_EVERY"
+            for at in $EXTRAS_AT; do
+                setting_args "$at"
+                seeds=$SEEDS; [[ $at == volume ]] && seeds=0
+                for seed in $seeds; do for m in magnitude wanda sensitivity; do
+                    method_run "$at" "$m" "$seed" "${ARGS[@]}"
+                done; done
             done ;;
         report)   # every finished run, and every snapshot of the volume runs (finished or not)
             for setting in $REPORT_SETTINGS; do
