@@ -184,7 +184,7 @@ def generate_answers(lm: LoadedModel, task: Task, recs: list[EvalRecord], batch_
             kw.update(lm.adapter.sequence_kwargs(lm.config, ids))
         out = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                 max_new_tokens=task.max_new_tokens, pad_token_id=_pad_id(lm),
-                                eos_token_id=lm.tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+                                eos_token_id=lm.stop_ids() or None, temperature=None, top_p=None, top_k=None,
                                 **{k: v.to(device) for k, v in kw.items()})
         answers += [lm.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, ids.shape[1]:].cpu()]
         advance(len(chunk))
@@ -328,13 +328,22 @@ def score_task(lm: LoadedModel, base: LoadedModel, task: Task, recs: list[EvalRe
 
 # ---- cache ------------------------------------------------------------------------------------------------
 
-def cache_key(subject: Subject, task: Task, cfg: EvalConfig) -> str:
+def cache_key(subject: Subject, task: Task, cfg: EvalConfig, stop: str = "") -> str:
     # "items": results hold per-item scores (the intervals need them); older cache entries do not.
     # Drift is measured on probe text sampled as the probe samples it: its settings are part of the key.
     extra = f"|drift:{_drift_sampling()}" if task.kind == "drift" else \
         f"|lmms-eval:{harness.version()}" if task.harness == "lmms-eval" else ""
+    if stop and task.harness == "dowser" and task.kind not in ("drift", "likelihood"):
+        extra += f"|stop:{stop}"   # answers that stop on more than the tokenizer's EOS
     return hashlib.sha256(f"items|{subject.identity}|{task.digest()}|{task.data_sha256}|{cfg.digest()}{extra}"
                           .encode()).hexdigest()[:24]
+
+
+def stop_key(lm: LoadedModel) -> str:
+    """The answers' stop ids where they are more than the tokenizer's EOS, else "" (the cache keys of
+    entries made before generation stopped on the generation config's ids stay valid)."""
+    ids = lm.stop_ids()
+    return "" if ids in ([], [getattr(lm.tokenizer, "eos_token_id", None)]) else ",".join(map(str, ids))
 
 
 def _drift_sampling() -> str:
@@ -389,6 +398,7 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     if any(t.harness == "lmms-eval" for t in tasks):
         harness.wrapper_for(base)   # runs share the base's architecture: refuse before any work starts
     subjects = [base_subject] + _run_subjects(specs, base, base_subject.identity, dtype, device)
+    stop = stop_key(base)
     cache = out / "cache"
     results: dict[str, dict[str, dict]] = {}
     hits = misses = 0
@@ -399,7 +409,7 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
             results[s.label] = {}
             todo = []
             for t in tasks:
-                got = _cache_get(cache, cache_key(s, t, cfg))
+                got = _cache_get(cache, cache_key(s, t, cfg, stop))
                 if got is not None:
                     results[s.label][t.name] = got
                     hits += 1
@@ -416,7 +426,7 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
                         harness.offloaded([lm.model, base.model]):
                     got = harness.evaluate(ckpt, wrapper, lmms, device, dtype)
                 for t in lmms:
-                    _cache_put(cache, cache_key(s, t, cfg), got[t.name])
+                    _cache_put(cache, cache_key(s, t, cfg, stop), got[t.name])
                     results[s.label][t.name] = got[t.name]
                     misses += 1
                 bar.remove_task(task_bar)
@@ -430,13 +440,15 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
                                      lambda k, tb=task_bar: bar.advance(tb, k))
                 except ValueError as e:  # e.g. an image task on a text-only model
                     raise UserError(f"task {t.name} on {s.label}: {e}") from None
-                _cache_put(cache, cache_key(s, t, cfg), res)
+                _cache_put(cache, cache_key(s, t, cfg, stop), res)
                 results[s.label][t.name] = res
                 misses += 1
             if lm is not base:
                 del lm
     report = build_report(subjects, tasks, results, base_spec, suite, cfg, command)
     report["cache"] = {"hits": hits, "evaluated": misses}
+    report["generation"] = {"stop_token_ids": base.stop_ids(),
+                            "from": "the base's generation_config.eos_token_id and its tokenizer's eos_token_id"}
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
     write_report(out, report, tasks)
     return report

@@ -238,3 +238,31 @@ def test_drift_tracking_spearman_with_an_interval_over_models():
     assert got["runs"] == 6 and got["spearman"] == pytest.approx(1 - 24 / 210, abs=1e-4)
     lo, hi = got["ci95"]
     assert -1 <= lo <= got["spearman"] <= hi <= 1
+
+
+def test_answers_stop_at_the_generation_configs_turn_end_not_only_the_tokenizers_eos(setup):
+    """A chat model whose turn end is not its tokenizer's EOS (Gemma 3: generation config [1, 106],
+    tokenizer EOS 1): the answer stops at the turn end, as the checkpoint's own generate() would."""
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source("tiny-llava")
+    lm = load_model(src, load_config(src), torch.float32, "cpu")
+    task = [t for t in tasks.load_suite(setup / "suite.yaml") if t.name == "facts"][0]
+    task.max_new_tokens = 6
+    recs = tasks.read_records(task)[:2]
+    seen, decode = [], lm.tokenizer.decode
+
+    def answer_ids(o, **kw):                        # the generated ids, before decoding
+        seen.append([int(i) for i in o if int(i) != evaluate._pad_id(lm)])
+        return decode(o, **kw)
+
+    lm.tokenizer.decode = answer_ids
+    evaluate.generate_answers(lm, task, recs, 2, 512, "cpu", torch.float32, lambda k: None)
+    free = seen[0]
+    assert len(free) == 6 and lm.tokenizer.eos_token_id not in free[:3]    # it runs on past a third token
+    lm.model.generation_config.eos_token_id = [free[2]]
+    assert lm.stop_ids() == [free[2], lm.tokenizer.eos_token_id]
+    seen.clear()
+    evaluate.generate_answers(lm, task, recs, 2, 512, "cpu", torch.float32, lambda k: None)
+    assert seen[0] == free[:3]                       # stopped at the turn end, which it keeps
+    assert evaluate.stop_key(lm) == f"{free[2]},{lm.tokenizer.eos_token_id}"

@@ -47,6 +47,18 @@ class LoadedModel:
     def text_config(self):
         return self.config.get_text_config()
 
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer: the union of the checkpoint's generation config (a chat model's
+        turn end, e.g. Gemma 3's ``<end_of_turn>`` 106 beside ``<eos>`` 1) and the tokenizer's EOS.
+        Passing the tokenizer's EOS alone to ``generate`` would override the generation config's list."""
+        ids: list[int] = []
+        gen = getattr(self.model, "generation_config", None)
+        for x in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            for i in (x if isinstance(x, (list, tuple)) else [x]):
+                if i is not None and int(i) not in ids:
+                    ids.append(int(i))
+        return ids
+
 
 def aliases() -> dict[str, dict]:
     """Every config directory's ``models.yaml`` aliases, a user's directory overriding the shipped one;
