@@ -2,6 +2,8 @@
 SmolLM2 models and tiny test models; each resolved to an architecture adapter."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -133,49 +135,45 @@ def load_config(source: ModelSource):
     if source.kind == "tiny":
         return embedded.build_tiny(source.location)[0].config
     where = str(source.config_dir) if source.random_init else _location(source)
-    local_only = source.kind == "hub" and not source.random_init and not _hub_reachable()
-    if local_only and not _hub_cached(source):
-        raise UserError(f"model {source.spec}: cannot reach the hub ({_hub_endpoint()}) and it is not in the local "
-                        f"cache; download it where there is network, or pass a local directory")
+    if source.kind == "hub" and not source.random_init:
+        with _hub_errors(source.spec, "config"):
+            return AutoConfig.from_pretrained(where, revision=source.revision,
+                                              trust_remote_code=source.trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(where, revision=source.revision, local_files_only=local_only,
-                                          trust_remote_code=source.trust_remote_code)
+        return AutoConfig.from_pretrained(where, revision=source.revision, trust_remote_code=source.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "trust_remote_code" in str(e) and not source.trust_remote_code:
             raise UserError(f"model {source.spec}: its config needs code from its repository; pass "
                             f"--trust-remote-code to allow it") from None
-        if source.kind == "hub":
-            raise UserError(f"model {source.spec}: cannot get its config from the hub (no network or no such "
-                            f"repo?): {first}") from None
         raise UserError(f"model {source.spec}: cannot read config from {where}: {first}") from None
 
 
-def _hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect instead of the hub client's retries with back-off (half a minute and a
-    screenful of warnings on a machine without network)."""
-    import socket
-    from urllib.parse import urlparse
+@contextlib.contextmanager
+def _hub_errors(spec: str, what: str):
+    """The hub client's own handling (HF_HUB_OFFLINE, HTTP(S)_PROXY, its cache, timeouts and retries),
+    its per-retry warnings kept quiet and its final error turned into one line."""
+    from huggingface_hub.utils import logging as hub_logging
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    url = urlparse(_hub_endpoint())
+    log = hub_logging.get_logger()
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_cached(source: ModelSource) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(source.location, "config.json", revision=source.revision)
-    return isinstance(found, str)
+        yield
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model {spec}: its config needs code from its repository; pass "
+                            f"--trust-remote-code to allow it") from None
+        hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline() else \
+            "no network, a proxy not set in HTTPS_PROXY, or no such repo?"
+        raise UserError(f"model {spec}: cannot reach the hub for its {what} ({hint}): {first}") from None
+    finally:
+        log.setLevel(level)
 
 
 def num_decoder_layers(config) -> int:
@@ -202,9 +200,9 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
         hf_logging.disable_progress_bar()
     adapter = adapter_for_config(config)
     want_tokenizer = tokenizer
-    where, local_only = None, False  # where weights and tokenizer are read from (none for tiny / --random-init)
+    where = None  # where weights and tokenizer are read from (none for tiny / --random-init)
     if source.kind != "tiny" and not source.random_init:
-        where, local_only = _location(source), source.kind == "hub" and not _hub_reachable()
+        where = _location(source)
     if empty:
         with torch.device("meta"):
             model = _auto_class(adapter).from_config(config, dtype=dtype, trust_remote_code=source.trust_remote_code)
@@ -219,11 +217,12 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
         if device_map:
             model = _dispatch(model, device_map)
     else:
+        hub = source.kind == "hub"
         try:
-            model = _auto_class(adapter).from_pretrained(where, dtype=dtype, revision=source.revision,
-                                                         local_files_only=local_only,
-                                                         trust_remote_code=source.trust_remote_code,
-                                                         device_map=device_map or (device if device != "cpu" else None))
+            with _hub_errors(source.spec, "weights") if hub else contextlib.nullcontext():
+                model = _auto_class(adapter).from_pretrained(where, dtype=dtype, revision=source.revision,
+                                                             trust_remote_code=source.trust_remote_code,
+                                                             device_map=device_map or (device if device != "cpu" else None))
         except (OSError, ValueError) as e:
             raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
     tokenizer = processor = None
@@ -231,7 +230,8 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
         tokenizer = embedded.tiny_tokenizer(source.location)
         processor = embedded.tiny_processor(source.location, tokenizer)
     elif want_tokenizer and where is not None:
-        tokenizer, processor = _load_tokenizer(where, source, local_only)
+        with _hub_errors(source.spec, "tokenizer") if source.kind == "hub" else contextlib.nullcontext():
+            tokenizer, processor = _load_tokenizer(where, source)
     model.eval()
     return LoadedModel(source, model, model.config, adapter, resolve_parts(adapter, model), tokenizer, processor)
 
@@ -264,10 +264,10 @@ def meta_model(source: ModelSource, config, dtype: torch.dtype) -> nn.Module:
         return _auto_class(adapter).from_config(config, dtype=dtype, trust_remote_code=source.trust_remote_code)
 
 
-def _load_tokenizer(where: str, source: ModelSource, local_only: bool = False):
+def _load_tokenizer(where: str, source: ModelSource):
     from transformers import AutoProcessor, AutoTokenizer
 
-    kw = dict(revision=source.revision, trust_remote_code=source.trust_remote_code, local_files_only=local_only)
+    kw = dict(revision=source.revision, trust_remote_code=source.trust_remote_code)
     processor = None
     try:
         processor = AutoProcessor.from_pretrained(where, **kw)
