@@ -148,6 +148,10 @@ def save_delta(model: nn.Module, mask: Mask, out: str | os.PathLike, train: Iter
                       "dtype": str(_model_dtype(model)).removeprefix("torch."),
                       "device": str(next(iter(named.values())).device), "fingerprint": fingerprint,
                       "weights_digest": mask.weights_digest, "layers_path": parts.layers_path,
+                      # the digest is the mask's, read in the dtype it was made in (a bf16 run from an
+                      # fp32 probe: readers compare it where they load that dtype)
+                      **({"weights_digest_dtype": str(mask.file.dtype).removeprefix("torch.")}
+                         if mask.file.dtype not in (None, _model_dtype(model)) else {}),
                       "num_layers": parts.num_layers},
             "inputs": {"mask": {"path": str(mask.path), "sha256": mask_sha}},
             "outputs": run_outputs(delta, mask_sha, sum(q.numel() * q.element_size() for q in model.parameters())),

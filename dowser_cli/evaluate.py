@@ -24,7 +24,7 @@ from dowser_cli.config import find, option
 from dowser_cli.data import Encoder, image_inputs, pack_right, pad_id, prompt_ids
 from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, resolve_source
-from dowser_cli.models.runs import load_run
+from dowser_cli.models.runs import digest_dtype, load_run
 from dowser_cli.runtime import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
 from dowser_cli.scoring import spearman
@@ -118,7 +118,7 @@ def _run_subjects(specs: list[tuple[Path, int | None]], base: LoadedModel, base_
             if run.meta["model_fingerprint"] != base_fp[run_dtype]:
                 raise UserError(f"{p}: was fine-tuned from a different base model ({run.model_spec}) than "
                                 f"--base {base.source.spec} (fingerprint mismatch)")
-            if run_dtype == dtype and run.meta.get("weights_digest") != artifacts.weights_digest(base.model):
+            if digest_dtype(run.sidecar) == dtype and run.meta.get("weights_digest") != artifacts.weights_digest(base.model):
                 raise UserError(f"{p}: was fine-tuned from different weights than --base {base.source.spec}")
             ident = f"run:{base_identity}:{artifacts.sha256_file(run.delta)}"
             out.append(Subject(label, "run", p, ident, run.sidecar.get("method", "?"),

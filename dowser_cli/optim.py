@@ -188,6 +188,17 @@ class MaskedAdamW(torch.optim.Optimizer):
                     mine.copy_(w)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts every floating state tensor to its parameter's dtype: a bf16 model's
+        moments and master copy would come back bf16, losing their precision and failing the next
+        step. They are kept as saved (fp32), on the parameter's device."""
+        super().load_state_dict(state_dict)
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(saved, self._params()):
+            for k, t in state_dict["state"].get(i, {}).items():
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and k != "step":
+                    self.state[p][k] = t.to(device=local(p).device, dtype=t.dtype, copy=True)
+
     def state_bytes(self) -> int:
         """Bytes of per-entry optimiser state: moments, master copies, trainable indices."""
         total = sum(t.numel() * t.element_size() for s in self.state.values() for k, t in s.items()

@@ -141,3 +141,57 @@ def test_deepspeed_and_the_trainers_fsdp_are_refused_in_one_line(work, tmp_path,
         cb.on_init_end(Args(), None, None)
     with pytest.raises(dowser.UserError, match="not a MaskedAdamW"):
         cb.on_train_begin(Args(), None, None, optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_a_bf16_trainer_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(work, tmp_path):
+    """Resuming a Trainer run of a bf16 model with the masked optimiser: torch's loader cast the moments
+    and fp32 master copy to bf16 (and the next step failed); the Trainer's own resume read none of a
+    LLaVA checkpoint's weights (saved under the original checkpoint's key names), so the run went on
+    from the base weights. The resumed run now ends bit-identical to one that never stopped, its
+    optimiser state fp32."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from dowser_cli.integrations import hf
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_save = control.should_training_stop = True
+
+    def trainer(out, stop=False):
+        src = resolve_source("tiny-llava")
+        lm = load_model(src, load_config(src), torch.bfloat16, "cpu")
+        m = dowser.load_mask(work / "mask.safetensors", lm.model)
+        args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=2, max_steps=4,
+                                 learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant", warmup_steps=0,
+                                 max_grad_norm=1.0, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                 remove_unused_columns=False)
+        opt = hf.masked_optimizer(lm.model, m, args)
+        t = Trainer(model=lm.model, args=args, optimizers=(opt, None), data_collator=hf.collator(lm.tokenizer, lm.processor),
+                    train_dataset=hf.read_examples(work / "train.json", lm.tokenizer, lm.processor, work / "img"),
+                    callbacks=[hf.DowserCallback(m, out / "run")] + ([StopAt()] if stop else []))
+        return t, opt, m
+
+    whole, _, m = trainer(tmp_path / "whole")
+    whole.train()
+    first, _, _ = trainer(tmp_path / "resumed", stop=True)
+    first.train()
+    ckpt = tmp_path / "resumed" / "trainer" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").is_file()
+    second, opt, _ = trainer(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=str(ckpt))
+    assert second.state.global_step == 4
+    states = [s for s in opt.state.values() if "exp_avg" in s]
+    assert states and all(s["master"].dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32
+                          and s["step"] == 4 for s in states)
+    want = dict(whole.model.named_parameters())
+    base = dict(trainer(tmp_path / "base")[0].model.named_parameters())
+    for n, p in second.model.named_parameters():
+        assert torch.equal(p, want[n]), n
+        if n in m.dense:
+            assert not torch.equal(p, base[n]), n            # the runs did move the mask's entries
+    # the checkpoint still loads as a model, and the run directory holds the resumed run's weights
+    saved = dict(load_model(resolve_source(str(ckpt)), load_config(resolve_source(str(ckpt))), torch.bfloat16,
+                            "cpu", tokenizer=False).model.named_parameters())
+    assert all(torch.equal(saved[n], p) for n, p in dict(first.model.named_parameters()).items())
+    ours = dict(load_run(open_run(tmp_path / "resumed" / "run")).model.named_parameters())     # bf16, as trained
+    assert all(torch.equal(ours[n], want[n]) for n in m.dense)

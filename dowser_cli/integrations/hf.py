@@ -19,6 +19,8 @@ DeepSpeed ZeRO and the Trainer's FSDP are refused: they replace or shard the par
 optimiser is built, so its masks would point at tensors that no longer train."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Iterable
@@ -92,6 +94,17 @@ def _refusal(args) -> str | None:
     return None
 
 
+def _resumable_checkpoints(model) -> None:
+    """transformers 5 saves a model whose class renames checkpoint keys (LLaVA, Qwen2-VL, ...) under
+    the original checkpoint's names, and ``Trainer(resume_from_checkpoint=...)`` reads them back with a
+    plain ``load_state_dict(strict=False)`` that matches none of them: the run would go on from the base
+    weights with only a warning (transformers issue 43701). The Trainer's checkpoints of this model keep
+    its own names instead, which the resume and ``from_pretrained`` both read."""
+    save = getattr(model, "save_pretrained", None)
+    if save is not None and "save_original_format" in inspect.signature(save).parameters:
+        model.save_pretrained = functools.partial(save, save_original_format=False)
+
+
 class DowserCallback(TrainerCallback):
     """Checks the Trainer trains with a masked optimiser and writes ``out`` as a dowser run directory
     (``save_delta``) at every checkpoint save and at the end of training. ``train``: parameters trained
@@ -101,10 +114,11 @@ class DowserCallback(TrainerCallback):
     def __init__(self, mask: Mask, out: str | os.PathLike, train: Iterable[str] = (), base: str | None = None):
         self.mask, self.out, self.train, self.base = mask, Path(out), list(train), base
 
-    def on_init_end(self, args, state, control, **kw):
+    def on_init_end(self, args, state, control, model=None, **kw):
         why = _refusal(args)
         if why:
             raise UserError(f"DowserCallback: {why}")
+        _resumable_checkpoints(model)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kw):
         if not isinstance(getattr(optimizer, "optimizer", optimizer), MaskedAdamW):

@@ -10,6 +10,13 @@ from dowser_cli.errors import UserError
 from dowser_cli.models import LoadedModel, load_config, load_model, resolve_source
 
 
+def digest_dtype(sidecar: dict) -> torch.dtype:
+    """The dtype a run's base weights digest was read in: the run's own, or the mask's where the run
+    trained in another (the HF Trainer in bf16 with a mask probed in fp32)."""
+    info = sidecar["model"]
+    return getattr(torch, info.get("weights_digest_dtype", info.get("dtype", "float32")))
+
+
 def apply_delta(lm: LoadedModel, run: RunDir) -> None:
     """Write the run's trained values into the (base) model in place."""
     run_dtype = getattr(torch, run.sidecar["model"].get("dtype", "float32"))
@@ -17,7 +24,7 @@ def apply_delta(lm: LoadedModel, run: RunDir) -> None:
         raise UserError(f"{run.path}: was fine-tuned from a different base model than {lm.source.spec} "
                         f"(fingerprint mismatch)")
     # the digest reads values, which depend on the dtype loaded; compare it where they are comparable
-    same_dtype = all(p.dtype == run_dtype for p in lm.model.parameters())
+    same_dtype = all(p.dtype == digest_dtype(run.sidecar) for p in lm.model.parameters())
     if same_dtype and artifacts.weights_digest(lm.model) != run.meta.get("weights_digest"):
         raise UserError(f"{run.path}: was fine-tuned from different weights than {lm.source.spec} "
                         f"(same architecture, weights digest differs)")
