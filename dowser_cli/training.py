@@ -241,6 +241,13 @@ def select_trainable(lm: LoadedModel, cfg: FinetuneConfig, layers: list[int],
             UserError(f"--mask: {missing[0]} is masked but not tuned (--tune-layers "
                       f"{cfg.tune_layers or '(default)'}, --targets {cfg.targets})")
     if masks:
+        # a parameter a mask cannot cover (a mixture-of-experts block's 3-D expert weights, which the
+        # probe does not score) would silently train densely beside a "10 %" mask
+        tensors = [n for n, p in chosen.items() if p.dim() > 2 and n not in masks]
+        if tensors:
+            raise UserError(f"{tensors[0]}: a {chosen[tensors[0]].dim()}-D parameter (e.g. a mixture-of-experts "
+                            f"block's expert weights) that the probe does not score and a mask cannot cover "
+                            f"({len(tensors)} such in the tuned layers); tune --targets attn, or use Full-FT")
         # a tuned layer's targeted linear without a mask would silently train densely
         uncovered = [n for n, p in chosen.items() if layer_of(n, lm.parts.layers_path) is not None and p.dim() == 2
                      and any(TARGETS[t].search(n) for t in TARGETS) and n not in masks]

@@ -413,3 +413,36 @@ def test_max_drift_stops_and_keeps_the_last_snapshot_under_the_budget(work, tmp_
     r = run_cli("finetune", "tiny-llava", "--data", work / "train.json", "--method", "lora", "--snapshot-every", "2",
                 "--out", tmp_path / "bad")
     assert r.returncode == 2 and "--method lora: keeps no snapshots" in r.stderr
+
+
+def test_a_parameter_no_mask_can_cover_is_refused_not_trained_densely():
+    """Qwen3-VL-MoE's experts are 3-D parameters, not linears: the probe does not score them and a mask
+    cannot cover them. Tuning the MLP with a mask would have trained them densely beside a "10 %" mask."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from dowser_cli.errors import UserError
+    from dowser_cli.models import LoadedModel
+    from dowser_cli.models.registry import adapter_for_config, resolve_parts
+    from dowser_cli.selection import TARGETS
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                                                                num_heads=2, out_hidden_size=32, patch_size=14))
+    model = Qwen3VLMoeForConditionalGeneration(cfg)
+    adapter = adapter_for_config(model.config)
+    lm = LoadedModel(None, model, model.config, adapter, resolve_parts(adapter, model), None, None)
+    linears = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
+               if p.dim() == 2 and lm.parts.layers_path in n and any(rx.search(n) for rx in TARGETS.values())}
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3 and lm.parts.layers_path in n]
+    assert experts                                  # the model under test has them
+    mlp = {n: m for n, m in linears.items() if TARGETS["mlp"].search(n)}     # the router, a linear
+    with pytest.raises(UserError, match="3-D parameter .* a mask cannot cover .*--targets attn"):
+        training.select_trainable(lm, FinetuneConfig(targets="mlp"), [0, 1], mlp)
+    attn = {n: m for n, m in linears.items() if TARGETS["attn"].search(n)}
+    tr = training.select_trainable(lm, FinetuneConfig(targets="attn"), [0, 1], attn)
+    assert not set(experts) & set(tr.params) and set(attn) <= set(tr.params)
+    full = training.select_trainable(lm, FinetuneConfig(targets="mlp"), [0, 1], {})   # Full-FT: dense, counted
+    assert set(experts) <= set(full.params)
+    assert full.counts()["trainable_entries"] == sum(p.numel() for p in full.params.values())
