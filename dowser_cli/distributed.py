@@ -437,8 +437,9 @@ def reduce_rows(d: Dist, store, lo: int, hi: int) -> None:
     is zero on the others, so the sum is that rank's row, bit for bit."""
     if hi <= lo:
         return
-    for table in (store.psi, store.act):
+    per_batch = (lo // store.probes, hi // store.probes)   # act_sq: one row per batch
+    for table, (a, b) in ((store.psi, (lo, hi)), (store.act, (lo, hi)), (store.act_sq, per_batch)):
         for t in table.values():
-            part = t[lo:hi].to(d.device)
+            part = t[a:b].to(d.device)
             dist.all_reduce(part)
-            t[lo:hi] = part.to(t.device)
+            t[a:b] = part.to(t.device)

@@ -183,7 +183,8 @@ def _compare_scores(a: ScoresFile, b: ScoresFile, ratio: float, model_spec: str 
     per, rho_sum, diff, total = {}, 0.0, 0, 0
     for m in common:
         w = lm.model.get_submodule(m).weight
-        sa, sb = scoring.mean_score(w, *a.factors(m)), scoring.mean_score(w, *b.factors(m))
+        fa, fb = a.factors(m), b.factors(m)
+        sa, sb = scoring.mean_score(w, fa["psi"], fa["act"]), scoring.mean_score(w, fb["psi"], fb["act"])
         k = scoring.exact_k(ratio, sa.numel())
         d = int((scoring.select_lowest(sa, k) ^ scoring.select_lowest(sb, k)).sum())
         r = scoring.spearman(sa, sb)

@@ -94,10 +94,8 @@ class UnitSelector:
         gen = torch.Generator().manual_seed(module_seed(self.cfg.seed, module))
         if self.strategy.needs_factors and self.scores.dense:
             return self.strategy.from_dense(weight, self.scores.score(module), gen)
-        psi = act = None
-        if self.strategy.needs_factors:
-            psi, act = self.scores.factors(module)
-        return self.strategy.score(weight, psi, act, gen)
+        factors = self.scores.factors(module, self.strategy.factors) if self.strategy.factors else {}
+        return self.strategy.score(weight, factors, gen)
 
     def select(self, unit: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (module, bool trainable mask [out, in]) for every module of the unit."""

@@ -98,6 +98,8 @@ class FactorHooks:
         # each module's buffers beside its weight (under --device-map the modules span devices)
         dev = {n: _home(m, device) for n, m in modules.items()}
         self.act = {n: torch.zeros(m.in_features, device=dev[n]) for n, m in modules.items() if n not in act_one}
+        # sum of h^2 over the batch's real positions (Wanda's ||X_j||_2 over the probe's tokens)
+        self.act_sq = {n: torch.zeros(m.in_features, device=dev[n]) for n, m in modules.items() if n not in act_one}
         self.sinks = {n: torch.zeros(m.out_features, device=dev[n], requires_grad=True)
                       for n, m in modules.items() if n not in psi_one}
         self.psi = {n: torch.zeros(probes, m.out_features, device=dev[n]) for n, m in modules.items()
@@ -125,7 +127,9 @@ class FactorHooks:
         return self._weights[key]
 
     def _record_act(self, name: str, x: torch.Tensor) -> None:
-        scoring.weighted_abs_mean(x.detach(), self._position_weights(name, x), out=self.act[name])
+        w = self._position_weights(name, x)
+        scoring.weighted_abs_mean(x.detach(), w, out=self.act[name])
+        scoring.square_sum(x.detach(), w.gt(0).to(w.dtype), out=self.act_sq[name])
         self.seen_act.add(name)
 
     def _pre(self, name: str):
@@ -171,22 +175,24 @@ class FactorHooks:
     def end_batch(self) -> None:
         self.mask, self.active, self._weights = None, False, {}
 
-    def batch_factors(self, name: str, psi: dict[str, torch.Tensor], probes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's factors of one module, boundary rules applied: psi [M, out], act [in]."""
+    def batch_factors(self, name: str, psi: dict[str, torch.Tensor],
+                      probes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This batch's factors of one module, boundary rules applied: psi [M, out], act [in], and the
+        sum of squared inputs act_sq [in]."""
         mod = self.modules[name]
         dev = _home(mod)
         if name in self.act_one:
-            act = torch.ones(mod.in_features, device=dev)
+            act = act_sq = torch.ones(mod.in_features, device=dev)
         elif name in self.seen_act:
-            act = self.act[name]
+            act, act_sq = self.act[name], self.act_sq[name]
         else:  # the module saw no input (e.g. projector without images)
-            act = torch.zeros(mod.in_features, device=dev)
+            act = act_sq = torch.zeros(mod.in_features, device=dev)
         if name in self.psi_one:
             p = torch.ones(probes, mod.out_features, device=dev)
         else:  # no gradient reached z (module unused for this input): psi = 0
             p = psi.get(name)
             p = torch.zeros(probes, mod.out_features, device=dev) if p is None else p
-        return p, act
+        return p, act, act_sq
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -269,33 +275,40 @@ class Scored:
 
 
 class FactorStore:
-    """Per-module factor matrices psi [P, out] and act [P, in], fp32, kept beside each module's weight
-    (on a GPU they stay on the device until the artifact is written: no host copy and no device sync
-    per batch and module; the writer moves each tensor once)."""
+    """Per-module factor matrices psi [P, out] and act [P, in], and act_sq [B, in] (each batch's sum of
+    squared inputs, one row per batch of ``probes`` probes), fp32, kept beside each module's weight (on
+    a GPU they stay on the device until the artifact is written: no host copy and no device sync per
+    batch and module; the writer moves each tensor once)."""
 
-    def __init__(self, modules: dict[str, nn.Linear], total: int):
+    def __init__(self, modules: dict[str, nn.Linear], total: int, probes: int):
+        self.probes = probes
         self.psi = {n: torch.zeros(total, m.out_features, device=_home(m)) for n, m in modules.items()}
         self.act = {n: torch.zeros(total, m.in_features, device=_home(m)) for n, m in modules.items()}
+        self.act_sq = {n: torch.zeros(total // probes, m.in_features, device=_home(m)) for n, m in modules.items()}
 
     def tensors(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         out = {}
+        batches = None if rows is None else rows // self.probes
         for n in self.psi:
             out[f"{n}.psi"] = self.psi[n][:rows]
             out[f"{n}.act"] = self.act[n][:rows]
+            out[f"{n}.act_sq"] = self.act_sq[n][:batches]
         return out
 
     def put(self, row: int, hooks: FactorHooks, batch_psi: dict[str, torch.Tensor], probes: int) -> None:
         """Store one batch's factors as rows row..row+probes-1 (copied: the hooks reuse their buffers)."""
         for name in self.psi:
-            psi, act = hooks.batch_factors(name, batch_psi, probes)
+            psi, act, act_sq = hooks.batch_factors(name, batch_psi, probes)
             self.psi[name][row: row + probes].copy_(psi)
             self.act[name][row: row + probes].copy_(act)  # a is per batch: the same for its M probes
+            self.act_sq[name][row // probes].copy_(act_sq)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for n in self.psi:
-            p, a = tensors[f"{n}.psi"], tensors[f"{n}.act"]
+            p, a, q = tensors[f"{n}.psi"], tensors[f"{n}.act"], tensors[f"{n}.act_sq"]
             self.psi[n][: len(p)] = p
             self.act[n][: len(a)] = a
+            self.act_sq[n][: len(q)] = q
 
 
 def xi_generator(seed: int, batch: int) -> torch.Generator:
@@ -402,7 +415,7 @@ def open_session(p: Plan, cfg: ProbeConfig, partial: Path, resume: bool) -> Sess
     lm.model.requires_grad_(False)  # the graph then exists for activations only
     fingerprint = artifacts.model_fingerprint(lm.model)
     scored = scored_modules(lm, cfg, p.layers)
-    store = FactorStore(scored.modules, cfg.total_probes)
+    store = FactorStore(scored.modules, cfg.total_probes, cfg.probes)
     done = _resume_from(partial, cfg, fingerprint, store) if resume else 0
     return Session(p, lm, scored, BatchSource(lm, cfg, token_ids(lm), p.texts, p.device), store, fingerprint,
                    artifacts.weights_digest(lm.model), done)

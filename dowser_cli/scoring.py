@@ -37,6 +37,13 @@ def weighted_abs_mean(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor 
     return torch.mv(x.T.to(weights.dtype), weights, out=out)
 
 
+def square_sum(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_n keep_n x_n^2 over the flattened leading dims of x [..., F] (keep [N]: 1 on real positions,
+    0 on padding); [F] fp32. Summed over a whole probe it is ||X_j||_2^2, Wanda's input norm squared."""
+    x = x.reshape(-1, x.shape[-1]).to(keep.dtype)
+    return torch.mv(x.square().T, keep, out=out)
+
+
 def masked_abs_mean(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of |x| over every leading dimension, counting only positions where ``mask`` is true.
 

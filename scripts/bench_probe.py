@@ -93,7 +93,7 @@ def variant(name: str, model: str, cfg_json: str) -> dict:
                 batch_psi = probe.probe_batch(lm, hooks, input_ids, mask, img, xi_gen, cfg.probes, device,
                                               probing.use_batched_probes(cfg, device))
                 for mname in mods:
-                    psi, act = hooks.batch_factors(mname, batch_psi, cfg.probes)
+                    psi, act, _ = hooks.batch_factors(mname, batch_psi, cfg.probes)
                     for p in range(cfg.probes):
                         dense[mname].update(psi[p].cpu(), act.cpu())
     if device.startswith("cuda"):

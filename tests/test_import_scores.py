@@ -32,7 +32,7 @@ def work(tmp_path_factory, tiny_models):
     (d / "official").mkdir()
     for m in sf.modules:
         w = model.get_submodule(m).weight
-        mean, var = scoring.score_moments(w, *sf.factors(m))
+        mean, var = scoring.score_moments(w, *sf.factors(m).values())
         name = _official_name(m)
         # the official file: bf16 by default (--save-dtype), one per module, dots as underscores
         torch.save({"name": name, "importance_matrix_mean": mean.to(torch.bfloat16),
@@ -72,7 +72,7 @@ def test_the_same_importance_in_fp32_selects_bit_identically(work, tmp_path):
     d = tmp_path / "fp32"
     d.mkdir()
     for m in sf.modules:
-        s = scoring.mean_score(model.get_submodule(m).weight, *sf.factors(m))
+        s = scoring.mean_score(model.get_submodule(m).weight, *sf.factors(m).values())
         name = _official_name(m)
         torch.save({"name": name, "importance_matrix_mean": s, "importance_matrix_std": torch.zeros_like(s)},
                    d / f"{name.replace('.', '_')}.pt")

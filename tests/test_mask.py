@@ -30,7 +30,7 @@ def _brute_order(values: torch.Tensor) -> list[int]:
     return sorted(range(len(flat)), key=lambda i: (flat[i], i))
 
 
-def _brute_scores(strategy, weight, psi, act):
+def _brute_scores(strategy, weight, psi, act, act_sq=None):
     """Entry-by-entry reference of each strategy's score (no matmuls)."""
     w = weight.detach().float().abs()
     if strategy in ("dowser", "inverse"):
@@ -40,8 +40,10 @@ def _brute_scores(strategy, weight, psi, act):
         return out / psi.shape[0]
     if strategy == "magnitude":
         return w
-    if strategy == "wanda":
-        return w * act.mean(0)[None, :]
+    if strategy == "wanda":   # |W_ij| * ||X_j||_2 over every token: the batches' squared sums added up
+        norm = torch.tensor([sum(float(act_sq[b, j]) for b in range(act_sq.shape[0])) ** 0.5
+                             for j in range(act_sq.shape[1])])
+        return w * norm[None, :]
     if strategy == "sensitivity":
         out = torch.zeros_like(w)
         for p in range(psi.shape[0]):
@@ -59,7 +61,7 @@ def test_strategies_match_brute_force(tmp_path, scores, tiny_models, strategy):
     for name in mf.params:
         module = name.removesuffix(".weight")
         w = lm.model.get_submodule(module).weight
-        s = _brute_scores(strategy, w, factors[f"{module}.psi"], factors[f"{module}.act"])
+        s = _brute_scores(strategy, w, factors[f"{module}.psi"], factors[f"{module}.act"], factors[f"{module}.act_sq"])
         n = s.numel()
         k = round(0.15 * n)
         order = _brute_order(s)

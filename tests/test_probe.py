@@ -84,6 +84,9 @@ def test_psi_and_act_match_autograd_reference(tmp_path, tiny_models):
     rows = [seen["h"][b, i].abs() for b in range(2) for i in range(mask.shape[1]) if mask[b, i]]
     for p in range(3):  # a is per batch: the same for its M probes
         torch.testing.assert_close(t[f"{name}.act"][p], torch.stack(rows).mean(0), rtol=1e-5, atol=1e-9)
+    # Wanda's input norm: the batch's sum of h^2 over real positions, one row per batch
+    assert t[f"{name}.act_sq"].shape == (2, mod.in_features)
+    torch.testing.assert_close(t[f"{name}.act_sq"][0], torch.stack(rows).square().sum(0), rtol=1e-5, atol=1e-9)
 
 
 def test_batched_and_looped_probes_agree(tmp_path):

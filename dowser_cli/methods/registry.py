@@ -29,18 +29,23 @@ class Registry(Generic[T]):
 
 @dataclass(frozen=True)
 class MaskStrategy:
-    """``score(weight [out, in], psi [P, out] | None, act [P, in] | None, generator)`` returns
-    non-negative scores [out, in]; the ratio's k LOWEST become trainable, or, with ``invert``, the k
-    highest (freezing the least important: an ablation). ``from_dense(weight, importance [out, in],
-    generator)``: the same scores from dense importance scores (`import-scores`); None when the
-    strategy needs the factors themselves."""
+    """``score(weight [out, in], factors, generator)`` returns non-negative scores [out, in]; the
+    ratio's k LOWEST become trainable, or, with ``invert``, the k highest (freezing the least
+    important: an ablation). ``factors``: the names of the probe's tensors the score reads (psi
+    [P, out], act [P, in], act_sq [B, in]), given to it as {name: tensor}; empty when it reads none.
+    ``from_dense(weight, importance [out, in], generator)``: the same scores from dense importance
+    scores (`import-scores`); None when the strategy needs the factors themselves."""
 
     name: str
     score: Callable
-    needs_factors: bool
+    factors: tuple[str, ...] = ()
     invert: bool = False
     help: str = ""
     from_dense: Callable | None = None
+
+    @property
+    def needs_factors(self) -> bool:
+        return bool(self.factors)
 
 
 MASK_STRATEGIES: Registry[MaskStrategy] = Registry("mask strategy")
