@@ -305,6 +305,21 @@ def make_lr_lambda(sched: Schedule, cfg: FinetuneConfig):
     return s.lr_lambdas[0]
 
 
+def logits_transform(config) -> str | None:
+    """The config setting with which a family's forward changes the logits after lm_head (Gemma 2's
+    soft-capping, Cohere's logit scale, Granite's logit scaling), or None: then lm_head's output is
+    the model's logits, and the loss may run lm_head on the labelled positions alone."""
+    for c in {id(x): x for x in (config, config.get_text_config())}.values():
+        for attr, neutral in _LOGIT_TRANSFORMS.items():
+            if getattr(c, attr, neutral) not in (neutral, None):
+                return attr
+    return None
+
+
+# config attributes whose non-neutral value a family's forward applies to the logits
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
 class LossHead:
     """Summed next-token cross-entropy over labelled positions. Runs the backbone for hidden states and
     lm_head only at the labelled positions (the full [B, T, V] logits are the largest activation of a
@@ -315,8 +330,9 @@ class LossHead:
         model = lm.model
         self.backbone = getattr(model, "model", None)
         self.head = model.get_output_embeddings()
-        if not isinstance(self.head, nn.Module) or not isinstance(self.backbone, nn.Module):
-            self.backbone = self.head = None
+        if not isinstance(self.head, nn.Module) or not isinstance(self.backbone, nn.Module) or \
+                logits_transform(lm.config):
+            self.backbone = self.head = None    # the model's own forward: its logits as it computes them
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]

@@ -120,3 +120,56 @@ def test_inspect_model_from_the_cli(tmp_path):
     assert r.returncode == 0 and "model.language_model.layers (x3)" in r.stdout
     r = run_cli("inspect-model", "nvila-lite-2b")
     assert r.returncode == 2 and "--trust-remote-code" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _loss_pair(lm, work):
+    """(LossHead's summed loss, the model's own loss x its labelled tokens) on one padded batch."""
+    from dowser_cli import api, training
+    from dowser_cli.integrations import hf
+
+    examples = hf.read_examples(work / "train.json", lm.tokenizer, lm.processor)
+    batch = api.collate([examples[i] for i in range(3)], lm.tokenizer, lm.processor)
+    labels = batch["labels"]
+    n = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        ours = training.LossHead(lm)(dict(batch))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if lm.adapter.sequence_kwargs is not None:
+            inputs.update(lm.adapter.sequence_kwargs(lm.config, inputs["input_ids"]))
+        theirs = lm.model(**inputs, labels=labels, use_cache=False).loss * n
+    return float(ours), float(theirs)
+
+
+@pytest.mark.parametrize("name", [f[0] for f in FAMILIES] + [pytest.param("smollm2-135m", marks=pytest.mark.slow)])
+def test_the_training_loss_is_the_models_own_loss(work, name):
+    """LossHead runs lm_head on the labelled positions only; whatever a family's head does to the logits
+    (soft-capping, a logit scale) must be in it: the summed loss equals the model's own loss."""
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source(name)
+    lm = load_model(src, load_config(src), torch.float32, "cpu")
+    ours, theirs = _loss_pair(lm, work)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_a_head_that_changes_the_logits_trains_on_the_models_loss(work, family):
+    """Gemma 2's final-logit soft-capping and Cohere's logit scale, on tiny builds of those causal LMs
+    (any *ForCausalLM loads as causal-lm) with tiny-llama's tokenizer."""
+    import transformers
+
+    from dowser_cli.models import LoadedModel, load_config, load_model, resolve_source
+    from dowser_cli.models.registry import adapter_for_config, resolve_parts
+
+    src = resolve_source("tiny-llama")
+    tok = load_model(src, load_config(src), torch.float32, "cpu").tokenizer
+    size = dict(vocab_size=len(tok) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id)
+    cfg = transformers.Gemma2Config(**size, final_logit_softcapping=0.5) if family == "gemma2" else \
+        transformers.CohereConfig(**size, logit_scale=0.25)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    adapter = adapter_for_config(model.config)
+    lm = LoadedModel(src, model, model.config, adapter, resolve_parts(adapter, model), tok, None)
+    ours, theirs = _loss_pair(lm, work)
+    assert ours == pytest.approx(theirs, rel=1e-5)
