@@ -237,6 +237,8 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
         # the base's distributions, before any update (and before --resume writes the checkpoint's values)
         console.print(f"drift meter: {cfg.drift_samples} probe texts of {cfg.drift_seq_len} tokens from the base")
         meter = drift.DriftMeter(lm, cfg.drift_samples, cfg.drift_seq_len, 0, cfg.batch_size, p.device)
+    if cfg.gradient_checkpointing:   # on the layers themselves, before DDP / FSDP wrap them
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = backend.wrap(lm, tr, p.cfg, p.mask.path if p.mask else None)  # FSDP: tr now holds this rank's shards
     opt = MaskedAdamW(param_groups(tr, lm, cfg), masks={tr.params[n]: m for n, m in tr.masks.items()}, lr=cfg.lr,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
@@ -246,8 +248,6 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     ctx = SnapshotContext(p, lm, fingerprint, base_digest, method, backend, command)
     if cfg.max_drift and not resume:
         ctx.write(tr, TrainState(), drift=0.0)   # step 0 is the base: the budget's fallback
-    if cfg.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     # the training steps' peak apart from loading's (under FSDP rank 0 holds the whole model while loading)

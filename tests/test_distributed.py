@@ -85,6 +85,31 @@ def single(work, tmp_path_factory):
     return out
 
 
+def test_gradient_checkpointing_recomputes_each_layer_and_changes_no_number(work, single, tmp_path, monkeypatch):
+    """One process: with --gradient-checkpointing every decoder layer's MLP runs twice per micro-batch
+    (once more when backward recomputes the layer), and the run's delta is the run's without it."""
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    forward = modeling_llama.LlamaMLP.forward      # inside the checkpointed layer's forward
+
+    def counted(self, *args, **kw):
+        calls.append(1)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    finetune.run("tiny-llava", work / "train.json", tmp_path / "gc",
+                 FinetuneConfig(batch_size=4, gradient_checkpointing=True, **TRAIN),
+                 mask_path=work / "mask.safetensors", image_folder=work / "img")
+    micro, layers = 5, 3      # 9 records, batch 4, accum 2: steps of 2, 1 (the epoch's last record), 2
+    assert len(calls) == 2 * layers * micro
+    a = artifacts.read_tensors(single / "delta.safetensors")
+    b = artifacts.read_tensors(tmp_path / "gc" / "delta.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
 def _base():
     from dowser_cli.models import load_config, load_model, resolve_source
 
@@ -92,7 +117,7 @@ def _base():
     return load_model(src, load_config(src), torch.float32, "cpu", tokenizer=False).model
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+checkpointing"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp+checkpointing", "fsdp", "fsdp+checkpointing"])
 def test_two_ranks_give_the_single_process_delta_and_keep_frozen_entries(work, single, tmp_path, strategy):
     out = tmp_path / "run"
     # activation checkpointing re-runs each layer's forward (and FSDP's all-gather) in backward
