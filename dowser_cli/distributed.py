@@ -5,8 +5,13 @@ which sets the same WORLD_SIZE / RANK / LOCAL_RANK variables) run one process pe
 CPU, nccl on CUDA with device ``cuda:LOCAL_RANK``.
 
 Fine-tuning strategies:
-- ``ddp``: ``DistributedDataParallel``; every rank holds the whole model, mask and masked optimiser state.
-- ``fsdp``: FSDP2 (``fully_shard``), one unit per decoder layer, then the root. Every parameter is a
+- ``ddp``: data parallel; every rank holds the whole model, mask and masked optimiser state. The
+  optimiser's hooks gather each gradient in fp32 as backward produces it (a masked matrix's k entries),
+  and after the step's last micro-batch the ranks average those fp32 sums (``all_reduce_grads``): the
+  sum over micro-batches and ranks never rounds to bf16, and only the trainable entries travel, not the
+  whole matrices that ``DistributedDataParallel``'s buckets would send (it also cannot overlap them
+  with backward, which a 10 % mask's tenth of the traffic affords).
+- ``fsdp``: FSDP2 (``fully_shard``, reducing in fp32), one unit per decoder layer, then the root. Every parameter is a
   DTensor sharded on dim 0 (rank r holds rows ``[r*c, min((r+1)*c, out))``, c = ceil(out / world)), and
   each rank reads only its rows of the mask from the packed file, so its mask, trainable indices,
   moments and fp32 masters cover its shard only.
@@ -15,7 +20,7 @@ The global batch: ``--batch-size`` is per rank. Optimiser step s takes the examp
 would take with batch size ``world * batch_size`` and the same ``grad_accum`` (``training.step_examples``),
 and rank r takes slice ``[r * batch_size, (r + 1) * batch_size)`` of every such global micro-batch. So a
 global step is ``world * batch_size * grad_accum`` examples, and the loss of every rank is divided by the
-global step's assistant-token count (times ``world``, since DDP and FSDP average gradients over ranks):
+global step's assistant-token count (times ``world``, since both strategies average gradients over ranks):
 the summed gradient equals the single-process one.
 
 Checkpoints and the delta are gathered to rank 0 and written in the single-process layout (values in
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import os
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -74,7 +78,9 @@ class Dist(LocalBackend):
     start_rss_mb: float | None = None                           # host RSS when training began
     load_peak_rss_mb: float | None = None                       # host peak before it (loading, sharding)
 
-    compact_grads = False   # DDP and FSDP reduce the dense (sharded) gradient in .grad: no compact hooks
+    # the optimiser's hooks gather every gradient in fp32 as backward produces it (FSDP2 calls them on the
+    # sharded gradient it reduced in fp32); DDP all-reduces these fp32 gradients itself (after_backward)
+    compact_grads = True
     stop_grace_s = 2.0
 
     @property
@@ -106,8 +112,8 @@ class Dist(LocalBackend):
         return (mine, float(self.world)) if mine else (mb[:1], 0.0)
 
     def accumulating(self, model, last: bool):
-        # DDP: all-reduce once per optimiser step, after the last micro-batch
-        return contextlib.nullcontext() if self.strategy != "ddp" or last else model.no_sync()
+        # DDP: nothing is reduced during backward (after_backward reduces the step's fp32 sums once)
+        return contextlib.nullcontext()
 
     def agree(self, loss: float, stop: bool) -> tuple[float, bool]:
         # every rank sees the same loss (and, below, the same reduced norm): all skip or stop together
@@ -116,6 +122,8 @@ class Dist(LocalBackend):
         return float(agreed[0]), bool(agreed[1] > 0)
 
     def after_backward(self, model, opt: "MaskedAdamW") -> None:
+        if self.strategy == "ddp":
+            all_reduce_grads(self, opt)
         if not self.held:
             self.held = held_bytes(model, opt)
 
@@ -298,8 +306,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def _comm_view(t: torch.Tensor) -> torch.Tensor:
-    # 2-byte floats travel as int16 bits: exact, and independent of which dtypes a backend implements
-    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+    # 2-byte floats travel as their bytes (a view: writes land in t): exact, and independent of which
+    # dtypes a backend implements (gloo has neither bf16 nor int16)
+    return t.reshape(-1).view(torch.uint8) if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def gather_cat(d: Dist, t: torch.Tensor) -> torch.Tensor | None:
@@ -358,28 +367,23 @@ class LossModule(nn.Module):
 
 
 def wrap(d: Dist, lm: "LoadedModel", tr: Trainable, cfg: FinetuneConfig, mask_path: Path | None) -> nn.Module:
-    """DDP or FSDP2 around the loss module. FSDP replaces every parameter by its shard (a DTensor), so
-    ``tr.params`` is re-pointed and ``tr.masks`` becomes each masked matrix's rows of this rank."""
+    """The loss module, for DDP as it is (every rank holds the whole model; ``all_reduce_grads`` sums the
+    step's fp32 gradients of the trainable entries), for FSDP2 sharded: FSDP replaces every parameter
+    by its shard (a DTensor), so ``tr.params`` is re-pointed and ``tr.masks`` becomes each masked
+    matrix's rows of this rank."""
     mod = LossModule(lm)
     if d.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [torch.device(d.device).index] if d.device.startswith("cuda") else None
-        # a text-only batch leaves the projector / vision tower out of the graph
-        unused = cfg.train_projector or cfg.train_vision_tower
-        # buffers (rotary tables) are the same on every rank: no per-forward broadcast
-        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else {"broadcast_buffers": False}
-        # the gradients live in the all-reduce buckets themselves, not in a second copy beside them
-        return DDP(mod, device_ids=ids, find_unused_parameters=unused, gradient_as_bucket_view=True, **sync)
+        return mod
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(torch.device(d.device).type, (d.world,))
+    # the reduce-scatter sums in fp32 whatever the model's dtype (bf16 sums of many ranks round)
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     full = lm.model.state_dict() if d.main else {}   # references to rank 0's weights, no copies
     for layer in lm.model.get_submodule(lm.parts.layers_path):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(mod, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(mod, mesh=mesh, mp_policy=mp)
     _fill_from_rank0(d, lm.model, full)
     del full
     named = dict(lm.model.named_parameters())
@@ -412,9 +416,50 @@ def _fill_from_rank0(d: Dist, model: nn.Module, full: dict[str, torch.Tensor]) -
 
     if not d.main:
         model.to_empty(device=d.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if d.backend == "gloo" and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+        # gloo has no 2-byte floats: each tensor travels whole as its bytes, each rank keeps its rows
+        for name, p in model.named_parameters():
+            t = full[name].to(d.device).contiguous() if d.main else torch.empty(p.shape, dtype=p.dtype, device=d.device)
+            dist.broadcast(_comm_view(t), src=0)
+            r0, r1 = shard_rows(d, p.shape[0])
+            with torch.no_grad():
+                local(p).copy_(t[r0:r1])
+    else:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for b in model.buffers():
         dist.broadcast(_comm_view(b), src=0)
+
+
+def all_reduce_grads(d: Dist, opt: "MaskedAdamW", chunk: int = 1 << 24) -> None:
+    """DDP: average the step's gradients over the ranks, in fp32: each masked matrix's k gathered entries
+    (not the whole matrix, as DDP's buckets would send) and each dense parameter's gradient. A rank
+    whose batch left a parameter out of the graph (a text-only batch and the projector) adds zeros.
+    Sent in flat fp32 buffers of at most ``chunk`` entries."""
+    grads = []
+    for p in opt._params():
+        g = opt.grad_of(p)
+        if g is None:
+            idx = opt.index.get(p)
+            g = torch.zeros(idx.numel() if idx is not None else p.shape, dtype=torch.float32, device=p.device)
+            if idx is not None or p.dtype != torch.float32:
+                opt.compact[p] = g
+            else:
+                p.grad = g
+        grads.append(g)
+    i = 0
+    while i < len(grads):
+        j, n = i, 0
+        while j < len(grads) and (n == 0 or n + grads[j].numel() <= chunk):
+            n += grads[j].numel()
+            j += 1
+        flat = torch.cat([g.reshape(-1).float() for g in grads[i:j]]).to(d.device)
+        dist.all_reduce(flat)
+        flat.div_(d.world)
+        off = 0
+        for g in grads[i:j]:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        i = j
 
 
 def _local_trainable(tr: "Trainable") -> "Trainable":

@@ -10,7 +10,9 @@ whatever the settings, and every piece of per-entry state has k entries, not num
 - the trainable indices (int32 where they fit),
 - with ``compact_grads``, the gradient itself: a hook gathers each masked matrix's gradient to its k
   entries the moment backward has produced it and frees the dense one, so at most one dense gradient
-  of a masked matrix is alive at a time."""
+  of a masked matrix is alive at a time. Gradients gathered there are fp32, and so is the sum over
+  micro-batches; a dense parameter held in bf16 / fp16 (norms, a trained lm_head) is gathered the
+  same way, so that accumulation never rounds to the model's dtype."""
 from __future__ import annotations
 
 import math
@@ -58,8 +60,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(local(p).shape)}")
             idx = mask.reshape(-1).nonzero().squeeze(1)
             self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
-            if compact_grads:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
+        if compact_grads:
+            for p in self._params():
+                if p in self.index or p.dtype != torch.float32:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
         for group in self.param_groups:
             group.setdefault("peak_lr", group["lr"])
         for p in self._params():
@@ -116,7 +120,9 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _gather_grad(self, p: torch.nn.Parameter) -> None:
-        g = p.grad.reshape(-1)[self.index[p].long()].float()
+        idx = self.index.get(p)
+        g = local(p.grad)
+        g = g.reshape(-1)[idx.long()].float() if idx is not None else g.float()
         if p in self.compact:
             self.compact[p].add_(g)
         else:

@@ -446,3 +446,56 @@ def test_a_parameter_no_mask_can_cover_is_refused_not_trained_densely():
     full = training.select_trainable(lm, FinetuneConfig(targets="mlp"), [0, 1], {})   # Full-FT: dense, counted
     assert set(experts) <= set(full.params)
     assert full.counts()["trainable_entries"] == sum(p.numel() for p in full.params.values())
+
+
+def test_bf16_end_to_end_from_the_cli_keeps_frozen_entries_bit_identical(work, tmp_path):
+    """probe -> mask -> finetune (grad_accum 4, weight decay 0.1, norms trained densely) -> export ->
+    eval-forgetting, all in bf16 on the CPU."""
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    bf = ["--dtype", "bfloat16"]
+    steps = [("probe", "tiny-llava", *bf, "--samples", "4", "--batch-size", "2", "--probes", "2", "--seq-len", "12",
+              "--out", tmp_path / "s.safetensors"),
+             ("mask", tmp_path / "s.safetensors", "--ratio", "0.1", "--out", tmp_path / "m.safetensors"),
+             ("finetune", "tiny-llava", *bf, "--mask", tmp_path / "m.safetensors", "--data", work / "train.json",
+              "--image-folder", work / "img", "--batch-size", "2", "--grad-accum", "4", "--weight-decay", "0.1",
+              "--lr", "1e-3", "--warmup-ratio", "0", "--max-steps", "2", "--out", tmp_path / "run"),
+             ("export", tmp_path / "run", "--out", tmp_path / "exp"),
+             ("eval-forgetting", "--base", "tiny-llava", tmp_path / "run", *bf, "--tasks", tmp_path / "suite.yaml",
+              "--batch-size", "4", "--out", tmp_path / "rep")]
+    facts = ROOT / "dowser_cli" / "configs" / "tasks" / "data" / "facts.jsonl"
+    (tmp_path / "suite.yaml").write_text(f"""tasks:
+  - {{name: digits, role: downstream, kind: vqa, metric: exact_match, data: "builtin:digits/test.jsonl", limit: 4,
+     max_new_tokens: 2}}
+  - {{name: facts, role: upstream, kind: likelihood, metric: choice_likelihood, data: {facts}, limit: 4,
+     answer_template: "The answer is {{answer}}."}}
+  - {{name: drift, role: upstream, kind: drift, samples: 2, seq_len: 12}}
+""")
+    for args in steps[:4]:
+        r = run_cli(*args)
+        assert r.returncode == 0, (args[0], r.stderr[-2000:])
+    side = artifacts.read_yaml(tmp_path / "run" / "run.yaml")
+    assert side["model"]["dtype"] == "bfloat16" and side["trainable"]["params"] > side["trainable"]["masked_params"]
+    run = open_run(tmp_path / "run")
+    src = resolve_source("tiny-llava")
+    base = dict(load_model(src, load_config(src), torch.bfloat16, "cpu", tokenizer=False).model.named_parameters())
+    tuned = dict(load_run(run).model.named_parameters())
+    mf = open_mask(tmp_path / "m.safetensors")
+    moved = 0
+    for n, p0 in base.items():
+        p1 = tuned[n]
+        assert p1.dtype == torch.bfloat16
+        if n in mf.params:
+            m = mf.dense(n)
+            assert torch.equal(p1[~m], p0[~m]), n                 # frozen entries bit-identical
+            moved += int(not torch.equal(p1[m], p0[m]))
+        elif n not in run.params:
+            assert torch.equal(p1, p0), n
+    assert moved == len(mf.params)
+    exported = load_model(resolve_source(str(tmp_path / "exp")), load_config(resolve_source(str(tmp_path / "exp"))),
+                          torch.bfloat16, "cpu", tokenizer=False).model
+    assert all(torch.equal(p, tuned[n]) for n, p in exported.named_parameters())
+    r = run_cli(*steps[4], timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = artifacts.read_yaml(tmp_path / "rep" / "report.yaml")
+    assert rep["config"]["dtype"] == "bfloat16" and [x["model"] for x in rep["rows"]] == ["base (tiny-llava)", "run"]

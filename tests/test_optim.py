@@ -111,3 +111,23 @@ def test_clipping_counts_only_trainable_entries():
     p.grad = torch.full((4, 4), 100.0)
     p.grad[0, 0] = 3.0
     assert opt.clip_grad_norm_(1.0) == pytest.approx(3.0)
+
+
+def test_bf16_gradients_accumulate_in_fp32_masked_and_dense():
+    """A bf16 model's micro-batch gradients add up in fp32: a dense bf16 parameter (a norm, a trained
+    lm_head) as well as a masked one. In bf16, 1 + 64 x 2^-9 rounds back to 1 at every addition."""
+    dense = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    masked = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.bfloat16))
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    opt = MaskedAdamW([dense, masked], {masked: mask}, lr=1e-3, compact_grads=True)
+    for c in [1.0] + [2.0 ** -9] * 64:          # micro-batches: d loss / d p = c
+        ((dense * c).sum() + (masked * c).sum()).backward()
+    want = 1.0 + 64 * 2.0 ** -9                 # 1.125, exact in fp32
+    g = opt.grad_of(dense)
+    assert g.dtype == torch.float32 and torch.equal(g, torch.full((4,), want))
+    assert torch.equal(opt.grad_of(masked), torch.full((3,), want))
+    assert dense.grad is None and masked.grad is None       # no bf16 copy kept beside them
+    plain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    for c in [1.0] + [2.0 ** -9] * 64:
+        (plain * c).sum().backward()
+    assert float(plain.grad[0]) == 1.0          # what bf16 accumulation gave before
