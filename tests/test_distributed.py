@@ -96,7 +96,7 @@ def single_bf16(work, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_bf16_ranks_match_one_bf16_process(work, single_bf16, tmp_path, strategy):
     """In bf16 the ranks' gradients are summed over micro-batches and ranks in fp32 (and the masters are
     fp32): against one process that runs the same bf16 micro-batches, only the order of fp32 additions

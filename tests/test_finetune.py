@@ -448,6 +448,7 @@ def test_a_parameter_no_mask_can_cover_is_refused_not_trained_densely():
     assert full.counts()["trainable_entries"] == sum(p.numel() for p in full.params.values())
 
 
+@pytest.mark.slow   # 60 s; test_optim's fp32-accumulation test and the 2-rank bf16 DDP test run by default
 def test_bf16_end_to_end_from_the_cli_keeps_frozen_entries_bit_identical(work, tmp_path):
     """probe -> mask -> finetune (grad_accum 4, weight decay 0.1, norms trained densely) -> export ->
     eval-forgetting, all in bf16 on the CPU."""

@@ -118,6 +118,7 @@ def test_a_hub_reached_through_the_proxy_in_http_proxy(tmp_path):
     assert ("GET", "http://fake-hub.invalid/someorg/somemodel/resolve/main/config.json") in seen
 
 
+@pytest.mark.slow   # the hub client retries for ~25 s; the proxy test beside runs by default
 def test_no_network_is_one_line_after_the_hub_clients_retries(tmp_path):
     """No route to the hub (its proxy refuses): one line on stderr, exit 2, none of the client's
     per-retry warnings and no traceback."""
