@@ -435,17 +435,7 @@ def all_reduce_grads(d: Dist, opt: "MaskedAdamW", chunk: int = 1 << 24) -> None:
     (not the whole matrix, as DDP's buckets would send) and each dense parameter's gradient. A rank
     whose batch left a parameter out of the graph (a text-only batch and the projector) adds zeros.
     Sent in flat fp32 buffers of at most ``chunk`` entries."""
-    grads = []
-    for p in opt._params():
-        g = opt.grad_of(p)
-        if g is None:
-            idx = opt.index.get(p)
-            g = torch.zeros(idx.numel() if idx is not None else p.shape, dtype=torch.float32, device=p.device)
-            if idx is not None or p.dtype != torch.float32:
-                opt.compact[p] = g
-            else:
-                p.grad = g
-        grads.append(g)
+    grads = [opt.grad_or_zeros(p) for p in opt._params()]
     i = 0
     while i < len(grads):
         j, n = i, 0

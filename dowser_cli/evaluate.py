@@ -174,7 +174,7 @@ def generate_answers(lm: LoadedModel, task: Task, recs: list[EvalRecord], batch_
                      device: str, dtype: torch.dtype, advance: Callable[[int], None]) -> list[str]:
     """Greedy answers, batched with left padding."""
     enc = Encoder(lm.tokenizer, lm.processor, max_len)
-    answers = []
+    answers, stop = [], lm.stop_ids() or None
     for chunk in _batches(recs, batch_size):
         images = [r.load_image() for r in chunk]
         seqs = [prompt_ids(enc, render_prompt(task, r), im) for r, im in zip(chunk, images)]
@@ -184,7 +184,7 @@ def generate_answers(lm: LoadedModel, task: Task, recs: list[EvalRecord], batch_
             kw.update(lm.adapter.sequence_kwargs(lm.config, ids))
         out = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                 max_new_tokens=task.max_new_tokens, pad_token_id=_pad_id(lm),
-                                eos_token_id=lm.stop_ids() or None, temperature=None, top_p=None, top_k=None,
+                                eos_token_id=stop, temperature=None, top_p=None, top_k=None,
                                 **{k: v.to(device) for k, v in kw.items()})
         answers += [lm.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, ids.shape[1]:].cpu()]
         advance(len(chunk))

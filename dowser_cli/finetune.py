@@ -185,8 +185,7 @@ def prepare_mask(p: Plan, lm: LoadedModel, command: str):
     digest = p.mask.meta.get("weights_digest")
     # the digest reads values in the dtype the mask was made in: comparable where the run loads that
     # dtype (a bf16 run from a mask probed in fp32 is checked by the fingerprint alone)
-    same_dtype = all(q.dtype == p.mask.dtype for q in lm.model.parameters())
-    if digest and same_dtype and digest != artifacts.weights_digest(lm.model):
+    if digest and artifacts.held_in(lm.model, p.mask.dtype) and digest != artifacts.weights_digest(lm.model):
         raise UserError(f"--mask {p.mask.path}: was made from different weights than {p.source.spec} "
                         f"(same architecture, weights digest differs)")
     return mf

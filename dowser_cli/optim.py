@@ -54,16 +54,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.index: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.compact: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.compact_grads = compact_grads
         self._hooks = []
         for p, mask in (masks or {}).items():
             if tuple(mask.shape) != tuple(local(p).shape):
                 raise ValueError(f"mask shape {tuple(mask.shape)} != parameter shape {tuple(local(p).shape)}")
             idx = mask.reshape(-1).nonzero().squeeze(1)
             self.index[p] = idx.to(torch.int32 if p.numel() < 2**31 else torch.int64).to(p.device)
-        if compact_grads:
-            for p in self._params():
-                if p in self.index or p.dtype != torch.float32:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
+        for p in self._params():
+            if self._gathers(p):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
         for group in self.param_groups:
             group.setdefault("peak_lr", group["lr"])
         for p in self._params():
@@ -118,6 +118,11 @@ class MaskedAdamW(torch.optim.Optimizer):
             flat = mine.reshape(-1)
             state["master"] = (flat[idx.long()] if idx is not None else flat).float().reshape(shape).clone()
 
+    def _gathers(self, p: torch.nn.Parameter) -> bool:
+        """Whether a hook gathers p's gradient into ``compact`` (fp32): masked ones, and dense ones held
+        in another dtype, when ``compact_grads``."""
+        return self.compact_grads and (p in self.index or p.dtype != torch.float32)
+
     @torch.no_grad()
     def _gather_grad(self, p: torch.nn.Parameter) -> None:
         idx = self.index.get(p)
@@ -138,6 +143,20 @@ class MaskedAdamW(torch.optim.Optimizer):
             return None
         g = local(p.grad)
         return g.reshape(-1)[idx.long()].float() if idx is not None else g.float()
+
+    def grad_or_zeros(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """``grad_of(p)``, or fp32 zeros put where p's gradient would be when backward produced none
+        (a rank whose batch left p out of the graph still takes part in the reduction)."""
+        g = self.grad_of(p)
+        if g is None:
+            idx = self.index.get(p)
+            g = torch.zeros(idx.numel() if idx is not None else local(p).shape, dtype=torch.float32,
+                            device=local(p).device)
+            if self._gathers(p):
+                self.compact[p] = g
+            else:
+                p.grad = g
+        return g
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=True)
@@ -203,7 +222,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for i, p in zip(saved, self._params()):
             for k, t in state_dict["state"].get(i, {}).items():
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and k != "step":
-                    self.state[p][k] = t.to(device=local(p).device, dtype=t.dtype, copy=True)
+                    self.state[p][k] = t.to(device=local(p).device, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes of per-entry optimiser state: moments, master copies, trainable indices."""

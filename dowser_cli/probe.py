@@ -295,13 +295,15 @@ class FactorStore:
             out[f"{n}.act_sq"] = self.act_sq[n][:batches]
         return out
 
-    def put(self, row: int, hooks: FactorHooks, batch_psi: dict[str, torch.Tensor], probes: int) -> None:
-        """Store one batch's factors as rows row..row+probes-1 (copied: the hooks reuse their buffers)."""
+    def put(self, batch: int, hooks: FactorHooks, batch_psi: dict[str, torch.Tensor]) -> None:
+        """Store batch ``batch``'s factors: psi and act as its ``probes`` rows, act_sq as its one row
+        (copied: the hooks reuse their buffers)."""
+        m = self.probes
         for name in self.psi:
-            psi, act, act_sq = hooks.batch_factors(name, batch_psi, probes)
-            self.psi[name][row: row + probes].copy_(psi)
-            self.act[name][row: row + probes].copy_(act)  # a is per batch: the same for its M probes
-            self.act_sq[name][row // probes].copy_(act_sq)
+            psi, act, act_sq = hooks.batch_factors(name, batch_psi, m)
+            self.psi[name][batch * m: (batch + 1) * m].copy_(psi)
+            self.act[name][batch * m: (batch + 1) * m].copy_(act)  # a is per batch: the same for its M probes
+            self.act_sq[name][batch].copy_(act_sq)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for n in self.psi:
@@ -345,7 +347,7 @@ def probe_one(s, hooks: FactorHooks, b: int, cfg: ProbeConfig, device: str) -> t
     tp = time.perf_counter()
     psi = probe_batch(s.lm, hooks, input_ids, mask, img_kwargs, xi_generator(cfg.seed, b), cfg.probes, device,
                       use_batched_probes(cfg, device))
-    s.store.put(b * cfg.probes, hooks, psi, cfg.probes)
+    s.store.put(b, hooks, psi)
     return tp - tg, time.perf_counter() - tp
 
 

@@ -47,6 +47,12 @@ def model_fingerprint(model: torch.nn.Module, as_dtype: torch.dtype | None = Non
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
+def held_in(model: torch.nn.Module, dtype: torch.dtype | None) -> bool:
+    """Whether every parameter of ``model`` is held in ``dtype``: where a weights digest read in that
+    dtype can be compared with this model's (the digest reads values, which depend on the dtype)."""
+    return all(p.dtype == dtype for p in model.parameters())
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A cheap check that two models hold the same VALUES (the fingerprint only covers names, shapes
     and dtypes): sha256 over the first and last 16 values of every parameter. Fine-tuning or another

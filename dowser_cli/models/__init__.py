@@ -142,11 +142,17 @@ def load_config(source: ModelSource):
     try:
         return AutoConfig.from_pretrained(where, revision=source.revision, trust_remote_code=source.trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "trust_remote_code" in str(e) and not source.trust_remote_code:
-            raise UserError(f"model {source.spec}: its config needs code from its repository; pass "
-                            f"--trust-remote-code to allow it") from None
-        raise UserError(f"model {source.spec}: cannot read config from {where}: {first}") from None
+            raise _needs_remote_code(source.spec) from None
+        raise UserError(f"model {source.spec}: cannot read config from {where}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _needs_remote_code(spec: str) -> UserError:
+    return UserError(f"model {spec}: its config needs code from its repository; pass --trust-remote-code to allow it")
 
 
 def _hub_offline() -> bool:
@@ -165,13 +171,11 @@ def _hub_errors(spec: str, what: str):
     try:
         yield
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "trust_remote_code" in str(e):
-            raise UserError(f"model {spec}: its config needs code from its repository; pass "
-                            f"--trust-remote-code to allow it") from None
+            raise _needs_remote_code(spec) from None
         hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline() else \
             "no network, a proxy not set in HTTPS_PROXY, or no such repo?"
-        raise UserError(f"model {spec}: cannot reach the hub for its {what} ({hint}): {first}") from None
+        raise UserError(f"model {spec}: cannot reach the hub for its {what} ({hint}): {_first_line(e)}") from None
     finally:
         log.setLevel(level)
 
@@ -224,7 +228,7 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
                                                              trust_remote_code=source.trust_remote_code,
                                                              device_map=device_map or (device if device != "cpu" else None))
         except (OSError, ValueError) as e:
-            raise UserError(f"model {source.spec}: cannot load weights: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"model {source.spec}: cannot load weights: {_first_line(e)}") from None
     tokenizer = processor = None
     if want_tokenizer and source.kind == "tiny":
         tokenizer = embedded.tiny_tokenizer(source.location)

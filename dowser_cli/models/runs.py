@@ -24,8 +24,8 @@ def apply_delta(lm: LoadedModel, run: RunDir) -> None:
         raise UserError(f"{run.path}: was fine-tuned from a different base model than {lm.source.spec} "
                         f"(fingerprint mismatch)")
     # the digest reads values, which depend on the dtype loaded; compare it where they are comparable
-    same_dtype = all(p.dtype == digest_dtype(run.sidecar) for p in lm.model.parameters())
-    if same_dtype and artifacts.weights_digest(lm.model) != run.meta.get("weights_digest"):
+    if artifacts.held_in(lm.model, digest_dtype(run.sidecar)) and \
+            artifacts.weights_digest(lm.model) != run.meta.get("weights_digest"):
         raise UserError(f"{run.path}: was fine-tuned from different weights than {lm.source.spec} "
                         f"(same architecture, weights digest differs)")
     mf = open_mask(run.mask) if run.mask else None
