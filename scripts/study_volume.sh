@@ -7,13 +7,14 @@
 # Stages, in the order of priority they run in (each finished step is reused, so the script can be
 # stopped at any time and run again to go on where it stopped; a long run resumes from its
 # checkpoint, written every SAVE_EVERY steps):
-#   stress   lr 1e-3 at 64 steps (the cheap stress): full-ft dowser random inverse, seeds $SEEDS
+#   stress   lr 1e-3 at 64 steps (the cheap stress): $STRESS_METHODS (default full-ft dowser random
+#            inverse), seeds $SEEDS
 #   volume   lr 1e-4, VOLUME_STEPS steps of 4 (default 1024), snapshots at 64 128 256 512, the live
 #            drift meter every DRIFT_EVERY steps:
 #            full-ft dowser random inverse, seeds $SEEDS
 #   replay   replay (data-free rehearsal) and dowser + replay, seeds $SEEDS, at each setting of
 #            EXTRAS_AT (default "stress volume": the cheap stress first)
-#   ablate   magnitude wanda sensitivity, at each setting of EXTRAS_AT: seeds $SEEDS at the stress,
+#   ablate   $ABLATIONS (default magnitude wanda sensitivity), at each setting of EXTRAS_AT: seeds $SEEDS at the stress,
 #            seed 0 along the volume
 #   text     the second task: smollm2-135m on zorbish (text only; suite text-demo), the volume stage
 #            (full-ft first) and its report, seed 0, under OUT/text
@@ -38,8 +39,10 @@ DRIFT_EVERY=${DRIFT_EVERY:-32}   # the live drift meter (finetune --drift-every)
 # which methods the volume stage runs, and which settings the report evaluates (two invocations with
 # disjoint VOLUME_METHODS can train side by side, e.g. one thread each: OMP_NUM_THREADS=1)
 VOLUME_METHODS=${VOLUME_METHODS:-"dowser random full-ft inverse"}
+STRESS_METHODS=${STRESS_METHODS:-"full-ft dowser random inverse"}
 REPORT_SETTINGS=${REPORT_SETTINGS:-"stress volume"}
 EXTRAS_AT=${EXTRAS_AT:-"stress volume"}   # where the replay and ablate stages train
+ABLATIONS=${ABLATIONS:-"magnitude wanda sensitivity"}
 TUNE=${STUDY_LAYERS:-last:20}        # the paper's 20 tuned layers (of smol-llava's 30)
 LAYERS=(--tune-layers "$TUNE")
 # smol-llava's fresh projector trains densely at its own lr, as in the demo; a text model has none
@@ -119,7 +122,7 @@ for stage in $STAGES; do
     case $stage in
         stress)
             setting_args stress
-            for seed in $SEEDS; do for m in full-ft dowser random inverse; do
+            for seed in $SEEDS; do for m in $STRESS_METHODS; do
                 method_run stress "$m" "$seed" "${ARGS[@]}"
             done; done ;;
         volume)
@@ -138,7 +141,7 @@ for stage in $STAGES; do
             for at in $EXTRAS_AT; do
                 setting_args "$at"
                 seeds=$SEEDS; [[ $at == volume ]] && seeds=0
-                for seed in $seeds; do for m in magnitude wanda sensitivity; do
+                for seed in $seeds; do for m in $ABLATIONS; do
                     method_run "$at" "$m" "$seed" "${ARGS[@]}"
                 done; done
             done ;;
