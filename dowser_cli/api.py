@@ -96,12 +96,13 @@ def load_mask(path: str | os.PathLike, model: nn.Module) -> Mask:
 
 
 def read_examples(path: str | os.PathLike, tokenizer, processor=None, image_folder: str | os.PathLike | None = None,
-                  max_len: int = 2048) -> list[data.Example]:
+                  max_len: int = 2048, stop_ids: list[int] | None = None) -> list[data.Example]:
     """A training file (any layout `dowser finetune --data` reads: LLaVA, LLaMA-Factory sharegpt,
     OpenAI-style messages) encoded exactly as finetune encodes it: token ids, labels on the assistant
-    turns only, the image path."""
+    turns only (each to its turn end: the tokenizer's EOS or one of ``stop_ids``, e.g. the model's
+    ``generation_config.eos_token_id``), the image path."""
     ds = data.read_dataset(tokenizer, processor, Path(path), Path(image_folder) if image_folder else None, max_len,
-                           False, stderr_console())
+                           False, stderr_console(), stop_ids)
     return ds.examples
 
 

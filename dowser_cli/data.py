@@ -183,23 +183,30 @@ def load_image(path: Path):
 # ---- chat rendering and tokenisation -------------------------------------------------------------------
 
 class Encoder:
-    """Renders a conversation with the model's chat template and tokenises it so that labels cover
-    exactly the assistant turns (answer text and the template's end-of-turn tokens)."""
+    """Renders a conversation with the model's chat template and tokenises the whole text at once (as
+    the model reads it at inference), so that labels cover exactly the assistant turns: from the
+    answer's first token to its turn end (the first stop token: the tokenizer's EOS or one of
+    ``stop_ids``, e.g. Gemma's ``<end_of_turn>``), and no template text after it. A template whose
+    assistant turn has no stop token (LLaVA-1.5's on the hub) gets the tokenizer's EOS after the
+    answer, as LLaVA's own training text had, so that the model learns to stop."""
 
-    def __init__(self, tokenizer, processor, max_len: int):
+    def __init__(self, tokenizer, processor, max_len: int, stop_ids: list[int] | None = None):
         self.tokenizer, self.processor, self.max_len = tokenizer, processor, max_len
         owner = processor if getattr(processor, "chat_template", None) else tokenizer
         self._template = None if getattr(owner, "chat_template", None) else FALLBACK_TEMPLATE
         self._render_with = owner
         self.image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+        eos = tokenizer.eos_token_id
+        self.stop_ids = {int(i) for i in (stop_ids or [])} | ({int(eos)} if eos is not None else set())
         self.list_content = self._wants_list_content()
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         if self.list_content:
             messages = [{"role": m["role"], "content": _content_list(m["content"])} for m in messages]
         kw = {"chat_template": self._template} if self._template else {}
-        return self._render_with.apply_chat_template(messages, tokenize=False,
+        text = self._render_with.apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=generation_prompt, **kw)
+        return text.replace(IMAGE_PLACEHOLDER, self.image_token) if self.image_token != IMAGE_PLACEHOLDER else text
 
     def _wants_list_content(self) -> bool:
         """Templates differ: some take a string per message, multimodal ones a list of typed parts.
@@ -211,65 +218,85 @@ class Encoder:
             return True
         return "dowser-sentinel" not in out or "'type'" in out
 
-    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered text cut into (text, is_assistant) pieces."""
+    def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character span [start, end) of each assistant turn: from
+        where the generation prompt ends to the end of the turn's text, trailing whitespace cut."""
         full = self._render(messages, False)
-        pieces, pos = [], 0
+        spans, pos = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(self._render(messages[:i], True))
+            prompt = self._render(messages[:i], True)
             end = len(self._render(messages[: i + 1], False))
-            if not (pos <= start <= end <= len(full)):
+            start = len(prompt)
+            if not (pos <= start <= end <= len(full)) or not full.startswith(prompt):
                 raise ValueError("the chat template does not render conversations prefix by prefix")
-            pieces += [(full[pos:start], False), (full[start:end], True)]
+            spans.append((start, start + len(full[start:end].rstrip())))
             pos = end
-        if pos < len(full):
-            pieces.append((full[pos:], False))
-        return [(t, a) for t, a in pieces if t]
+        return full, spans
+
+    def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a whole rendered text [T] (the tokenizer's special tokens added, a BOS the
+        template wrote already not doubled) and each token's character span."""
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        bos = self.tokenizer.bos_token_id
+        if len(ids) > 1 and ids[0] == ids[1] == bos:
+            ids, offsets = ids[1:], offsets[1:]
+        return ids, offsets
 
     def encode(self, record: Record, image=None) -> Example:
-        ids: list[int] = []
-        labels: list[int] = []
-        for n, (text, is_assistant) in enumerate(self.segments(record.messages)):
-            if self.image_token != IMAGE_PLACEHOLDER:
-                text = text.replace(IMAGE_PLACEHOLDER, self.image_token)
-            first = n == 0
-            if image is not None and self.image_token in text:
-                if self.processor is None:
-                    raise ValueError("the model has no image processor (text-only model)")
-                seg = self.processor(text=[text], images=[image], add_special_tokens=first,
-                                     return_tensors="pt")["input_ids"][0].tolist()
+        full, spans = self.spans(record.messages)
+        ids, offsets = self.tokenize(full)
+        labels = [IGNORE] * len(ids)
+        eos = self.tokenizer.eos_token_id
+        inserts = []   # (position, ) where a turn without a stop token gets the EOS
+        for start, end in spans:
+            inside = [k for k, (a, b) in enumerate(offsets) if a < end and b > start and a < b]
+            for k in inside:
+                labels[k] = ids[k]
+                if ids[k] in self.stop_ids:
+                    break
             else:
-                seg = self.tokenizer(text, add_special_tokens=first)["input_ids"]
-            if first and len(seg) > 1 and seg[0] == seg[1] == self.tokenizer.bos_token_id:
-                seg = seg[1:]  # the template already wrote BOS
-            ids += seg
-            labels += seg if is_assistant else [IGNORE] * len(seg)
+                if inside and eos is not None:
+                    inserts.append(inside[-1] + 1)
+        for k in reversed(inserts):
+            ids.insert(k, int(eos))
+            labels.insert(k, int(eos))
+        if image is not None and self.image_token in full:
+            ids, labels = self.expand_image(ids, labels, image)
         if len(ids) > self.max_len:
             raise ValueError(f"{len(ids)} tokens, over --max-len {self.max_len}")
         if not any(x != IGNORE for x in labels):
             raise ValueError("no assistant tokens after rendering")
         return Example(record.index, ids, labels, record.image)
 
+    def expand_image(self, ids: list[int], labels: list[int], image) -> tuple[list[int], list[int]]:
+        """The ids with the image token replaced by what the processor makes of it for this image (a run
+        of image tokens, with the model's wrappers), the labels IGNORE there [T'] each."""
+        if self.processor is None:
+            raise ValueError("the model has no image processor (text-only model)")
+        alone, _ = self.tokenize(self.image_token)
+        out = self.processor(text=[self.image_token], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        token = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        j = alone.index(token)                       # the processor keeps what is around the image token
+        head, tail = len(alone[:j]), len(alone) - j - 1
+        if out[:head] != alone[:j] or (tail and out[-tail:] != alone[j + 1:]):
+            raise ValueError("the processor changed the tokens around the image")
+        run = out[head: len(out) - tail]
+        k = ids.index(token)
+        return ids[:k] + run + ids[k + 1:], labels[:k] + [IGNORE] * len(run) + labels[k + 1:]
+
 
 def prompt_ids(encoder: "Encoder", text: str, image=None) -> list[int]:
     """Token ids of one user turn plus the template's generation prompt (what evaluation feeds
-    ``generate``); an image goes through the processor, placed where ``<image>`` is (or first)."""
+    ``generate``), tokenised as training tokenises a conversation; an image goes through the
+    processor, placed where ``<image>`` is (or first)."""
     if image is not None and IMAGE_PLACEHOLDER not in text:
         text = f"{IMAGE_PLACEHOLDER}\n{text}"
-    rendered = encoder._render([{"role": "user", "content": text}], True)
-    if encoder.image_token != IMAGE_PLACEHOLDER:
-        rendered = rendered.replace(IMAGE_PLACEHOLDER, encoder.image_token)
+    ids, _ = encoder.tokenize(encoder._render([{"role": "user", "content": text}], True))
     if image is not None:
-        if encoder.processor is None:
-            raise ValueError("the model has no image processor (text-only model)")
-        ids = encoder.processor(text=[rendered], images=[image], return_tensors="pt")["input_ids"][0].tolist()
-    else:
-        ids = encoder.tokenizer(rendered)["input_ids"]
-    bos = encoder.tokenizer.bos_token_id
-    if len(ids) > 1 and ids[0] == ids[1] == bos:
-        ids = ids[1:]
+        ids, _ = encoder.expand_image(ids, [IGNORE] * len(ids), image)
     return ids
 
 
@@ -355,13 +382,14 @@ def pack_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def read_dataset(tokenizer, processor, path: Path, image_folder: Path | None, max_len: int, skip_bad: bool,
-                 console) -> Dataset:
+                 console, stop_ids: list[int] | None = None) -> Dataset:
     """A training file read and encoded as `finetune` (and `merge`'s calibration) read it, with a
-    progress line; skipped records (``skip_bad``) are reported in one line."""
+    progress line; skipped records (``skip_bad``) are reported in one line. ``stop_ids``: the model's
+    turn ends beside the tokenizer's EOS (``LoadedModel.stop_ids()``), where labels stop."""
 
     if image_folder is not None and not image_folder.is_dir():
         raise UserError(f"--image-folder {image_folder}: no such directory")
-    encoder = Encoder(tokenizer, processor, max_len)
+    encoder = Encoder(tokenizer, processor, max_len, stop_ids)
     with progress_bar(console) as bar:
         task = bar.add_task(f"reading {path.name}", total=None)
         ds = load_dataset(path, image_folder, encoder, skip_bad, lambda: bar.advance(task))

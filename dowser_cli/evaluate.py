@@ -173,7 +173,7 @@ def _pad_id(lm: LoadedModel) -> int:
 def generate_answers(lm: LoadedModel, task: Task, recs: list[EvalRecord], batch_size: int, max_len: int,
                      device: str, dtype: torch.dtype, advance: Callable[[int], None]) -> list[str]:
     """Greedy answers, batched with left padding."""
-    enc = Encoder(lm.tokenizer, lm.processor, max_len)
+    enc = Encoder(lm.tokenizer, lm.processor, max_len, lm.stop_ids())
     answers, stop = [], lm.stop_ids() or None
     for chunk in _batches(recs, batch_size):
         images = [r.load_image() for r in chunk]
@@ -196,7 +196,7 @@ def answer_logprobs(lm: LoadedModel, task: Task, recs: list[EvalRecord], candida
                     batch_size: int, max_len: int, device: str, dtype: torch.dtype,
                     advance: Callable[[int], None]) -> list[list[tuple[float, int]]]:
     """(summed log-probability, tokens) of each candidate answer after the record's prompt [rec][cand]."""
-    enc = Encoder(lm.tokenizer, lm.processor, max_len)
+    enc = Encoder(lm.tokenizer, lm.processor, max_len, lm.stop_ids())
     if all(r.image is None for r in recs):
         return _shared_prompt_logprobs(lm, task, recs, candidates, enc, batch_size, device, advance)
     flat = [(i, j) for i, cs in enumerate(candidates) for j in range(len(cs))]

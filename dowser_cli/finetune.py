@@ -223,7 +223,8 @@ def _run(dist: distributed.Dist | None, t0: float, model_spec: str, data_path: P
     lm = load_model(p.source, p.config, p.dtype, backend.load_device(p.device), empty=backend.empty)
     console = stderr_console(quiet=not backend.main)
     ensure_tokenizer(lm, console)
-    ds = data.read_dataset(lm.tokenizer, lm.processor, data_path, image_folder, cfg.max_len, cfg.skip_bad, console)
+    ds = data.read_dataset(lm.tokenizer, lm.processor, data_path, image_folder, cfg.max_len, cfg.skip_bad, console,
+                           lm.stop_ids())
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.model_fingerprint(lm.model)
     # (only rank 0 writes it; an empty rank has no values to digest)

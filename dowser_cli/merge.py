@@ -312,7 +312,8 @@ def _read_data(lm: LoadedModel, path: Path, image_folder: Path | None, cfg: Merg
     ensure_tokenizer(lm, console)  # what finetune uses for a config-only model
     # finetune's reading and encoding (chat template, labels, images), so the merge sees the downstream
     # data exactly as training did
-    return data.read_dataset(lm.tokenizer, lm.processor, path, image_folder, cfg.max_len, False, console)
+    return data.read_dataset(lm.tokenizer, lm.processor, path, image_folder, cfg.max_len, False, console,
+                             lm.stop_ids())
 
 
 def merged_values(ctx: MergeContext, patches: dict[str, merging.Patch]) -> dict[str, torch.Tensor]:

@@ -41,8 +41,8 @@ def test_labels_cover_exactly_the_assistant_turns(tmp_path, llava):
     ex = ds.examples[0]
     tok = lm.tokenizer
     labelled = tok.decode([x for x in ex.labels if x != data.IGNORE])
-    # the two answers with their end-of-turn text, nothing of the user's turns
-    assert labelled == " Red.</s>\n Yes.</s>\n"
+    # the two answers each to its turn end (EOS), nothing of the user's turns nor the template's "\n"
+    assert labelled == " Red.</s> Yes.</s>"
     assert tok.decode(ex.input_ids).count("<image>") == 4            # the processor expanded the placeholder
     assert all(l == data.IGNORE for i, l in zip(ex.input_ids, ex.labels) if i == lm.config.image_token_id)
     # labels are the input ids where they are set (the model shifts them itself)
@@ -89,7 +89,8 @@ def test_not_json_and_empty_dataset(tmp_path, llava):
 
 @pytest.mark.slow
 def test_chat_template_of_the_real_model_is_used(tmp_path):
-    """SmolLM2's own ChatML template: the assistant label is the answer plus <|im_end|>."""
+    """SmolLM2's own ChatML template: the assistant label is the answer plus <|im_end|> (not the "\n"
+    the template writes after it)."""
     from transformers import AutoTokenizer
 
     from dowser_cli.models import embedded
@@ -99,7 +100,7 @@ def test_chat_template_of_the_real_model_is_used(tmp_path):
     ds = data.load_dataset(_write(tmp_path, [{"conversations": _conv(("human", "Capital of France?"),
                                                                      ("gpt", "Paris"))}]), None, enc, False)
     ex = ds.examples[0]
-    assert tok.decode([x for x in ex.labels if x != data.IGNORE]) == "Paris<|im_end|>\n"
+    assert tok.decode([x for x in ex.labels if x != data.IGNORE]) == "Paris<|im_end|>"
     assert "<|im_start|>user\nCapital of France?<|im_end|>" in tok.decode(ex.input_ids)
 
 

@@ -48,12 +48,13 @@ class Examples(torch.utils.data.Dataset):
 
 
 def read_examples(path: str | os.PathLike, tokenizer, processor=None, image_folder: str | os.PathLike | None = None,
-                  max_len: int = 2048, hf_dataset: bool = False):
+                  max_len: int = 2048, hf_dataset: bool = False, stop_ids: list[int] | None = None):
     """``dowser_cli.read_examples`` as a torch Dataset for ``Trainer(train_dataset=...)``, or with
     ``hf_dataset`` as a ``datasets.Dataset`` of already-encoded rows (index, input_ids, labels, image_path), which
     TRL's SFTTrainer requires (with ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})``: the
-    rows are encoded already)."""
-    examples = api.read_examples(path, tokenizer, processor, image_folder, max_len)
+    rows are encoded already). ``stop_ids``: the model's turn ends beside the tokenizer's EOS, where
+    labels stop (``model.generation_config.eos_token_id``)."""
+    examples = api.read_examples(path, tokenizer, processor, image_folder, max_len, stop_ids)
     if not hf_dataset:
         return Examples(examples)
     import datasets
