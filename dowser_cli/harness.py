@@ -21,9 +21,10 @@ from typing import Any, Iterator
 
 import torch
 
-from dowser_cli.errors import UserError
+from dowser_cli.data import Encoder
+from dowser_cli.errors import UserError, first_line
 from dowser_cli.models import LoadedModel, registry
-from dowser_cli.models.chat import FALLBACK_LIST_TEMPLATE, IMAGE_PLACEHOLDER
+from dowser_cli.models.chat import FALLBACK_LIST_TEMPLATE, IMAGE_PLACEHOLDER, accepting_parts
 from dowser_cli.tasks import Task
 
 INSTALL = "make install-lmms (keeps the torch build make install chose), or pip install -e \".[lmms]\""
@@ -87,34 +88,42 @@ def wrapper_for(lm: LoadedModel) -> str:
     return wrapper
 
 
-def _has_template(lm: LoadedModel) -> bool:
-    return bool(getattr(lm.processor, "chat_template", None) or getattr(lm.tokenizer, "chat_template", None))
+def _template(lm: LoadedModel) -> str | None:
+    """The chat template lmms-eval should render with, where the model's own will not do: dowser's
+    fallback (USER: / ASSISTANT:, as dowser's evaluator renders it) for a model without one, the
+    model's own made to take typed parts (``accepting_parts``) where it takes strings only (lmms-eval's
+    chat wrappers hand parts); None where the model's own takes parts already."""
+    token = getattr(lm.processor, "image_token", None) or IMAGE_PLACEHOLDER
+    enc = Encoder(lm.tokenizer, lm.processor, 1)
+    own = getattr(enc._render_with, "chat_template", None) if enc._template is None else None
+    if own is None:
+        return FALLBACK_LIST_TEMPLATE.replace(IMAGE_PLACEHOLDER, token)
+    return None if enc.list_content else accepting_parts(own, token)
 
 
 def write_checkpoint(lm: LoadedModel, path: Path) -> None:
-    """save_pretrained of the model with its processor and tokenizer. A model without a chat template
-    gets dowser's fallback (USER: / ASSISTANT:, the text dowser's own evaluator renders), so that both
-    harnesses prompt it the same way."""
+    """save_pretrained of the model with its processor and tokenizer, with the chat template lmms-eval
+    should render (``_template``), so that both harnesses prompt it the same way."""
     lm.model.save_pretrained(path)
-    owner = lm.processor if lm.processor is not None else lm.tokenizer
-    added = not _has_template(lm)
-    if added:
-        token = getattr(lm.processor, "image_token", None) or IMAGE_PLACEHOLDER
-        owner.chat_template = FALLBACK_LIST_TEMPLATE.replace(IMAGE_PLACEHOLDER, token)
+    template = _template(lm)
+    owners = [o for o in (lm.processor, lm.tokenizer) if o is not None]
+    before = [getattr(o, "chat_template", None) for o in owners]
     try:
-        for extra in (lm.processor, lm.tokenizer):
-            if extra is not None:
-                extra.save_pretrained(path)
+        if template is not None:
+            for o in owners:
+                o.chat_template = template
+        for o in owners:
+            o.save_pretrained(path)
     finally:
-        if added:
-            owner.chat_template = None
+        for o, t in zip(owners, before):
+            o.chat_template = t
 
 
 @contextlib.contextmanager
 def checkpoint(lm: LoadedModel, directory: Path | None, scratch: Path) -> Iterator[Path]:
-    """A directory lmms-eval can load: ``directory`` itself when it is a checkpoint with a chat
-    template, otherwise a temporary save under ``scratch``, removed on the way out."""
-    if directory is not None and _has_template(lm):
+    """A directory lmms-eval can load: ``directory`` itself when it is a checkpoint whose chat template
+    lmms-eval can use as it is, otherwise a temporary save under ``scratch``, removed on the way out."""
+    if directory is not None and _template(lm) is None:
         yield directory
         return
     scratch.mkdir(parents=True, exist_ok=True)
@@ -178,11 +187,19 @@ def evaluate(ckpt: Path, wrapper: str, tasks: list[Task], device: str, dtype: to
     for t in tasks:   # lmms-eval's limit applies to every task of a call
         by_limit.setdefault(t.limit, []).append(t)
     with contextlib.redirect_stdout(sys.stderr):   # its tables are not our data
-        lm = models.get_model(wrapper)(**kwargs)   # built here, not from a "k=v,..." string: any path works
+        try:
+            lm = models.get_model(wrapper)(**kwargs)   # built here, not from a "k=v,..." string: any path works
+        except Exception as e:
+            raise UserError(f"lmms-eval could not load the model with its {wrapper} wrapper: {type(e).__name__}: {first_line(e)}") from None
         try:
             for limit, group in by_limit.items():
-                res = simple_evaluate(model=lm, tasks=sorted({t.lmms_task for t in group}), task_manager=manager,
-                                      batch_size=1, limit=limit, log_samples=True, verbosity="WARNING", device=device)
+                names = sorted({t.lmms_task for t in group})
+                try:
+                    res = simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=1, limit=limit,
+                                          log_samples=True, verbosity="WARNING", device=device)
+                except Exception as e:   # its own failure, inside its loop: one line, not its traceback
+                    raise UserError(f"lmms-eval failed on {', '.join(names)} ({wrapper} wrapper): "
+                                    f"{type(e).__name__}: {first_line(e)}") from None
                 for t in group:
                     out[t.name] = read_results(res, t, v)
         finally:

@@ -113,6 +113,93 @@ def test_lmms_eval_agrees_with_dowser_on_the_same_items(setup, tmp_path):
     assert yaml.safe_load((out / "report.yaml").read_text())["cache"] == {"hits": 4, "evaluated": 0}
 
 
+# SmolLM2's ChatML, which takes a string per message (smol-llava's template)
+STRING_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def _half_answered(d, spec: str) -> None:
+    """items.jsonl's references: the model's own greedy answer (dowser's evaluator) on every other item."""
+    import torch
+
+    from dowser_cli.models import load_config, load_model, resolve_source
+
+    src = resolve_source(spec)
+    lm = load_model(src, load_config(src), torch.float32, "cpu")
+    task = [t for t in tasks.load_suite(d / "suite.yaml") if t.name == "ours"][0]
+    recs = tasks.read_records(task)
+    preds = evaluate.generate_answers(lm, task, recs, 4, 2048, "cpu", torch.float32, lambda k: None)
+    items = [json.loads(x) for x in (d / "items.jsonl").read_text().splitlines()]
+    for i, p in enumerate(preds):
+        items[i]["answer"] = p if i % 2 == 0 else "zzz"
+    _write_items(d, items)
+
+
+def _agree(d, base, tmp_path) -> None:
+    out = tmp_path / "report"
+    r = run_cli("eval-forgetting", "--base", base, "--tasks", d / "suite.yaml", "--out", out, "--json",
+                "--bootstrap", "20")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["scores"]["ours"] > 0 and row["scores"]["theirs"] == pytest.approx(row["scores"]["ours"]), row
+    cached = [json.loads(f.read_text()) for f in (out / "cache").glob("*.json")]
+    theirs = [c["per_item"] for c in cached if "lmms" in c]
+    ours = [c["per_item"] for c in cached if "lmms" not in c]
+    assert len(theirs) == 1 and theirs == ours            # item by item
+
+
+def test_a_model_whose_chat_template_takes_strings_is_evaluated_by_both_harnesses_alike(setup, tmp_path):
+    """lmms-eval's chat wrapper hands the template typed parts (a list); a template that takes strings
+    (SmolLM2's ChatML) failed inside it with a 40-line traceback. The checkpoint lmms-eval reads gets
+    the model's own template made to take parts too, and both harnesses score each item alike."""
+    from dowser_cli.models import load_config, load_model, resolve_source
+    import shutil
+    import torch
+
+    src = resolve_source("tiny-llava")
+    lm = load_model(src, load_config(src), torch.float32, "cpu")
+    model = tmp_path / "chatml-llava"
+    for o in (lm.processor, lm.tokenizer):
+        o.chat_template = STRING_TEMPLATE
+    lm.model.save_pretrained(model)
+    lm.processor.save_pretrained(model)
+    lm.tokenizer.save_pretrained(model)
+    d = tmp_path / "suite"
+    shutil.copytree(setup, d, ignore=shutil.ignore_patterns("run", "digits"))
+    (d / "items.jsonl").write_text((setup / "items.jsonl").read_text())
+    (d / "lmms" / "local.yaml").write_text(TASK_YAML.format(items=d / "items.jsonl"))
+    _half_answered(d, str(model))
+    _agree(d, model, tmp_path)
+
+
+@pytest.mark.slow
+def test_smol_llava_is_evaluated_by_both_harnesses_alike(setup, tmp_path):
+    """The embedded smol-llava (SmolLM2's string template) through lmms-eval and dowser's evaluator."""
+    import shutil
+
+    d = tmp_path / "suite"
+    shutil.copytree(setup, d, ignore=shutil.ignore_patterns("run", "digits"))
+    (d / "lmms" / "local.yaml").write_text(TASK_YAML.format(items=d / "items.jsonl"))
+    _half_answered(d, "smol-llava")
+    _agree(d, "smol-llava", tmp_path)
+
+
+def test_a_failure_inside_lmms_eval_is_one_line(setup, tmp_path):
+    """An exception inside lmms-eval's loop (here its task's doc_to_text raising) is one line on stderr."""
+    import shutil
+
+    d = tmp_path / "suite"
+    shutil.copytree(setup, d, ignore=shutil.ignore_patterns("run", "digits"))
+    (d / "lmms" / "local.yaml").write_text(TASK_YAML.format(items=d / "items.jsonl"))
+    (d / "lmms" / "utils.py").write_text(TASK_UTILS.replace('return doc["text"]', 'return doc["no_such_key"]'))
+    r = run_cli("eval-forgetting", "--base", "tiny-llava", "--tasks", d / "suite.yaml", "--out", tmp_path / "o")
+    assert r.returncode == 2, r.stderr
+    assert "lmms-eval failed on dowser_local_vqa (llava_hf wrapper): KeyError: 'no_such_key'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_lmms_refusals_are_one_line(setup, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(SUITE.replace("dowser_local_vqa", "no_such_task").replace("include_path: lmms",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dowser_cli.config import config_dirs, load_yaml_file
-from dowser_cli.errors import UserError
+from dowser_cli.errors import UserError, first_line
 from dowser_cli.models import embedded
 from dowser_cli.models.registry import Adapter, Parts, adapter_for_config, resolve_parts
 
@@ -144,11 +144,7 @@ def load_config(source: ModelSource):
     except (OSError, ValueError) as e:
         if "trust_remote_code" in str(e) and not source.trust_remote_code:
             raise _needs_remote_code(source.spec) from None
-        raise UserError(f"model {source.spec}: cannot read config from {where}: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {source.spec}: cannot read config from {where}: {first_line(e)}") from None
 
 
 def _needs_remote_code(spec: str) -> UserError:
@@ -175,7 +171,7 @@ def _hub_errors(spec: str, what: str):
             raise _needs_remote_code(spec) from None
         hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline() else \
             "no network, a proxy not set in HTTPS_PROXY, or no such repo?"
-        raise UserError(f"model {spec}: cannot reach the hub for its {what} ({hint}): {_first_line(e)}") from None
+        raise UserError(f"model {spec}: cannot reach the hub for its {what} ({hint}): {first_line(e)}") from None
     finally:
         log.setLevel(level)
 
@@ -228,7 +224,7 @@ def load_model(source: ModelSource, config, dtype: torch.dtype, device: str, tok
                                                              trust_remote_code=source.trust_remote_code,
                                                              device_map=device_map or (device if device != "cpu" else None))
         except (OSError, ValueError) as e:
-            raise UserError(f"model {source.spec}: cannot load weights: {_first_line(e)}") from None
+            raise UserError(f"model {source.spec}: cannot load weights: {first_line(e)}") from None
     tokenizer = processor = None
     if want_tokenizer and source.kind == "tiny":
         tokenizer = embedded.tiny_tokenizer(source.location)

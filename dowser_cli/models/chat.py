@@ -17,3 +17,17 @@ FALLBACK_LIST_TEMPLATE = (
     "{% else %}ASSISTANT: {% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{{ eos_token }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def accepting_parts(template: str, image_token: str = IMAGE_PLACEHOLDER) -> str:
+    """A chat template that takes a string per message (SmolLM2's ChatML) made to take typed parts as
+    well, as lmms-eval's chat wrappers hand them: each message's parts are joined into one string
+    first (an image part becomes ``image_token`` and a new line, where dowser's own prompts put the
+    image), then ``template`` renders as before."""
+    return ("{%- set ns = namespace(msgs=[]) -%}{%- for m in messages -%}"
+            "{%- if m['content'] is string -%}{%- set ns.msgs = ns.msgs + [m] -%}"
+            "{%- else -%}{%- set part = namespace(text='') -%}{%- for c in m['content'] -%}"
+            "{%- if c['type'] == 'image' -%}{%- set part.text = part.text + " + repr(image_token) + " + '\\n' -%}"
+            "{%- elif c['type'] == 'text' -%}{%- set part.text = part.text + c['text'] -%}{%- endif -%}"
+            "{%- endfor -%}{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': part.text}] -%}"
+            "{%- endif -%}{%- endfor -%}{%- set messages = ns.msgs %}" + template)
