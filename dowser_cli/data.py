@@ -17,6 +17,7 @@ from dowser_cli.models.chat import FALLBACK_TEMPLATE, IMAGE_PLACEHOLDER
 from dowser_cli.progress import progress_bar
 
 IGNORE = -100  # label of tokens without loss (prompt, system text, image, padding)
+CHECKED_SIZES = 4  # image sizes whose run transformers' count must match before it is used alone
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -29,14 +30,23 @@ class Record:
 
 @dataclass
 class Example:
+    """One encoded record. The ids hold the image as the single image token of the rendered text; the
+    processor's run of image tokens replaces it when a batch is made (``collate``), where the image is
+    read, so reading the data opens each image only to check it."""
     index: int
     input_ids: list[int]
     labels: list[int]
     image: Path | None
+    image_tokens: int = 0    # the length of the image's run of tokens (what the processor makes of it)
 
     @property
     def n_labels(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def length(self) -> int:
+        """Tokens the model reads: the ids with the image token replaced by its run."""
+        return len(self.input_ids) + (self.image_tokens - 1 if self.image is not None else 0)
 
 
 @dataclass
@@ -180,6 +190,19 @@ def load_image(path: Path):
         return im.convert("RGB")
 
 
+def check_image(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file whose pixels decode (a damaged or truncated file raises
+    OSError); nothing is kept, and no processor runs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except (OSError, SyntaxError) as e:   # PIL raises SyntaxError for some broken headers
+        raise ValueError(f"image {path} cannot be decoded ({e})") from None
+
+
 # ---- chat rendering and tokenisation -------------------------------------------------------------------
 
 class Encoder:
@@ -199,6 +222,8 @@ class Encoder:
         eos = tokenizer.eos_token_id
         self.stop_ids = {int(i) for i in (stop_ids or [])} | ({int(eos)} if eos is not None else set())
         self.list_content = self._wants_list_content()
+        self._runs: dict[tuple[int, int], int] = {}   # image size -> its run's length
+        self._count_ok: bool | None = None             # transformers' count matched the processor so far
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         if self.list_content:
@@ -245,7 +270,10 @@ class Encoder:
             ids, offsets = ids[1:], offsets[1:]
         return ids, offsets
 
-    def encode(self, record: Record, image=None) -> Example:
+    def encode(self, record: Record) -> Example:
+        """The record's ids and labels [T] with its image as one image token, and the length of the run
+        of tokens the processor will put there (the image is checked, not processed, where the
+        processor can count its tokens from the image's size)."""
         full, spans = self.spans(record.messages)
         ids, offsets = self.tokenize(full)
         labels = [IGNORE] * len(ids)
@@ -263,29 +291,44 @@ class Encoder:
         for k in reversed(inserts):
             ids.insert(k, int(eos))
             labels.insert(k, int(eos))
-        if image is not None and self.image_token in full:
-            ids, labels = self.expand_image(ids, labels, image)
-        if len(ids) > self.max_len:
-            raise ValueError(f"{len(ids)} tokens, over --max-len {self.max_len}")
+        ex = Example(record.index, ids, labels, record.image)
+        if record.image is not None:
+            if self.processor is None:
+                raise ValueError("the model has no image processor (text-only model)")
+            if ids.count(image_token_id(self.processor)) != 1:
+                raise ValueError("the rendered text does not hold the image token once")
+            ex.image_tokens = self.image_tokens(record.image)
+        if ex.length > self.max_len:
+            raise ValueError(f"{ex.length} tokens, over --max-len {self.max_len}")
         if not any(x != IGNORE for x in labels):
             raise ValueError("no assistant tokens after rendering")
-        return Example(record.index, ids, labels, record.image)
+        return ex
 
-    def expand_image(self, ids: list[int], labels: list[int], image) -> tuple[list[int], list[int]]:
-        """The ids with the image token replaced by what the processor makes of it for this image (a run
-        of image tokens, with the model's wrappers), the labels IGNORE there [T'] each."""
-        if self.processor is None:
-            raise ValueError("the model has no image processor (text-only model)")
-        alone, _ = self.tokenize(self.image_token)
-        out = self.processor(text=[self.image_token], images=[image], return_tensors="pt")["input_ids"][0].tolist()
-        token = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        j = alone.index(token)                       # the processor keeps what is around the image token
-        head, tail = len(alone[:j]), len(alone) - j - 1
-        if out[:head] != alone[:j] or (tail and out[-tail:] != alone[j + 1:]):
-            raise ValueError("the processor changed the tokens around the image")
-        run = out[head: len(out) - tail]
-        k = ids.index(token)
-        return ids[:k] + run + ids[k + 1:], labels[:k] + [IGNORE] * len(run) + labels[k + 1:]
+    def image_tokens(self, path: Path) -> int:
+        """The length of the image's run of tokens, once per image size: the processor's own run on
+        the first ``CHECKED_SIZES`` sizes, then transformers' count from the size
+        (``_get_num_multimodal_tokens``) where it matched on all of them (a count that ignores the
+        checkpoint's own processor settings, as on tiny Qwen2-VL builds, is never used)."""
+        size = check_image(path)
+        if size in self._runs:
+            return self._runs[size]
+        counted = self._counted(size) if self._count_ok is not False else None
+        if counted is not None and self._count_ok and len(self._runs) >= CHECKED_SIZES:
+            n = counted
+        else:
+            n = len(image_runs(self.processor, [load_image(path)])[0][0])
+            self._count_ok = counted == n and self._count_ok is not False
+        self._runs[size] = n
+        return n
+
+    def _counted(self, size: tuple[int, int]) -> int | None:
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is None:
+            return None
+        try:
+            return int(count(image_sizes=[(size[1], size[0])])["num_image_tokens"][0])
+        except Exception:   # a processor's count is a convenience: any failure means "process it"
+            return None
 
 
 def prompt_ids(encoder: "Encoder", text: str, image=None) -> list[int]:
@@ -296,7 +339,10 @@ def prompt_ids(encoder: "Encoder", text: str, image=None) -> list[int]:
         text = f"{IMAGE_PLACEHOLDER}\n{text}"
     ids, _ = encoder.tokenize(encoder._render([{"role": "user", "content": text}], True))
     if image is not None:
-        ids, _ = encoder.expand_image(ids, [IGNORE] * len(ids), image)
+        if encoder.processor is None:
+            raise ValueError("the model has no image processor (text-only model)")
+        (run,), _ = image_runs(encoder.processor, [image])
+        ids, _ = splice(ids, [IGNORE] * len(ids), image_token_id(encoder.processor), run)
     return ids
 
 
@@ -312,8 +358,8 @@ def _content_list(text: str) -> list[dict]:
 
 def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_bad: bool,
                  on_record: Callable[[], None] | None = None) -> Dataset:
-    """Parse, check and tokenise every record (images are opened once here, to count their tokens and
-    to find unreadable files before training starts)."""
+    """Parse, check and tokenise every record. Each image is decoded once here, to find damaged files
+    before training starts, and counted, not processed (that happens per batch, ``collate``)."""
     raw = read_records(path)
     if not isinstance(raw, list):
         raise UserError(f"--data {path}: expected a list of records (JSON list or JSONL)")
@@ -322,8 +368,7 @@ def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_b
     for i, r in enumerate(raw):
         try:
             rec = parse_record(r, i, folder, ds.format)
-            image = load_image(rec.image) if rec.image is not None else None
-            ds.examples.append(encoder.encode(rec, image))
+            ds.examples.append(encoder.encode(rec))
         except (ValueError, OSError) as e:
             if not skip_bad:
                 raise UserError(f"--data {path}: record {i}: {e} (--skip-bad skips such records)") from None
@@ -338,30 +383,104 @@ def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_b
 
 # ---- batches ----------------------------------------------------------------------------------------------
 
-def collate(examples: list[Example], pad_id: int, processor) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels [B, T]; pixel values of the examples that have
-    an image, in order, through the processor's image processor."""
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: list[Example], pad_id: int, processor, images: list | None = None,
+            keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels [B, T], each image token replaced by its image's
+    run, and the image kwargs of the examples that have an image, in order (``image_runs``; only
+    ``keys`` among them where given: the model forward's arguments). ``images``: the examples'
+    images, decoded (read here when None; a DataLoader worker reads them ahead)."""
+    if images is None:
+        images = [load_image(e.image) if e.image is not None else None for e in examples]
+    seqs = [(e.input_ids, e.labels) for e in examples]
+    kwargs: dict[str, torch.Tensor] = {}
+    with_image = [b for b, im in enumerate(images) if im is not None]
+    if with_image:
+        runs, kwargs = image_runs(processor, [images[b] for b in with_image], keys)
+        token = image_token_id(processor)
+        for b, run in zip(with_image, runs):
+            seqs[b] = splice(*seqs[b], token, run)
+    width = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[b, :n] = torch.tensor(e.input_ids)
-        labels[b, :n] = torch.tensor(e.labels)
-        mask[b, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    batch.update(image_inputs(processor, [load_image(e.image) for e in examples if e.image is not None]))
-    return batch
+    for b, (x, y) in enumerate(seqs):
+        ids[b, :len(x)] = torch.tensor(x)
+        labels[b, :len(x)] = torch.tensor(y)
+        mask[b, :len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **kwargs}
+
+
+class Examples(torch.utils.data.Dataset):
+    """The encoded examples for a DataLoader: item i is (example, its image decoded or None), read in
+    the loader's worker processes."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        e = self.examples[i]
+        return e, (load_image(e.image) if e.image is not None else None)
+
+
+class Collator:
+    """``collate`` for a DataLoader of ``Examples`` (a class, so worker processes can take it)."""
+
+    def __init__(self, pad_id: int, processor, keys: set[str] | None = None):
+        self.pad_id, self.processor, self.keys = pad_id, processor, keys
+
+    def __call__(self, items) -> dict[str, torch.Tensor]:
+        return collate([e for e, _ in items], self.pad_id, self.processor, [im for _, im in items], self.keys)
+
+
+# per-token outputs of a processor call: what image_runs returns as runs, not as image kwargs
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# the image kwargs passed on when the model's forward is not known (the Trainer's collator)
+IMAGE_KEYS = frozenset({"pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"})
+
+
+def image_token_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER)
+
+
+def image_runs(processor, images: list, keys: set[str] | None = None) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+    """What the processor makes of each image: its run of tokens (the image tokens with the model's
+    wrappers, e.g. Idefics3's rows and columns, which replace the one image token of the rendered
+    text) and the batch's image kwargs (pixel values, and grids, sizes or pixel masks where the
+    processor gives them; ``keys`` keeps the ones named, else ``IMAGE_KEYS``). One processor call
+    for the batch: the images are processed once."""
+    token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+    out = processor(text=[token] * len(images), images=[[im] for im in images], return_tensors="pt", padding=True)
+    alone = processor.tokenizer(token)["input_ids"]
+    j = alone.index(image_token_id(processor))
+    head, tail = alone[:j], alone[j + 1:]
+    runs = []
+    for row, m in zip(out["input_ids"], out["attention_mask"]):
+        ids = row[m.bool()].tolist()
+        if ids[:len(head)] != head or ids[len(ids) - len(tail):] != tail:
+            raise ValueError("the processor changed the tokens around the image token")
+        runs.append(ids[len(head): len(ids) - len(tail)])
+    wanted = IMAGE_KEYS if keys is None else keys
+    kwargs = {k: v for k, v in out.items() if k not in TOKEN_KEYS and k in wanted and isinstance(v, torch.Tensor)}
+    return runs, kwargs
+
+
+def splice(ids: list[int], labels: list[int], token: int, run: list[int]) -> tuple[list[int], list[int]]:
+    """ids and labels [T] with the image token replaced by ``run`` (labels IGNORE there) [T - 1 + len(run)]."""
+    k = ids.index(token)
+    return ids[:k] + run + ids[k + 1:], labels[:k] + [IGNORE] * len(run) + labels[k + 1:]
 
 
 def image_inputs(processor, images: list) -> dict[str, torch.Tensor]:
-    """The model's image kwargs (pixel values, and grid/size tensors where the model takes them) for
-    the images of one batch, through the processor's image processor; {} without images."""
+    """The model's image kwargs (pixel values, and grid, size or pixel-mask tensors where the model
+    takes them) for the images of one batch, through the processor's image processor; {} without
+    images."""
     if not images:
         return {}
     pixels = processor.image_processor(images, return_tensors="pt")
-    return {k: v for k, v in pixels.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+    return {k: v for k, v in pixels.items() if k in IMAGE_KEYS}
 
 
 def pad_id(tokenizer) -> int:

@@ -33,6 +33,7 @@ from dowser_cli.runtime import StopRequests, resolve_device, resolve_dtype
 from dowser_cli.selection import default_layers, format_ranges, layer_of, parse_layers
 from dowser_cli.trackers import open_tracker
 from dowser_cli.training import (FinetuneConfig, LocalBackend, Schedule, Trainable, TrainState, apply_values,
+                                 batch_loader, forward_keys,
                                  make_lr_lambda, make_schedule, param_groups, snapshot_due, train_step, validate,
                                  write_delta)
 
@@ -285,10 +286,11 @@ def _train(p: Plan, lm: LoadedModel, ds: data.Dataset, tr: Trainable, opt: Maske
         with StopRequests("abort", grace_s=backend.stop_grace_s, message="\ndowser: stopping after this step "
                           "(Ctrl-C again to abort without a checkpoint)") as stop, _progress(console) as bar:
             task = bar.add_task(f"finetune {p.source.spec}", total=sched.total_steps, completed=state.step, info="")
+            batches = batch_loader(ds, sched, cfg, backend, state.step, pad, lm.processor, forward_keys(lm.model))
             while state.step < sched.total_steps:
                 t = time.perf_counter()
                 r = train_step(state.step, ds, sched, cfg, model, opt, lr_at, backend, p.dtype, pad, lm.processor,
-                               lambda: stop.requested, method)
+                               lambda: stop.requested, method, batches)
                 loss, tokens, seen, finite, stop_now = r.loss, r.tokens, r.seen, r.finite, r.stop
                 if not finite:
                     _diverged(p, state, loss, sched)

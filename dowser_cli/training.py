@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -64,6 +65,8 @@ class FinetuneConfig:
                                 off="--train-norms")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward.")
     max_len: int = option(2048, "Longest record in tokens; longer ones are bad records.")
+    workers: int = option(0, "DataLoader worker processes that read and process the next batches' images while "
+                          "a step runs (the order and numbers do not change).", show="0 = the main process")
     skip_bad: bool = option(False, "Skip bad records (counted in run.yaml) instead of failing.")
     seed: int = option(0, "Seed of data order and dropout.")
     save_every: int = option(0, "Checkpoint every N optimiser steps.", show="0 = only on Ctrl-C")
@@ -114,6 +117,7 @@ class FinetuneConfig:
         d.pop("logging_dir")
         d.pop("device")
         d.pop("strategy")
+        d.pop("workers")          # who prepares the batches, not what they hold
         if d["method"] != "replay":   # replay's settings shape replay runs only (and older checkpoints lack them)
             for k in [k for k in d if k.startswith("replay_")]:
                 d.pop(k)
@@ -454,22 +458,53 @@ class LocalBackend:
         return None
 
 
+class StepBatches(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: this process's examples of each micro-batch of every step from
+    ``start`` on, in ``step_examples``' order (so a resumed run reads what an uninterrupted one does)."""
+
+    def __init__(self, n: int, sched: Schedule, cfg: FinetuneConfig, backend: LocalBackend, start: int):
+        self.n, self.sched, self.cfg, self.backend, self.start = n, sched, cfg, backend, start
+
+    def __iter__(self):
+        for step in range(self.start, self.sched.total_steps):
+            for mb in step_examples(step, self.n, self.sched, self.backend.global_cfg(self.cfg)):
+                yield self.backend.share(mb, self.cfg.batch_size)[0]
+
+
+def forward_keys(model) -> set[str]:
+    """The arguments the model's forward names (which image kwargs of the processor it takes)."""
+    return set(inspect.signature(model.forward).parameters)
+
+
+def batch_loader(ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, backend: LocalBackend, start: int,
+                 pad: int, processor, keys: set[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches of every step from ``start`` on, collated (images read and processed) by
+    ``cfg.workers`` DataLoader workers ahead of the step, or by this process between steps (0);
+    pinned for a CUDA device."""
+    loader = torch.utils.data.DataLoader(
+        data.Examples(ds.examples), batch_sampler=StepBatches(len(ds.examples), sched, cfg, backend, start),
+        collate_fn=data.Collator(pad, processor, keys), num_workers=cfg.workers,
+        pin_memory=backend.device.startswith("cuda"), persistent_workers=False)
+    return iter(loader)
+
+
 def train_step(step: int, ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, model, opt: MaskedAdamW, lr_at,
                backend: LocalBackend, dtype: torch.dtype, pad: int, processor=None, stop: Callable[[], bool] = bool,
-               method=None) -> StepResult:
+               method=None, batches: Iterator[dict[str, torch.Tensor]] | None = None) -> StepResult:
     """One optimiser step over the step's ``batch_size * grad_accum`` examples (times the world size under
     a launcher, each process taking its share); the loss is the mean over all their assistant tokens, so
     accumulation and processes equal one big batch. ``model``: ``backend.wrap``'s loss callable. When the
     loss or the gradient norm is not finite no update is made (``finite`` False; the non-finite norm is
-    returned in the loss's place when the loss itself is finite)."""
+    returned in the loss's place when the loss itself is finite). ``batches``: ``batch_loader``'s
+    micro-batches (else each is collated here)."""
     micro = step_examples(step, len(ds.examples), sched, backend.global_cfg(cfg))
     n_tokens = sum(ds.examples[i].n_labels for mb in micro for i in mb)
-    n_input = sum(len(ds.examples[i].input_ids) for mb in micro for i in mb)
+    n_input = sum(ds.examples[i].length for mb in micro for i in mb)
     torch.manual_seed(step_seed(cfg.seed, step))  # dropout (if any) depends only on the step
     total = 0.0
     for j, mb in enumerate(micro):
         mine, factor = backend.share(mb, cfg.batch_size)
-        batch = data.collate([ds.examples[i] for i in mine], pad, processor)
+        batch = next(batches) if batches is not None else data.collate([ds.examples[i] for i in mine], pad, processor)
         with backend.accumulating(model, last=j == len(micro) - 1):
             loss = model(to_device(batch, backend.device, dtype)) / n_tokens
             # DDP and FSDP average the gradients over ranks: the factor (world) makes it their sum

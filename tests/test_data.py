@@ -43,10 +43,18 @@ def test_labels_cover_exactly_the_assistant_turns(tmp_path, llava):
     labelled = tok.decode([x for x in ex.labels if x != data.IGNORE])
     # the two answers each to its turn end (EOS), nothing of the user's turns nor the template's "\n"
     assert labelled == " Red.</s> Yes.</s>"
-    assert tok.decode(ex.input_ids).count("<image>") == 4            # the processor expanded the placeholder
-    assert all(l == data.IGNORE for i, l in zip(ex.input_ids, ex.labels) if i == lm.config.image_token_id)
+    # read: the image is one token, counted (not processed); batched: the processor's run replaces it,
+    # and the ids are what the processor makes of the whole rendered conversation
+    assert tok.decode(ex.input_ids).count("<image>") == 1 and ex.image_tokens == 4
+    batch = data.collate([ex], 0, lm.processor)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert tok.decode(ids).count("<image>") == 4 == ex.length - len(ex.input_ids) + 1
+    whole = lm.processor(text=[enc._render(data.parse_record(rec, 0, tmp_path).messages, False)],
+                         images=[data.load_image(ex.image)])["input_ids"][0]
+    assert ids == list(whole)
+    assert all(l == data.IGNORE for i, l in zip(ids, labels) if i == lm.config.image_token_id)
     # labels are the input ids where they are set (the model shifts them itself)
-    assert all(l in (data.IGNORE, i) for i, l in zip(ex.input_ids, ex.labels))
+    assert all(l in (data.IGNORE, i) for i, l in zip(ids, labels))
 
 
 def test_jsonl_text_only_and_image_placeholder_added(tmp_path, llava):
@@ -75,6 +83,31 @@ def test_bad_records_name_their_index_and_skip_bad_counts_them(tmp_path, llava, 
         data.load_dataset(path, None, enc, skip_bad=False)
     ds = data.load_dataset(path, None, enc, skip_bad=True)
     assert len(ds.examples) == 1 and ds.skipped[0]["index"] == 1 and reason.split()[-1] in ds.skipped[0]["reason"]
+
+
+def test_a_damaged_image_is_a_bad_record_found_when_the_data_is_read(tmp_path, llava):
+    """Reading checks that each image decodes (a truncated file is a bad record, named before training
+    starts) without running the processor on it."""
+    _, enc = llava
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "whole.jpg", quality=95)
+    data_ = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data_[: len(data_) // 2])
+    recs = [{"image": "whole.jpg", "conversations": _conv(("human", "<image>\nColour?"), ("gpt", "Green."))},
+            {"image": "cut.jpg", "conversations": _conv(("human", "<image>\nColour?"), ("gpt", "Green."))}]
+    path = _write(tmp_path, recs)
+    calls = []
+    original = enc.processor.__class__.__call__
+    enc.processor.__class__.__call__ = lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw)
+    try:
+        with pytest.raises(UserError, match=r"record 1: image .*cut.jpg cannot be decoded \(Truncated File Read\)"):
+            data.load_dataset(path, None, enc, skip_bad=False)
+        ds = data.load_dataset(path, None, enc, skip_bad=True)
+    finally:
+        enc.processor.__class__.__call__ = original
+    assert [e.index for e in ds.examples] == [0] and ds.skipped[0]["index"] == 1
+    assert len(calls) <= data.CHECKED_SIZES          # the processor ran on the first image sizes at most
 
 
 def test_not_json_and_empty_dataset(tmp_path, llava):

@@ -173,3 +173,42 @@ def test_a_head_that_changes_the_logits_trains_on_the_models_loss(work, family):
     lm = LoadedModel(src, model, model.config, adapter, resolve_parts(adapter, model), tok, None)
     ours, theirs = _loss_pair(lm, work)
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", [f[0] for f in FAMILIES if f[3]])
+def test_images_are_counted_when_read_and_processed_per_batch_as_the_processor_would(work, tiny_models, name):
+    """Reading the data opens each image only to check and count it; the batch then holds what the
+    processor makes of the whole conversation (the same ids, up to how the template's own text around the
+    image tokenises), its image run as long as counted, and every image input the model's forward takes
+    (Idefics3's pixel_attention_mask too; per-token inputs such as Gemma 3's token types come from the
+    ids, as the family's adapter makes them)."""
+    from dowser_cli import data
+    from dowser_cli.training import forward_keys
+
+    lm = tiny_models(name)
+    enc = data.Encoder(lm.tokenizer, lm.processor, 4096, lm.stop_ids())
+    ds = data.load_dataset(work / "train-images.json", None, enc, skip_bad=False)
+    examples = ds.examples[:4]                                          # four image sizes
+    keys = forward_keys(lm.model)
+    batch = data.collate(examples, data.pad_id(lm.tokenizer), lm.processor, keys=keys)
+    token = data.image_token_id(lm.processor)
+    runs, _ = data.image_runs(lm.processor, [data.load_image(e.image) for e in examples])
+    for b, e in enumerate(examples):
+        n = int(batch["attention_mask"][b].sum())
+        assert n == e.length, (b, n, e.length)                         # counted at read = processed per batch
+        assert len(runs[b]) == e.image_tokens
+        ids = batch["input_ids"][b, :n].tolist()
+        rendered = enc._render(data.parse_record(json.loads((work / "train-images.json").read_text())[b], b,
+                                                 work).messages, False)
+        whole = lm.processor(text=[rendered], images=[[data.load_image(e.image)]])["input_ids"][0]
+        whole = list(whole)
+        if len(whole) > 1 and whole[0] == whole[1] == lm.tokenizer.bos_token_id:
+            whole = whole[1:]
+        assert ids.count(token) == whole.count(token) and abs(len(ids) - len(whole)) <= 2
+        labels = batch["labels"][b, :n].tolist()
+        assert all(l == data.IGNORE for i, l in zip(ids, labels) if i == token)
+    wanted = {k for k in lm.processor(text=[lm.processor.image_token], images=[[data.load_image(examples[0].image)]],
+                                      return_tensors="pt") if k in keys and k not in data.TOKEN_KEYS}
+    assert wanted <= set(batch), (wanted, set(batch))
+    if name == "tiny-idefics3":
+        assert "pixel_attention_mask" in batch

@@ -95,8 +95,10 @@ def test_gradient_accumulation_equals_one_big_batch(work, tmp_path):
     _train(work, tmp_path / "acc", max_steps=2, batch_size=2, grad_accum=2)
     a = artifacts.read_tensors(tmp_path / "big" / "delta.safetensors")
     b = artifacts.read_tensors(tmp_path / "acc" / "delta.safetensors")
+    # equal up to float rounding (other padding widths, other summation order), which Adam's m/sqrt(v)
+    # can lift to ~1e-6 on an entry whose gradient is near zero: 0.1 % of one step's update at lr 1e-3
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=5e-6)
 
 
 def test_export_loads_in_plain_transformers_with_the_fine_tuned_logits(work, tmp_path):
@@ -190,13 +192,16 @@ def _sigint_default():
 
 
 def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
+    """...and so do DataLoader workers: the cut and resumed legs read their batches through 2 workers,
+    the uninterrupted run in its own process."""
     args = ["finetune", "tiny-llava", "--mask", work / "mask0.1.safetensors", "--data", work / "train.json",
             "--image-folder", work / "img", "--max-steps", "100", "--lr", "1e-3", "--weight-decay", "0.1",
             "--batch-size", "2", "--save-every", "5"]
     full = run_cli(*args, "--out", tmp_path / "full", timeout=900)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "dowser_cli", *map(str, args), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "dowser_cli", *map(str, args), "--out", str(out), "--workers", "2"],
+                            cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default,
                             env={**os.environ, "DOWSER_QUIET": "1"})
     deadline = time.time() + 300
@@ -208,7 +213,7 @@ def test_interrupt_then_resume_gives_the_identical_delta(work, tmp_path):
     assert "--resume" in err and not (out / "delta.safetensors").exists()
     step = artifacts.read_yaml(out / "checkpoint" / "state.yaml")["step"]
     assert 0 < step < 100
-    r = run_cli(*args, "--out", out, "--resume", timeout=900)
+    r = run_cli(*args, "--out", out, "--resume", "--workers", "2", timeout=900)
     assert r.returncode == 0, r.stderr
     assert (out / "delta.safetensors").read_bytes() == (tmp_path / "full" / "delta.safetensors").read_bytes()
     def curve(run):  # everything but the wall-clock seconds
