@@ -27,6 +27,7 @@ from dowser_cli.models import LoadedModel, load_config, load_model, meta_model, 
 from dowser_cli.models.runs import digest_dtype, load_run
 from dowser_cli.runtime import resolve_device, resolve_dtype
 from dowser_cli.progress import progress_bar, stderr_console
+from dowser_cli.resources import peak_memory
 from dowser_cli.scoring import spearman
 from dowser_cli.tasks import HARNESSES, EvalRecord, Task, check_complete, load_suite, read_records, render_prompt
 
@@ -450,6 +451,8 @@ def _run(base_spec: str, run_paths: list[Path], suite: Path, out: Path, cfg: Eva
     report["generation"] = {"stop_token_ids": base.stop_ids(),
                             "from": "the base's generation_config.eos_token_id and its tokenizer's eos_token_id"}
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
+    # this process's peaks (lmms-eval's copy of a model included: it loads in this process)
+    report["peak_memory"] = peak_memory(device)
     write_report(out, report, tasks)
     return report
 

@@ -36,14 +36,20 @@ def sh(args: list, env: dict) -> subprocess.CompletedProcess:
     return r
 
 
-def shape_dir(model: str, layers: int | None, into: Path) -> Path:
-    """The shipped config, with the decoder cut to ``layers`` layers if asked."""
+def shape_dir(model: str, layers: int | None, into: Path, tiny: bool = False) -> Path:
+    """The shipped config, with the decoder cut to ``layers`` layers if asked (and, ``tiny``, every
+    width cut to a toy's: the same code paths, for a dry run)."""
     from dowser_cli.models import aliases
 
     entry = aliases()[model]
     cfg = json.loads((Path(entry["config"]) / "config.json").read_text())
     if layers:
         cfg["text_config"]["num_hidden_layers"] = layers
+    if tiny:
+        cfg["text_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=4, head_dim=16)
+        cfg["vision_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                    num_hidden_layers=2, projection_dim=32)
     into.mkdir(parents=True, exist_ok=True)
     (into / "config.json").write_text(json.dumps(cfg, indent=1))
     return into
@@ -74,6 +80,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--dense", action="store_true", help="also run the dense reference accumulation")
     ap.add_argument("--skip-full-ft", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="toy widths (a dry run of the same code paths)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     env = {**os.environ, "DOWSER_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -82,7 +89,7 @@ def main() -> None:
                  "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        model = shape_dir(a.model, a.layers, d / "model")
+        model = shape_dir(a.model, a.layers, d / "model", a.tiny)
         n_layers = json.loads((model / "config.json").read_text())["text_config"]["num_hidden_layers"]
         tune = min(a.tune, n_layers)
         variants = "floor,probe" + (",dense" if a.dense else "")
