@@ -357,7 +357,7 @@ def _content_list(text: str) -> list[dict]:
 
 
 def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_bad: bool,
-                 on_record: Callable[[], None] | None = None) -> Dataset:
+                 on_record: Callable[[], None] | None = None, on_total: Callable[[int], None] | None = None) -> Dataset:
     """Parse, check and tokenise every record. Each image is decoded once here, to find damaged files
     before training starts, and counted, not processed (that happens per batch, ``collate``)."""
     raw = read_records(path)
@@ -365,6 +365,8 @@ def load_dataset(path: Path, image_folder: Path | None, encoder: Encoder, skip_b
         raise UserError(f"--data {path}: expected a list of records (JSON list or JSONL)")
     folder = image_folder if image_folder is not None else path.parent
     ds = Dataset(path, [], total=len(raw), format=record_format(raw))
+    if on_total:
+        on_total(len(raw))
     for i, r in enumerate(raw):
         try:
             rec = parse_record(r, i, folder, ds.format)
@@ -511,7 +513,8 @@ def read_dataset(tokenizer, processor, path: Path, image_folder: Path | None, ma
     encoder = Encoder(tokenizer, processor, max_len, stop_ids)
     with progress_bar(console) as bar:
         task = bar.add_task(f"reading {path.name}", total=None)
-        ds = load_dataset(path, image_folder, encoder, skip_bad, lambda: bar.advance(task))
+        ds = load_dataset(path, image_folder, encoder, skip_bad, lambda: bar.advance(task),
+                          lambda n: bar.update(task, total=n))
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad record(s) of {ds.total} (first: record "
                       f"{ds.skipped[0]['index']}: {ds.skipped[0]['reason']})[/yellow]")
