@@ -1,6 +1,7 @@
 """Evaluation task suites (configs/tasks/*.yaml) and their data files, checked before any model loads.
 
-A suite: ``tasks:`` (a list) and optional ``include:`` (other suite files, relative to this one).
+A suite: ``tasks:`` (a list) and optional ``include:`` (other suite files, relative to this one, or
+shipped suites by name).
 A task: ``name``, ``role`` (downstream | upstream), ``kind``, ``data`` (path relative to the suite file,
 or ``builtin:digits/test.jsonl``), optional ``metric`` (the kind's default otherwise), ``prompt`` (a
 template with {question}, {options}, {hint}), ``max_new_tokens``, ``limit``, ``image_folder``, ``answer_template`` (likelihood kinds: the
@@ -123,8 +124,10 @@ def load_suite(path: Path | str, _seen: tuple[Path, ...] = (), check_files: bool
         raise UserError(f"--tasks {path}: includes itself")
     data = load_yaml_file(path)
     tasks: list[Task] = []
-    for inc in data.get("include") or []:
-        tasks += load_suite(path.parent / inc, _seen + (path.resolve(),), check_files, data_root)
+    for inc in data.get("include") or []:   # beside the including file, else a shipped suite's name
+        beside = path.parent / str(inc)
+        target = beside if beside.is_file() else find(str(inc), "tasks", f"--tasks {path}: include")
+        tasks += load_suite(target, _seen + (path.resolve(),), check_files, data_root)
     for i, raw in enumerate(data.get("tasks") or []):
         tasks.append(_task(raw, i, path, check_files, data_root))
     if not _seen:

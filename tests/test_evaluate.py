@@ -152,6 +152,21 @@ def test_shipped_suites_are_well_formed():
     assert {t.role for t in demo} == {"downstream", "upstream"} and any(t.kind == "drift" for t in demo)
 
 
+def test_a_users_suite_includes_a_shipped_suite_by_name(tmp_path):
+    """include: resolves beside the including file first, then among the shipped suites by name; a name
+    that is neither is one line naming the suite and listing the shipped ones."""
+    (tmp_path / "mine.jsonl").write_text('{"question_id": "m0", "text": "Say hi.", "answer": "hi"}\n')
+    (tmp_path / "mine.yaml").write_text("include: [paper-upstream]\ntasks:\n  - {name: mine, role: downstream, "
+                                        "kind: vqa, metric: exact_match, data: mine.jsonl}\n")
+    got = tasks.load_suite(tmp_path / "mine.yaml", check_files=False)
+    shipped = tasks.load_suite("paper-upstream", check_files=False)
+    assert [t.name for t in got] == [t.name for t in shipped] + ["mine"]
+    (tmp_path / "bad.yaml").write_text("include: [no-such-suite]\ntasks: []\n")
+    with pytest.raises(tasks.UserError, match=r"--tasks .*bad.yaml: include no-such-suite: no such file, nor a shipped "
+                                        r"name; names: .*paper-upstream"):
+        tasks.load_suite(tmp_path / "bad.yaml", check_files=False)
+
+
 @pytest.fixture(scope="module")
 def seeded(setup):
     """Two methods over two seeds, 2 steps each with a snapshot after every step: full-ft-s<N> and
