@@ -43,7 +43,7 @@ TRUST = typer.Option(False, "--trust-remote-code", callback=_trust,
                      help="Allow the model to run code from its repository (NVILA needs it) [off].")
 
 
-def config_options(cls, section: str, kind: str = "recipes", config_help: str = ""):
+def config_options(cls, section: str, kind: str | tuple[str, ...] = "recipes", config_help: str = ""):
     """Give the command one option per field of the stage's config dataclass (declared once, with its
     default and help, by config.option), and --config; the command receives ``cfg``: defaults <- the
     YAML file's ``section`` <- the options given. The command's own parameters come first."""
@@ -97,8 +97,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 @app.command(epilog="Example: dowser probe smollm2-135m --out scores.safetensors --samples 16")
-@config_options(ProbeConfig, "probe", kind="probe", config_help="YAML file, or a shipped name: paper | quick "
-                "(keys as options; CLI wins).")
+@config_options(ProbeConfig, "probe", kind=("probe", "recipes"),
+                config_help="YAML file, or a shipped name: a probe setting (paper | quick), else a recipe, whose "
+                "probe: section it reads (`dowser configs` lists them; keys as options; CLI wins).")
 def probe(
     model: str = typer.Argument(..., help="Alias (`dowser configs` lists them), local save_pretrained dir, or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Scores artifact to write (.safetensors; .yaml beside it)."),

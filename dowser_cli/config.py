@@ -33,18 +33,22 @@ def names(kind: str) -> list[str]:
     return sorted({f.stem for d in config_dirs() if (d / kind).is_dir() for f in (d / kind).glob("*.yaml")})
 
 
-def find(spec: Path | str, kind: str, flag: str = "--config") -> Path:
+def find(spec: Path | str, kind: str | tuple[str, ...], flag: str = "--config") -> Path:
     """A config file given by path, or by name (``paper`` -> ``recipes/paper.yaml`` in the first config
-    directory that has it). A missing one is one line listing the names on offer."""
+    directory that has it; with several kinds, the first kind that has the name, e.g. a probe setting
+    before a recipe of that name). A missing one is one line listing the names on offer."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     path = Path(spec).expanduser()
     if path.is_file():
         return path
     name = str(spec)
     if os.sep not in name and path.suffix not in (".yaml", ".yml"):
-        for d in config_dirs():
-            if (d / kind / f"{name}.yaml").is_file():
-                return d / kind / f"{name}.yaml"
-        raise UserError(f"{flag} {name}: no such file, nor a shipped name; names: {', '.join(names(kind))}")
+        for k in kinds:
+            for d in config_dirs():
+                if (d / k / f"{name}.yaml").is_file():
+                    return d / k / f"{name}.yaml"
+        offered = sorted({n for k in kinds for n in names(k)})
+        raise UserError(f"{flag} {name}: no such file, nor a shipped name; names: {', '.join(offered)}")
     raise UserError(f"{flag} {spec}: no such file")
 
 
@@ -77,7 +81,8 @@ def load_yaml_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def resolve(defaults, file: Path | str | None, section: str, overrides: dict[str, Any], kind: str = "recipes"):
+def resolve(defaults, file: Path | str | None, section: str, overrides: dict[str, Any],
+            kind: str | tuple[str, ...] = "recipes"):
     """defaults (a dataclass instance) <- the YAML file's ``section`` (or top level) <- CLI overrides
     that the user actually gave (None means not given). Unknown keys in the file are refused. ``file``
     is a path or a shipped name looked up under ``kind`` (probe | recipes)."""

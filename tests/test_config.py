@@ -50,6 +50,26 @@ def test_paper_recipes_follow_the_official_runs_on_lm_head(recipe, lm_head):
     assert (p.top_k, p.temperature, p.top_p, p.repetition_penalty, p.suppress) == (50, 0.9, 0.9, 1.05, "multimodal")
 
 
+def test_probe_config_by_a_recipes_name_reads_its_probe_section(tmp_path):
+    """`dowser probe MODEL --config paper-8gpu` (docs/distributed.md) stopped with "no such file, nor a
+    shipped name": probe looked only among the probe settings. A recipe's name now gives its probe:
+    section (a probe setting of the same name comes first); the resolved config is saved beside the scores."""
+    import yaml
+
+    from conftest import run_cli
+
+    assert cfgmod.find("paper", ("probe", "recipes")) == cfgmod.SHIPPED_DIR / "probe" / "paper.yaml"
+    assert cfgmod.find("paper-8gpu", ("probe", "recipes")) == cfgmod.SHIPPED_DIR / "recipes" / "paper-8gpu.yaml"
+    out = tmp_path / "s.safetensors"
+    r = run_cli("probe", "tiny-llama", "--config", "paper-8gpu", "--samples", "2", "--batch-size", "2", "--probes", "2",
+                "--seq-len", "8", "--out", out)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(out.with_suffix(".yaml").read_text())["config"]
+    assert (cfg["top_k"], cfg["suppress"], cfg["prefix_len"], cfg["samples"]) == (50, "multimodal", "1-5", 2)
+    bad = run_cli("probe", "tiny-llama", "--config", "no-such", "--out", tmp_path / "x.safetensors")
+    assert bad.returncode == 2 and "names: cpu-small, paper, paper-8gpu, paper-nvila, quick" in bad.stderr, bad.stderr
+
+
 def test_shipped_configs_are_found_by_name_and_a_user_dir_overrides_them(tmp_path, monkeypatch):
     from dowser_cli.models import aliases
 
