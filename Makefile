@@ -90,7 +90,7 @@ bench: install
 	$(PY) scripts/bench_probe.py
 	$(PY) scripts/bench_finetune.py
 
-# The whole method on the embedded default, end to end (about 15 minutes on 2 CPU cores).
+# The whole method on the embedded default, end to end (18 min 16 s on 2 CPU cores when last timed).
 DEMO_OUT ?= demo-out
 demo: install
 	DOWSER=$(VENV)/bin/dowser bash scripts/demo.sh $(DEMO_OUT)

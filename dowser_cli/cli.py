@@ -141,7 +141,8 @@ def mask(
                 "paper-nvila | cpu-small (CLI wins).")
 def finetune(
     model: str = typer.Argument(..., help="Base model: alias, local save_pretrained dir, or hub id."),
-    data: Path = typer.Option(..., "--data", help="Training data: LLaVA conversation JSON (list) or JSONL."),
+    data: Path = typer.Option(..., "--data", help="Training data, JSON list or JSONL: LLaVA conversations, "
+                              "LLaMA-Factory sharegpt or OpenAI-style messages (one layout per file)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (delta.safetensors, run.yaml)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask from `dowser mask`, or a scores file (then "
                                         "--ratio builds the mask). Without it: dense fine-tuning (Full-FT)."),
