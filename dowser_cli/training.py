@@ -471,13 +471,20 @@ class StepBatches(torch.utils.data.Sampler):
                 yield self.backend.share(mb, self.cfg.batch_size)[0]
 
 
-def forward_keys(model) -> set[str]:
-    """The arguments the model's forward names (which image kwargs of the processor it takes)."""
-    return set(inspect.signature(model.forward).parameters)
+def forward_keys(model) -> set[str] | None:
+    """The arguments the model's forward names (which image kwargs of the processor it takes), read
+    through a PEFT wrapper to the model it wraps; None where the forward names none of them but takes
+    ``**kwargs`` (then ``data.IMAGE_KEYS`` go through)."""
+    while hasattr(model, "get_base_model"):      # PeftModel's forward names only input_ids & co.
+        model = model.get_base_model()
+    params = inspect.signature(model.forward).parameters
+    names = set(params)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return None if takes_any and not names & data.IMAGE_KEYS else names
 
 
 def batch_loader(ds: data.Dataset, sched: Schedule, cfg: FinetuneConfig, backend: LocalBackend, start: int,
-                 pad: int, processor, keys: set[str]) -> Iterator[dict[str, torch.Tensor]]:
+                 pad: int, processor, keys: set[str] | None) -> Iterator[dict[str, torch.Tensor]]:
     """The micro-batches of every step from ``start`` on, collated (images read and processed) by
     ``cfg.workers`` DataLoader workers ahead of the step, or by this process between steps (0);
     pinned for a CUDA device."""

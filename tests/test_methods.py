@@ -347,3 +347,20 @@ def test_replay_settings_enter_the_resume_digest_of_replay_runs_only():
                                                                                 replay_weight=3.0).training_digest()
     # the digest of the masked default as it was computed before the replay options were added
     assert plain == "c1e23ec0291f92b4"
+
+
+def test_a_peft_wrapped_model_still_gets_its_image_inputs():
+    """PeftModel's forward names only input_ids & co. (the rest through **kwargs): the batches' image
+    inputs are chosen by the wrapped model's forward, so LoRA, OSF and Super-Tuning runs on image records
+    get pixel_values."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dowser_cli.models import load_config, load_model, resolve_source
+    from dowser_cli.training import forward_keys
+
+    src = resolve_source("tiny-llava")
+    model = load_model(src, load_config(src), torch.float32, "cpu").model
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "pixel_values" not in __import__("inspect").signature(wrapped.forward).parameters
+    assert {"pixel_values", "image_sizes"} <= forward_keys(wrapped)
