@@ -138,6 +138,7 @@ def validate(cfg: FinetuneConfig) -> None:
         (cfg.lr_scheduler in SCHEDULERS, f"--lr-scheduler {cfg.lr_scheduler!r}: expected one of {', '.join(SCHEDULERS)}"),
         (0 < cfg.ratio <= 1, f"--ratio {cfg.ratio}: must be in (0, 1]"),
         (cfg.max_len >= 8, f"--max-len {cfg.max_len}: must be >= 8"),
+        (cfg.workers >= 0, f"--workers {cfg.workers}: must be >= 0 (0: the main process prepares the batches)"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: must be >= 0"),
         (cfg.snapshot_every >= 0, f"--snapshot-every {cfg.snapshot_every}: must be >= 0"),
         (cfg.drift_every >= 0, f"--drift-every {cfg.drift_every}: must be >= 0"),

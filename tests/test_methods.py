@@ -218,6 +218,7 @@ def test_a_mask_over_the_attention_alone_trains_with_targets_attn(data, tmp_path
     (["--method", "masked"], "--method masked: needs --mask"),
     (["--method", "lora", "--lora-r", "0"], "--lora-r 0: must be >= 1"),
     (["--method", "replay", "--replay-loss", "mse"], "--replay-loss 'mse': expected one of lm, kl"),
+    (["--workers", "-1"], "--workers -1: must be >= 0 (0: the main process prepares the batches)"),
 ])
 def test_method_errors_are_one_line(data, tmp_path, args, want):
     r = run_cli("finetune", "tiny-llava", "--data", data, "--out", tmp_path / "run", *args)
